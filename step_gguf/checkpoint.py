@@ -1,0 +1,152 @@
+"""Streaming access to a sharded safetensors checkpoint.
+
+Only headers are parsed up front; tensor bytes are read on demand by offset, so memory stays
+bounded whatever the model size. Missing and truncated shards are caught before any output
+is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+from .model import normalise_name
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # FP8: `x.weight_scale_inv` holds the block scales of `x.weight`
+
+# safetensors dtype -> (bytes per element, numpy dtype used to view the raw bits)
+DTYPES: dict[str, tuple[int, np.dtype]] = {
+    "F32": (4, np.dtype("<f4")),
+    "F16": (2, np.dtype("<f2")),
+    "BF16": (2, np.dtype("<u2")),
+    "F8_E4M3": (1, np.dtype("u1")),
+    "I64": (8, np.dtype("<i8")),
+}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str          # normalised (3.5 layout) name
+    raw_name: str      # name as stored
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int        # absolute byte offset of the data in the shard
+    nbytes: int
+
+    def read(self, start: int = 0, length: int | None = None) -> bytes:
+        """Raw bytes [start, start+length) of this tensor's data."""
+        length = self.nbytes - start if length is None else length
+        with open(self.shard, "rb") as f:
+            data = os.pread(f.fileno(), length, self.offset + start)
+        if len(data) != length:
+            raise CheckpointError(f"{self.shard.name} is truncated inside {self.raw_name}")
+        return data
+
+    def array(self) -> np.ndarray:
+        """The whole tensor as float32 (for small tensors: norms, biases, scales)."""
+        return decode(self.read(), self.dtype).reshape(self.shape)
+
+
+def _fp8_e4m3_table() -> np.ndarray:
+    bits = np.arange(256, dtype=np.uint32)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exp = (bits >> 3) & 0xF
+    man = (bits & 0x7).astype(np.float64)
+    value = np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp.astype(np.float64) - 7))
+    value = np.where((exp == 0xF) & ((bits & 0x7) == 0x7), np.nan, value)  # e4m3fn: only NaN, no inf
+    return (sign * value).astype(np.float32)
+
+
+_FP8_E4M3 = _fp8_e4m3_table()
+
+
+def decode(raw: bytes | memoryview, dtype: str) -> np.ndarray:
+    """Raw little-endian bytes of a safetensors dtype -> flat float32 array."""
+    if dtype == "F32":
+        return np.frombuffer(raw, "<f4").astype(np.float32, copy=False)
+    if dtype == "F16":
+        return np.frombuffer(raw, "<f2").astype(np.float32)
+    if dtype == "BF16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F8_E4M3":
+        return _FP8_E4M3[np.frombuffer(raw, np.uint8)]
+    raise CheckpointError(f"unsupported tensor dtype {dtype}; expected BF16, F16, F32 or F8_E4M3")
+
+
+def read_header(shard: Path) -> tuple[dict, int]:
+    """(header dict, offset of the data section) of one safetensors file."""
+    try:
+        with open(shard, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{shard.name} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 2**20:
+                raise CheckpointError(f"{shard.name} is not a safetensors file (header size {n})")
+            blob = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"shard {shard.name} is missing from {shard.parent}; "
+                              "download the complete checkpoint") from None
+    if len(blob) < n:
+        raise CheckpointError(f"{shard.name} is truncated (header cut short)")
+    try:
+        header = json.loads(blob)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{shard.name} has a corrupt safetensors header") from None
+    return header, 8 + n
+
+
+class Checkpoint:
+    """The decoder tensors of a Step 3.5 (or 3.7) checkpoint folder, by normalised name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.tensors: dict[str, TensorRef] = {}
+        self.scales: dict[str, TensorRef] = {}
+        for shard in self._shards():
+            self._index_shard(shard)
+
+    def _shards(self) -> list[Path]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise CheckpointError(f"{index} is malformed (no weight_map)") from None
+            return [self.path / s for s in sorted(set(weight_map.values()))]
+        if (self.path / SINGLE).is_file():
+            return [self.path / SINGLE]
+        raise CheckpointError(f"no {INDEX} or {SINGLE} in {self.path}; is this a checkpoint folder?")
+
+    def _index_shard(self, shard: Path) -> None:
+        header, data_start = read_header(shard)
+        size = shard.stat().st_size
+        for raw_name, info in header.items():
+            if raw_name == "__metadata__":
+                continue
+            name = normalise_name(raw_name)
+            if name is None:  # vision tower, projector: not part of the text decoder
+                continue
+            begin, end = info["data_offsets"]
+            if data_start + end > size:
+                raise CheckpointError(
+                    f"{shard.name} is truncated: {raw_name} ends at byte {data_start + end}, "
+                    f"file has {size}; re-download the shard"
+                )
+            ref = TensorRef(name, raw_name, shard, info["dtype"], tuple(info["shape"]),
+                            data_start + begin, end - begin)
+            if ref.dtype not in DTYPES:
+                raise CheckpointError(f"{raw_name} has unsupported dtype {ref.dtype}")
+            if name.endswith(SCALE_SUFFIX):
+                self.scales[name.removesuffix(SCALE_SUFFIX)] = ref
+            else:
+                self.tensors[name] = ref

@@ -1,0 +1,392 @@
+"""Step 3.5 checkpoint -> GGUF, streamed tensor by tensor.
+
+Everything that can be wrong with the input (config, shards, shapes, tokenizer) is checked
+before the first byte is written. Tensors whose bytes need no change (BF16 -> BF16 experts:
+~97% of the model) are copied by the kernel while a second thread scans them for NaN/Inf;
+the rest are decoded, transformed and encoded in bounded chunks. The output appears under
+its name only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from .checkpoint import DTYPES, Checkpoint, TensorRef, decode
+from .errors import CheckpointError, StepGGUFError
+from .model import ARCH, Step35Config, gguf_name, is_zero_centred_norm, layer_of
+from .vocab import Vocab, load_vocab
+
+log = logging.getLogger(__name__)
+
+OUTTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+FILE_TYPE = {Q.F32: 0, Q.F16: 1, Q.Q8_0: 7, Q.BF16: 32}  # general.file_type (llama_ftype)
+SOURCE_QTYPE = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
+CHUNK_BYTES = 32 * 2**20  # float32 working set per chunk on the decode path
+MTP_MODES = ("keep", "drop", "split")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    hf_name: str
+    name: str                      # GGUF name
+    shape: tuple[int, ...]         # PyTorch order, as the config expects it
+    qtype: Q
+    src: TensorRef | None = None
+    scale: TensorRef | None = None  # FP8 block scales
+    add_one: bool = False
+    data: np.ndarray | None = field(default=None, compare=False)  # generated tensors
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
+
+    @property
+    def src_nbytes(self) -> int:
+        return self.src.nbytes if self.src else self.nbytes
+
+    @property
+    def passthrough(self) -> bool:
+        """The source bytes are already the output bytes."""
+        return (self.src is not None and self.scale is None and not self.add_one
+                and SOURCE_QTYPE.get(self.src.dtype) == self.qtype)
+
+
+def output_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
+    if len(shape) == 1:
+        return Q.F32  # norms, biases, rope factors: tiny, and precision matters
+    if ".ffn_gate_inp." in name:
+        return Q.F32  # the router picks top-8 of 288 by small margins; keep it exact
+    if outtype == Q.Q8_0 and shape[-1] % 32:
+        return Q.F16  # Q8_0 packs rows in blocks of 32
+    return outtype
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1) or (1,)
+
+
+def plan_tensors(cfg: Step35Config, ckpt: Checkpoint, outtype: Q) -> list[TensorPlan]:
+    """Validate the checkpoint against the config and plan every output tensor (no data read)."""
+    expected = cfg.expected_shapes(with_mtp=True)
+    missing = sorted(set(expected) - set(ckpt.tensors), key=_natural)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"tensor {missing[0]} is missing{more}; the checkpoint does not "
+                              f"match its config.json")
+    extra = sorted(set(ckpt.tensors) - set(expected), key=_natural)
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]} {ckpt.tensors[extra[0]].shape}: not "
+                              "part of Step 3.5 as its config.json describes it")
+    plans = []
+    for hf in sorted(expected, key=_natural):
+        ref, want = ckpt.tensors[hf], expected[hf]
+        # hub dumps sometimes carry singleton dims (e.g. [E, 1, H]); reshaping them is free
+        if ref.shape != want and _squeezed(ref.shape) != _squeezed(want):
+            raise CheckpointError(f"tensor {ref.raw_name} has shape {list(ref.shape)}, config.json "
+                                  f"implies {list(want)}")
+        scale = ckpt.scales.get(hf)
+        if ref.dtype == "F8_E4M3":
+            scale = _check_scale(cfg, ref, scale, want)
+        elif ref.dtype not in SOURCE_QTYPE:
+            raise CheckpointError(f"tensor {ref.raw_name} has dtype {ref.dtype}; expected BF16, "
+                                  "F16, F32 or F8_E4M3")
+        name = gguf_name(hf)
+        assert name is not None, hf  # every expected name is in TENSOR_MAP
+        plans.append(TensorPlan(hf, name, want, output_type(name, want, outtype), ref, scale,
+                                is_zero_centred_norm(hf)))
+    if (factors := cfg.llama3_rope_factors()) is not None:
+        plans.append(TensorPlan("", "rope_freqs.weight", (len(factors),), Q.F32,
+                                data=np.asarray(factors, dtype=np.float32)))
+    return plans
+
+
+def _check_scale(cfg: Step35Config, ref: TensorRef, scale: TensorRef | None,
+                 want: tuple[int, ...]) -> TensorRef:
+    if scale is None:
+        raise CheckpointError(f"FP8 tensor {ref.raw_name} has no weight_scale_inv beside it")
+    br, bc = cfg.fp8_block or (128, 128)
+    blocks = (*want[:-2], math.ceil(want[-2] / br), math.ceil(want[-1] / bc))
+    if _squeezed(scale.shape) != _squeezed(blocks):
+        raise CheckpointError(f"{scale.raw_name} has shape {list(scale.shape)}, expected "
+                              f"{list(blocks)} for {br}x{bc} blocks")
+    return scale
+
+
+def _natural(name: str) -> tuple:
+    layer = layer_of(name)
+    return (layer if layer is not None else -1, name)
+
+
+def select(plans: list[TensorPlan], cfg: Step35Config, part: str) -> list[TensorPlan]:
+    """`trunk`: no MTP blocks; `draft`: MTP blocks plus the embeddings/head they share; `all`."""
+    def is_mtp(p: TensorPlan) -> bool:
+        layer = layer_of(p.hf_name)
+        return layer is not None and layer >= cfg.n_layer
+
+    if part == "trunk":
+        return [p for p in plans if not is_mtp(p)]
+    if part == "draft":
+        shared = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
+        return [p for p in plans if is_mtp(p) or p.name in shared]
+    return plans
+
+
+# ---------------------------------------------------------------- metadata
+
+def write_metadata(w: gguf.GGUFWriter, cfg: Step35Config, vocab: Vocab, outtype: Q,
+                   with_nextn: bool, name: str) -> None:
+    n = cfg.n_layer_all if with_nextn else cfg.n_layer
+    w.add_name(name)
+    w.add_file_type(FILE_TYPE[outtype])
+    if outtype == Q.Q8_0:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(n)
+    if with_nextn and cfg.n_nextn:
+        w.add_nextn_predict_layers(cfg.n_nextn)
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(list(cfg.n_head[:n]))
+    w.add_head_count_kv(list(cfg.n_head_kv[:n]))
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_sliding_window_pattern(list(cfg.is_swa[:n]))
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_rope_dimension_count(cfg.head_dim)  # llama.cpp halves it on full-attention layers
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base_swa(cfg.rope_theta_swa)
+    w.add_expert_count(cfg.n_expert)
+    w.add_expert_used_count(cfg.n_expert_used)
+    w.add_expert_feed_forward_length(cfg.expert_ff)
+    w.add_expert_shared_feed_forward_length(cfg.shexp_ff)
+    w.add_expert_weights_scale(cfg.expert_weights_scale)
+    w.add_expert_weights_norm(cfg.expert_weights_norm)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_leading_dense_block_count(cfg.leading_dense)
+    w.add_swiglu_clamp_exp(list(cfg.swiglu_limits[:n]))
+    w.add_swiglu_clamp_shexp(list(cfg.swiglu_limits_shared[:n]))
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.token_types)
+    w.add_token_merges(vocab.merges)
+    for setter, value in ((w.add_bos_token_id, vocab.bos_id), (w.add_eos_token_id, vocab.eos_id),
+                          (w.add_pad_token_id, vocab.pad_id)):
+        if value is not None:
+            setter(value)
+    w.add_add_bos_token(vocab.add_bos)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+
+
+# ---------------------------------------------------------------- tensor data
+
+def _encode(x: np.ndarray, qtype: Q) -> bytes:
+    if qtype == Q.F32:
+        return x.astype(np.float32, copy=False).tobytes()
+    if qtype == Q.F16:
+        return x.astype(np.float16).tobytes()
+    return gguf.quants.quantize(x, qtype).tobytes()  # BF16 (round-to-nearest-even), Q8_0
+
+
+def _float_chunks(plan: TensorPlan, block: tuple[int, int] | None) -> Iterator[np.ndarray]:
+    """The tensor as float32 in row chunks of bounded size (FP8 scales applied)."""
+    ref = plan.src
+    assert ref is not None
+    cols = plan.shape[-1]
+    elem = DTYPES[ref.dtype][0]
+    if plan.scale is None:
+        rows = math.prod(plan.shape[:-1])
+        step = max(1, CHUNK_BYTES // (cols * 4))
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            yield decode(ref.read(r0 * cols * elem, n * cols * elem), ref.dtype).reshape(n, cols)
+        return
+    br, bc = block or (128, 128)
+    R = plan.shape[-2]
+    mats = math.prod(plan.shape[:-2])
+    scales = plan.scale.array().reshape(mats, math.ceil(R / br), math.ceil(cols / bc))
+    step = max(br, CHUNK_BYTES // (cols * 4) // br * br)
+    for m in range(mats):
+        for r0 in range(0, R, step):
+            n = min(step, R - r0)
+            x = decode(ref.read((m * R + r0) * cols * elem, n * cols * elem), ref.dtype).reshape(n, cols)
+            s = scales[m, r0 // br: math.ceil((r0 + n) / br)]
+            x *= np.repeat(np.repeat(s, br, axis=0)[:n], bc, axis=1)[:, :cols]
+            yield x
+
+
+# raw-bit thresholds: a value is NaN/Inf iff its bits, read as signed, reach `pos`, or read
+# as unsigned reach `neg` (max-reductions only, no temporaries)
+_NONFINITE_BITS = {"BF16": (np.int16, np.uint16, 0x7F80, 0xFF80),
+                   "F16": (np.int16, np.uint16, 0x7C00, 0xFC00),
+                   "F32": (np.int32, np.uint32, 0x7F800000, 0xFF800000)}
+
+
+def _has_nonfinite_raw(ref: TensorRef) -> bool:
+    signed, unsigned, pos, neg = _NONFINITE_BITS[ref.dtype]
+    buf = bytearray(8 * 2**20)
+    with open(ref.shard, "rb") as f:
+        done = 0
+        while done < ref.nbytes:
+            n = os.preadv(f.fileno(), [memoryview(buf)[: min(len(buf), ref.nbytes - done)]],
+                          ref.offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{ref.shard.name} is truncated inside {ref.raw_name}")
+            view = memoryview(buf)[:n]
+            if np.frombuffer(view, signed).max() >= pos or np.frombuffer(view, unsigned).max() >= neg:
+                return True
+            done += n
+    return False
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_range(src: TensorRef, fd: int) -> None:
+    with open(src.shard, "rb") as f:
+        offset, left = src.offset, src.nbytes
+        while left:
+            if hasattr(os, "copy_file_range"):
+                n = os.copy_file_range(f.fileno(), fd, left, offset)
+            else:  # no in-kernel copy on this OS
+                n = os.write(fd, os.pread(f.fileno(), min(left, CHUNK_BYTES), offset))
+            if n <= 0:
+                raise CheckpointError(f"{src.shard.name} is truncated inside {src.raw_name}")
+            offset, left = offset + n, left - n
+
+
+class _NonFinite(CheckpointError):
+    pass
+
+
+def _nonfinite_error(plan: TensorPlan) -> _NonFinite:
+    return _NonFinite(f"tensor {plan.src.raw_name if plan.src else plan.name} contains NaN or Inf "
+                      "values; the checkpoint is corrupt (re-download it)")
+
+
+def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor,
+                  block: tuple[int, int] | None, on_bytes: Callable[[int], None]) -> None:
+    if plan.data is not None:
+        _write_all(fd, _encode(plan.data, plan.qtype))
+        on_bytes(plan.src_nbytes)
+        return
+    if plan.passthrough:
+        scan = pool.submit(_has_nonfinite_raw, plan.src)
+        _copy_range(plan.src, fd)
+        if scan.result():
+            raise _nonfinite_error(plan)
+        on_bytes(plan.src_nbytes)
+        return
+    elem = DTYPES[plan.src.dtype][0]
+    for x in _float_chunks(plan, block):
+        if not np.isfinite(x).all():
+            raise _nonfinite_error(plan)
+        if plan.add_one:
+            x = x + 1.0
+        _write_all(fd, _encode(x, plan.qtype))
+        on_bytes(x.size * elem)
+
+
+def write_gguf_tmp(out: Path, cfg: Step35Config, vocab: Vocab, plans: list[TensorPlan], outtype: Q,
+                   with_nextn: bool, on_bytes: Callable[[int], None]) -> Path:
+    """Write one GGUF to a hidden temporary beside `out` and return its path; the caller
+    renames it into place once every output is complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd_tmp, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(fd_tmp)
+    tmp = Path(tmp_name)
+    try:
+        w = gguf.GGUFWriter(None, ARCH)
+        write_metadata(w, cfg, vocab, outtype, with_nextn, out.stem)
+        for p in plans:
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        f = w.fout[0]
+        f.flush()
+        fd = f.fileno()
+        align = w.data_alignment
+        _write_all(fd, bytes(-f.tell() % align))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for p in plans:
+                _write_tensor(p, fd, pool, cfg.fp8_block, on_bytes)
+                _write_all(fd, bytes(-p.nbytes % align))
+        w.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    outputs: tuple[Path, ...]
+    n_tensors: int
+    source_bytes: int
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "bf16",
+            mtp: str = "keep", draft_out: str | os.PathLike | None = None,
+            tokenizer_pre: str | None = None,
+            on_start: Callable[[int], None] = lambda total: None,
+            on_bytes: Callable[[int], None] = lambda n: None) -> ConvertResult:
+    """Convert the checkpoint folder `src` to `out` (and, with mtp="split", `draft_out`).
+
+    on_start(total_source_bytes) is called once validation passed, then on_bytes(n) as
+    source bytes are consumed: enough for a byte-counting progress bar.
+    """
+    src, out = Path(src), Path(out)
+    if outtype not in OUTTYPES:
+        raise StepGGUFError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if mtp not in MTP_MODES:
+        raise StepGGUFError(f"unknown MTP mode {mtp!r}; choose one of {', '.join(MTP_MODES)}")
+    if (mtp == "split") != (draft_out is not None):
+        raise StepGGUFError("a separate draft GGUF needs both mtp='split' and a draft output path")
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder; point to the checkpoint directory")
+    qtype = OUTTYPES[outtype]
+    cfg = Step35Config.from_dir(src)
+    ckpt = Checkpoint(src)
+    plans = plan_tensors(cfg, ckpt, qtype)
+    vocab = load_vocab(src, cfg.vocab_size, tokenizer_pre)
+
+    jobs: list[tuple[Path, list[TensorPlan], bool]]
+    if mtp == "keep" or not cfg.n_nextn:
+        jobs = [(out, plans, True)]
+    elif mtp == "drop":
+        jobs = [(out, select(plans, cfg, "trunk"), False)]
+    else:
+        jobs = [(out, select(plans, cfg, "trunk"), True),
+                (Path(draft_out), select(plans, cfg, "draft"), True)]
+    total = sum(p.src_nbytes for _, ps, _ in jobs for p in ps)
+    on_start(total)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, ps, with_nextn in jobs:
+            log.info("writing %s: %d tensors", path, len(ps))
+            written.append((write_gguf_tmp(path, cfg, vocab, ps, qtype, with_nextn, on_bytes), path))
+    except BaseException:
+        for tmp, _ in written:  # a split conversion is whole or absent
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
+    return ConvertResult(tuple(p for p, _, _ in jobs), sum(len(ps) for _, ps, _ in jobs), total)

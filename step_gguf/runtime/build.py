@@ -1,0 +1,265 @@
+"""Build the patched runtime: llama-cpp-python from its PyPI sdist plus llama.cpp's servers.
+
+One CMake build of the sdist tree (which vendors llama.cpp) yields both the shared libraries
+the Python package loads and the `llama-server`, `llama-bench` and `ggml-rpc-server` binaries,
+so the wrapper and the servers always run the same patched code. Results are cached under a
+key of (llama-cpp-python version, patch-series id, backend, extra CMake args); a repeated
+build is a lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from ..errors import StepGGUFError
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # its vendor/llama.cpp knows `step35`, MTP and buft overrides
+TOOL_TARGETS = ("llama-server", "llama-bench", "ggml-rpc-server")
+LIB_TARGETS = ("llama", "ggml")
+MANIFEST = "step_gguf_runtime.json"  # written into the llama_cpp package and the cache entry
+
+BACKEND_FLAGS: dict[str, tuple[str, ...]] = {
+    "cpu": (),
+    "cuda": ("-DGGML_CUDA=ON",),
+    "metal": ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"),
+}
+
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+
+
+def patch_series() -> list[tuple[str, bytes]]:
+    """The patches in `patches/series` order, as (file name, content)."""
+    root = resources.files("step_gguf.patches")
+    names = [
+        line.strip()
+        for line in (root / "series").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    return [(name, (root / name).read_bytes()) for name in names]
+
+
+def series_id() -> str:
+    """Identity of the patch series: compiled into libllama, checked by the wrapper."""
+    h = hashlib.sha256(LLAMA_CPP_PYTHON_VERSION.encode())
+    for name, content in patch_series():
+        h.update(b"\0" + name.encode() + b"\0" + content)
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    backend: str = "cpu"
+    cmake_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_FLAGS:
+            raise StepGGUFError(
+                f"unknown backend {self.backend!r}; choose one of {', '.join(BACKEND_FLAGS)}"
+            )
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps([LLAMA_CPP_PYTHON_VERSION, series_id(), self.backend, list(self.cmake_args)])
+        return f"{self.backend}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class RuntimeBuild:
+    root: Path
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.root / "build" / "bin"
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.root / MANIFEST).read_text())
+
+    @property
+    def wheel(self) -> Path:
+        return self.root / self.manifest["wheel"]
+
+    def tool(self, name: str) -> Path:
+        return self.bin_dir / name
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("STEP_GGUF_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "step-gguf"
+
+
+def cached_build(spec: BuildSpec) -> RuntimeBuild | None:
+    root = cache_dir() / "runtime" / spec.key
+    return RuntimeBuild(root) if (root / MANIFEST).is_file() else None
+
+
+def fetch_sdist() -> Path:
+    """The llama-cpp-python sdist from PyPI, downloaded once into the cache."""
+    dest = cache_dir() / "sdist"
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if (dest / name).is_file():
+        return dest / name
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info("downloading llama-cpp-python %s source from PyPI", LLAMA_CPP_PYTHON_VERSION)
+    _run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dest)],
+        what="downloading the llama-cpp-python sdist (needs access to PyPI)",
+    )
+    return dest / name
+
+
+def extract_sdist(sdist: Path, dest: Path) -> Path:
+    """Unpack the sdist into `dest` (its top folder stripped) and return `dest`."""
+    dest.mkdir(parents=True)
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            parts = Path(member.name).parts[1:]
+            if not parts:
+                continue
+            member.name = str(Path(*parts))
+            tar.extract(member, dest, filter="data")
+    return dest
+
+
+def apply_patches(src: Path, dry_run: bool = False) -> None:
+    """Apply the series in order; the first patch that does not apply cleanly stops it."""
+    for name, content in patch_series():
+        args = ["patch", "-p1", "--forward", "--batch", "--silent", "-d", str(src)]
+        proc = subprocess.run(args + (["--dry-run"] if dry_run else []), input=content,
+                              capture_output=True)
+        if proc.returncode != 0:
+            detail = (proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()
+            raise StepGGUFError(
+                f"patch {name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
+                f"{detail[-1] if detail else 'no output'}; rebase it on that tree"
+            )
+
+
+def build(spec: BuildSpec, jobs: int | None = None,
+          on_step: Callable[[int, int], None] | None = None) -> RuntimeBuild:
+    """Build (or find in the cache) the runtime for `spec`; nothing is left half-written."""
+    if hit := cached_build(spec):
+        log.info("runtime %s found in cache at %s", spec.key, hit.root)
+        return hit
+    for tool in ("cmake", "patch"):
+        if shutil.which(tool) is None:
+            raise StepGGUFError(f"`{tool}` is not installed; install it (e.g. apt-get install {tool})")
+    final = cache_dir() / "runtime" / spec.key
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    src = extract_sdist(fetch_sdist(), work / "src")
+    apply_patches(src)
+    log.info("applied %d patch(es), series %s", len(patch_series()), series_id())
+    _cmake_build(spec, work, jobs or os.cpu_count() or 2, on_step)
+    wheel = _package(spec, work)
+    (work / MANIFEST).write_text(json.dumps(_manifest(spec, final) | {"wheel": wheel.name}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(work, final)
+    log.info("runtime %s built at %s", spec.key, final)
+    return RuntimeBuild(final)
+
+
+def _manifest(spec: BuildSpec, root: Path) -> dict:
+    return {
+        "series_id": series_id(),
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "backend": spec.backend,
+        "cmake_args": list(spec.cmake_args),
+        "root": str(root),
+        "bin_dir": str(root / "build" / "bin"),
+    }
+
+
+def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[str]:
+    args = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
+            "-DGGML_RPC=ON", f"-DSTEP_GGUF_BUILD_ID={series_id()}",
+            # binaries find the libraries beside them, so the cache entry can be moved
+            "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    if shutil.which("ccache"):
+        args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+        if spec.backend == "cuda":
+            args += ["-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
+    return args + list(BACKEND_FLAGS[spec.backend]) + list(spec.cmake_args)
+
+
+def _cmake_build(spec: BuildSpec, work: Path, jobs: int,
+                 on_step: Callable[[int, int], None] | None) -> None:
+    # ccache keys on paths; relative to `work` they are the same for every cache entry
+    env = os.environ | {"CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
+    build_dir = work / "build"
+    _run(cmake_configure_args(spec, work / "src", build_dir), what="configuring llama.cpp",
+         env=env, log_file=work / "configure.log")
+    targets = [*LIB_TARGETS, *TOOL_TARGETS]
+    _run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets],
+         what="compiling llama.cpp", env=env, log_file=work / "build.log", on_step=on_step)
+
+
+def _package(spec: BuildSpec, work: Path) -> Path:
+    """Wheel of the patched llama_cpp package carrying the libraries built above."""
+    src, bin_dir = work / "src", work / "build" / "bin"
+    lib_dir = src / "llama_cpp" / "lib"
+    lib_dir.mkdir(exist_ok=True)
+    for lib in bin_dir.iterdir():
+        if ".so" in lib.name or lib.suffix in (".dylib", ".dll"):
+            shutil.copy2(lib, lib_dir / lib.name, follow_symlinks=True)
+    final_root = work.with_name(work.name.removesuffix(".partial"))
+    (src / "llama_cpp" / MANIFEST).write_text(json.dumps(_manifest(spec, final_root), indent=1))
+    # the libraries exist already: scikit-build-core only packages them, but it skips what
+    # .gitignore lists (`lib/` among it)
+    (src / ".gitignore").unlink(missing_ok=True)
+    env = os.environ | {"CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(work), str(src)],
+         what="packaging the llama_cpp wheel", env=env, log_file=work / "wheel.log")
+    wheels = sorted(work.glob("llama_cpp_python-*.whl"))
+    if not wheels:
+        raise StepGGUFError(f"packaging produced no wheel; see {work / 'wheel.log'}")
+    return wheels[0]
+
+
+def install(runtime: RuntimeBuild) -> None:
+    """Install the patched llama_cpp wheel into this interpreter's environment."""
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
+    # replace any llama_cpp already there, but leave its (already satisfied) dependencies be
+    _run(pip + ["--no-deps", "--force-reinstall", str(runtime.wheel)],
+         what="installing the patched llama-cpp-python")
+    _run(pip + [str(runtime.wheel)], what="installing llama-cpp-python's dependencies")
+
+
+def _run(args: list[str], what: str, env: dict | None = None, log_file: Path | None = None,
+         on_step: Callable[[int, int], None] | None = None) -> None:
+    log.debug("running %s", " ".join(args))
+    with open(log_file, "w") if log_file else open(os.devnull, "w") as sink:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        tail: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sink.write(line)
+            tail = (tail + [line.rstrip()])[-20:]
+            if on_step and (m := _NINJA_STEP.match(line)):
+                on_step(int(m.group(1)), int(m.group(2)))
+        if proc.wait() != 0:
+            where = f"; full log: {log_file}" if log_file else ""
+            last = next((t for t in reversed(tail) if t.strip()), "no output")
+            raise StepGGUFError(f"{what} failed: {last}{where}")

@@ -1,0 +1,414 @@
+"""Synthetic Step 3.5 checkpoints in the exact hub layout, random weights, deterministic by seed.
+
+Every architectural feature is switched on: leading dense layers, MoE with router bias and a
+shared expert, 3:1 sliding/full attention with more query heads on sliding layers, partial
+RoPE with llama3 scaling on full layers, SwiGLU clamps on the last trunk layers, MTP blocks.
+`wide` uses the real per-expert shapes (4096 x 1280) with few layers and experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .checkpoint import INDEX
+from .errors import StepGGUFError
+from .model import Step35Config
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    n_layer: int
+    n_dense: int
+    n_nextn: int
+    head_dim: int
+    n_head: int
+    n_head_swa: int
+    n_kv: int
+    n_expert: int
+    top_k: int
+    expert_ff: int
+    shexp_ff: int
+    ff: int
+    vocab: int
+    window: int
+    shard_bytes: int
+    swiglu: tuple[float, float]   # (routed, shared) limits on the last two trunk layers
+    fp8_block: int
+    rope_orig_ctx: int            # llama3 scaling's original context: small enough to bite
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(hidden=64, n_layer=8, n_dense=2, n_nextn=3, head_dim=32, n_head=4,
+                   n_head_swa=6, n_kv=2, n_expert=8, top_k=2, expert_ff=48, shexp_ff=32,
+                   ff=96, vocab=1024, window=16, shard_bytes=2**20, swiglu=(1.5, 2.5),
+                   fp8_block=32, rope_orig_ctx=64),
+    "small": Preset(hidden=256, n_layer=12, n_dense=3, n_nextn=3, head_dim=64, n_head=4,
+                    n_head_swa=6, n_kv=2, n_expert=16, top_k=4, expert_ff=128, shexp_ff=128,
+                    ff=512, vocab=2048, window=32, shard_bytes=8 * 2**20, swiglu=(2.0, 4.0),
+                    fp8_block=128, rope_orig_ctx=256),
+    "wide": Preset(hidden=4096, n_layer=4, n_dense=1, n_nextn=3, head_dim=128, n_head=64,
+                   n_head_swa=96, n_kv=8, n_expert=16, top_k=8, expert_ff=1280, shexp_ff=1280,
+                   ff=11264, vocab=16384, window=512, shard_bytes=2 * 2**30, swiglu=(7.0, 16.0),
+                   fp8_block=128, rope_orig_ctx=131072),
+}
+
+
+def preset_config(p: Preset, seed: int) -> dict:
+    """A hub-style config.json for the preset (Step3p5ForCausalLM)."""
+    n_all = p.n_layer + p.n_nextn
+    # 3:1 pattern, continued over the MTP layers; the seed shifts nothing structural
+    layer_types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n_all)]
+    limits = [0.0] * n_all
+    limits_shared = [0.0] * n_all
+    for i in (p.n_layer - 2, p.n_layer - 1):
+        limits[i], limits_shared[i] = p.swiglu
+    return {
+        "architectures": ["Step3p5ForCausalLM"],
+        "model_type": "step3p5",
+        "hidden_size": p.hidden,
+        "num_hidden_layers": p.n_layer,
+        "num_nextn_predict_layers": p.n_nextn,
+        "vocab_size": p.vocab,
+        "num_attention_heads": p.n_head,
+        "num_attention_groups": p.n_kv,
+        "attention_other_setting": {"num_attention_heads": p.n_head_swa, "num_attention_groups": p.n_kv},
+        "head_dim": p.head_dim,
+        "layer_types": layer_types,
+        "sliding_window": p.window,
+        "partial_rotary_factors": [1.0 if t == "sliding_attention" else 0.5 for t in layer_types],
+        "rope_theta": [1e4 if t == "sliding_attention" else 5e6 for t in layer_types],
+        "rope_scaling": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 32.0, "original_max_position_embeddings": p.rope_orig_ctx},
+        "yarn_only_types": ["full_attention"],
+        "max_position_embeddings": 4 * p.rope_orig_ctx,
+        "intermediate_size": p.ff,
+        "moe_layers_enum": ",".join(str(i) for i in range(p.n_dense, p.n_layer)),
+        "moe_num_experts": p.n_expert,
+        "moe_top_k": p.top_k,
+        "moe_intermediate_size": p.expert_ff,
+        "share_expert_dim": p.shexp_ff,
+        "moe_router_activation": "sigmoid",
+        "use_moe_router_bias": True,
+        "norm_expert_weight": True,
+        "moe_router_scaling_factor": 3.0,
+        "swiglu_limits": limits,
+        "swiglu_limits_shared": limits_shared,
+        "use_qk_norm": True,
+        "use_head_wise_attn_gate": True,
+        "zero_centered": True,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "step_gguf_synthetic_seed": seed,
+    }
+
+
+# ------------------------------------------------------------------ tokenizer
+
+CORPUS = """\
+Step three point five Flash is a sparse mixture of experts language model. Each token is routed
+to eight of two hundred and eighty eight experts, and a shared expert always runs beside them.
+Three sliding window layers are followed by one layer of full attention, so the cache stays small
+at long context. The model also predicts the next three tokens with its multi token prediction
+heads, which lets a runtime draft tokens and verify them in one pass. People run it on their own
+machines: a graphics card with twelve to twenty four gigabytes of memory holds the attention and
+the shared experts, while the routed experts stay in system memory. The conversion must stream
+tensors one at a time, keep memory bounded, and never leave a broken file behind. Numbers like
+128, 4096 and 262144 appear in its configuration; code such as `x = f(y) + 1;` appears in its data.
+"""
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                  "<think>", "</think>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEEPSEEK_V3_SPLITS = (
+    r"\p{N}{1,3}",
+    "[一-龥\u3040-ゟ゠-ヿ]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+
+
+def byte_symbols() -> list[str]:
+    """Byte -> printable symbol of byte-level BPE: printable Latin-1 bytes stand for
+    themselves, the rest are shifted above U+0100 in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + shift)
+            shift += 1
+    return [symbols[b] for b in range(256)]
+
+
+def learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE training on whitespace-split words (ties broken by symbol order)."""
+    sym = byte_symbols()
+    words: dict[tuple[str, ...], int] = {}
+    for i, word in enumerate(text.split()):
+        key = tuple(sym[b] for b in ((" " if i else "") + word).encode())
+        words[key] = words.get(key, 0) + 1
+    merges = []
+    for _ in range(n_merges):
+        pairs: dict[tuple[str, str], int] = {}
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] = pairs.get(pair, 0) + c
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pr: (-pairs[pr], pr))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        merged = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + c
+        words = merged
+    return merges
+
+
+def tokenizer_files(vocab_rows: int) -> dict[str, dict]:
+    merges = learn_merges(CORPUS, n_merges=min(400, vocab_rows // 2))
+    vocab = {s: i for i, s in enumerate(byte_symbols())}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    added = [{"id": len(vocab) + i, "content": t, "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": True}
+             for i, t in enumerate(SPECIAL_TOKENS)]
+    if len(vocab) + len(added) > vocab_rows:
+        raise StepGGUFError(f"vocab_size {vocab_rows} is too small for the synthetic tokenizer")
+    split = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
+             for r in DEEPSEEK_V3_SPLITS]
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": split + [
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                           "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
+    }
+    config = {"add_bos_token": False, "add_eos_token": False, "bos_token": "<|startoftext|>",
+              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 1 << 18,
+              "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
+              "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+
+
+# ------------------------------------------------------------------ weights
+
+def _std(name: str, shape: tuple[int, ...], hidden: int) -> float:
+    """Scales that keep a random model's activations O(1) and its logits well separated."""
+    if name.endswith("embed_tokens.weight"):
+        return 1.0
+    if name.endswith(("lm_head.weight", "shared_head.output.weight")):
+        return 4.0 / math.sqrt(hidden)
+    if name.endswith("router_bias"):
+        return 0.3
+    if len(shape) == 1:
+        return 0.2  # zero-centred norm weights: the scale is 1 + w
+    return 1.0 / math.sqrt(shape[-1])
+
+
+def _fp8_candidate(name: str, shape: tuple[int, ...]) -> bool:
+    # as in the FP8 releases: projections are FP8; embeddings, heads, router and norms are not
+    return len(shape) >= 2 and not name.endswith(
+        ("embed_tokens.weight", "lm_head.weight", "shared_head.output.weight", "moe.gate.weight"))
+
+
+_E4M3 = None
+
+
+def _to_e4m3(x: np.ndarray) -> np.ndarray:
+    """Nearest float8-e4m3fn code for each value (|x| <= 448)."""
+    global _E4M3
+    if _E4M3 is None:
+        from .checkpoint import _FP8_E4M3
+        codes = np.arange(256, dtype=np.uint8)
+        finite = np.isfinite(_FP8_E4M3)
+        order = np.argsort(_FP8_E4M3[finite], kind="stable")
+        _E4M3 = (_FP8_E4M3[finite][order], codes[finite][order])
+    values, codes = _E4M3
+    idx = np.clip(np.searchsorted(values, x), 1, len(values) - 1)
+    lower = np.abs(x - values[idx - 1]) <= np.abs(values[idx] - x)
+    return codes[np.where(lower, idx - 1, idx)]
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str        # stored name
+    dtype: str
+    shape: tuple[int, ...]
+    write: Callable[[], Iterator[bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * {"BF16": 2, "F32": 4, "F8_E4M3": 1}[self.dtype]
+
+
+def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: str) -> list[_Spec]:
+    specs = []
+    for idx, (name, shape) in enumerate(cfg.expected_shapes().items()):
+        stored = name.replace("model.", prefix, 1) if name.startswith("model.") else name
+        std = _std(name, shape, p.hidden)
+        rng_seed = (seed, idx)
+        if name.endswith("router_bias"):
+            specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32")))
+        elif fp8 and _fp8_candidate(name, shape):
+            scale_shape = (*shape[:-2], math.ceil(shape[-2] / p.fp8_block), math.ceil(shape[-1] / p.fp8_block))
+            weights, scales = _fp8_pair(rng_seed, shape, std, p.fp8_block)
+            specs.append(_Spec(stored, "F8_E4M3", shape, weights))
+            specs.append(_Spec(stored + "_scale_inv", "F32", scale_shape, scales))
+        else:
+            specs.append(_Spec(stored, "BF16", shape, _gen(rng_seed, shape, std, "BF16")))
+    return specs
+
+
+_ROWS_PER_CHUNK = 2**22  # elements generated at a time: bounded memory on `wide`
+
+
+def _gen(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, dtype: str):
+    def chunks() -> Iterator[bytes]:
+        rng = np.random.default_rng(list(rng_seed))
+        total, cols = math.prod(shape), shape[-1]
+        step = max(cols, _ROWS_PER_CHUNK // cols * cols)
+        for start in range(0, total, step):
+            x = rng.standard_normal(min(step, total - start), dtype=np.float32) * np.float32(std)
+            yield x.tobytes() if dtype == "F32" else _bf16_bits(x).tobytes()
+    return chunks
+
+
+def _fp8_pair(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, block: int):
+    """FP8 weights and their inverse block scales (DeepSeek layout: w = q * scale_inv)."""
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def quantised() -> tuple[np.ndarray, np.ndarray]:
+        if "q" in cache:
+            return cache.pop("q")  # each half is written once
+        rng = np.random.default_rng(list(rng_seed))
+        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        R, C = shape[-2:]
+        nb_r, nb_c = math.ceil(R / block), math.ceil(C / block)
+        pad = np.zeros((*shape[:-2], nb_r * block, nb_c * block), np.float32)
+        pad[..., :R, :C] = x
+        blocks = pad.reshape(*shape[:-2], nb_r, block, nb_c, block)
+        amax = np.abs(blocks).max(axis=(-3, -1))
+        scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+        q = blocks / scale[..., :, None, :, None]
+        cache["q"] = (_to_e4m3(q.reshape(pad.shape)[..., :R, :C]), scale)
+        return cache["q"]
+
+    return (lambda: iter([quantised()[0].tobytes()]), lambda: iter([quantised()[1].tobytes()]))
+
+
+def _shards(specs: list[_Spec], limit: int) -> list[list[_Spec]]:
+    shards: list[list[_Spec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def _write_safetensors(path: Path, specs: list[_Spec], on_bytes: Callable[[int], None]) -> None:
+    header, offset = {}, 0
+    for s in specs:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for s in specs:
+            for chunk in s.write():
+                f.write(chunk)
+                on_bytes(len(chunk))
+
+
+def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool = False,
+          step3p7: bool = False, on_start: Callable[[int], None] = lambda total: None,
+          on_bytes: Callable[[int], None] = lambda n: None, **overrides) -> Path:
+    """Write a synthetic checkpoint folder at `out` (built aside, renamed when complete).
+
+    `overrides` replace preset fields (e.g. n_layer=4) for tests that need other shapes.
+    """
+    if preset not in PRESETS:
+        raise StepGGUFError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = replace(PRESETS[preset], **overrides)
+    out = Path(out)
+    if out.exists():
+        raise StepGGUFError(f"{out} already exists; choose a new folder")
+    config = preset_config(p, seed)
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                         "activation_scheme": "dynamic",
+                                         "weight_block_size": [p.fp8_block, p.fp8_block]}
+    cfg = Step35Config.from_dict(config)
+    prefix = "model.language_model." if step3p7 else "model."
+    specs = _tensor_specs(cfg, p, seed, fp8, prefix)
+    if step3p7:  # a token vision tower: present in 3.7 checkpoints, ignored by the converter
+        specs.append(_Spec("model.vision_tower.patch_embed.weight", "BF16", (16, 3 * 4 * 4),
+                           _gen((seed, 1 << 20), (16, 48), 0.02, "BF16")))
+        quant = config.pop("quantization_config", None)
+        config = {"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
+                  "text_config": {k: v for k, v in config.items() if k != "architectures"},
+                  "vision_config": {"width": 16, "layers": 1, "heads": 2}}
+        if quant:
+            config["quantization_config"] = quant
+
+    shards = _shards(specs, p.shard_bytes)
+    on_start(sum(s.nbytes for s in specs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(tmp / fname, shard, on_bytes)
+            for s in shard:
+                weight_map[s.name] = fname
+                total += s.nbytes
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        for fname, content in tokenizer_files(p.vocab).items():
+            (tmp / fname).write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
