@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,14 +32,16 @@ def _human(n: float) -> str:
 
 
 class _ByteBar:
-    """A click progress bar that counts bytes, shown only on a terminal."""
+    """A progress bar on stderr that counts bytes, shown only when stderr is a terminal."""
 
     def __init__(self, label: str) -> None:
         self.label, self.bar = label, None
 
     def start(self, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
         self.bar = click.progressbar(length=total, label=self.label, show_eta=True,
-                                     show_percent=True, file=None,
+                                     show_percent=True, file=sys.stderr,
                                      item_show_func=lambda _: None)
         self.bar.__enter__()
 
@@ -169,7 +171,7 @@ def runtime_build(backend: str, cmake_args: tuple[str, ...], jobs: int | None,
     else:
         click.echo(f"building runtime {spec.key} (llama-cpp-python {b.LLAMA_CPP_PYTHON_VERSION}, "
                    f"patch series {b.series_id()}, {backend})")
-        with click.progressbar(length=1, label="compiling", show_percent=True) as bar:
+        with click.progressbar(length=1, label="compiling", show_percent=True, file=sys.stderr) as bar:
             def on_step(done: int, total: int) -> None:
                 bar.length = total
                 bar.update(done - bar.pos)

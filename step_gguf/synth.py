@@ -50,11 +50,11 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(hidden=64, n_layer=8, n_dense=2, n_nextn=3, head_dim=32, n_head=4,
-                   n_head_swa=6, n_kv=2, n_expert=8, top_k=2, expert_ff=48, shexp_ff=32,
+                   n_head_swa=6, n_kv=2, n_expert=8, top_k=4, expert_ff=48, shexp_ff=32,
                    ff=96, vocab=1024, window=16, shard_bytes=2**20, swiglu=(1.5, 2.5),
                    fp8_block=32, rope_orig_ctx=64),
     "small": Preset(hidden=256, n_layer=12, n_dense=3, n_nextn=3, head_dim=64, n_head=4,
-                    n_head_swa=6, n_kv=2, n_expert=16, top_k=4, expert_ff=128, shexp_ff=128,
+                    n_head_swa=6, n_kv=2, n_expert=16, top_k=6, expert_ff=128, shexp_ff=128,
                     ff=512, vocab=2048, window=32, shard_bytes=8 * 2**20, swiglu=(2.0, 4.0),
                     fp8_block=128, rope_orig_ctx=256),
     "wide": Preset(hidden=4096, n_layer=4, n_dense=1, n_nextn=3, head_dim=128, n_head=64,
@@ -224,15 +224,20 @@ def tokenizer_files(vocab_rows: int) -> dict[str, dict]:
 # ------------------------------------------------------------------ weights
 
 def _std(name: str, shape: tuple[int, ...], hidden: int) -> float:
-    """Scales that keep a random model's activations O(1) and its logits well separated."""
+    """Scales that make a random model behave like a trained one where numerics care:
+    activations O(1); output projections small (each layer nudges the residual stream, so a
+    routing near-tie flipped by rounding moves the logits little); router biases spread
+    (clear expert margins); logits spread enough for a clear top-1."""
     if name.endswith("embed_tokens.weight"):
         return 1.0
     if name.endswith(("lm_head.weight", "shared_head.output.weight")):
-        return 4.0 / math.sqrt(hidden)
+        return 3.0 / math.sqrt(hidden)
     if name.endswith("router_bias"):
-        return 0.3
+        return 1.0
     if len(shape) == 1:
         return 0.2  # zero-centred norm weights: the scale is 1 + w
+    if name.endswith(("down_proj.weight", "o_proj.weight")):
+        return 0.3 / math.sqrt(shape[-1])
     return 1.0 / math.sqrt(shape[-1])
 
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: synthetic checkpoints and their conversions, made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from step_gguf.convert import convert
+from step_gguf.synth import synth
+
+# (preset, seed, fp8, step3p7, shape overrides): three different shapes for parity
+SHAPES = {
+    "tiny": ("tiny", 0, False, False, {}),
+    "tiny-fp8-3p7": ("tiny", 1, True, True, dict(hidden=96, n_layer=6, n_dense=1, n_expert=6,
+                                                 top_k=3, window=8, n_head_swa=8)),
+    "small": ("small", 2, False, False, {}),
+}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("step-gguf")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(workdir):
+    """checkpoint(shape_name) -> folder of that synthetic checkpoint (made on first use)."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            preset, seed, fp8, step3p7, overrides = SHAPES[name]
+            made[name] = synth(workdir / name, preset, seed=seed, fp8=fp8, step3p7=step3p7, **overrides)
+        return made[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_file(workdir, checkpoint):
+    """gguf_file(shape_name, outtype) -> converted GGUF (made on first use)."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, outtype: str = "f32") -> Path:
+        if (name, outtype) not in made:
+            out = workdir / f"{name}-{outtype}.gguf"
+            convert(checkpoint(name), out, outtype=outtype)
+            made[name, outtype] = out
+        return made[name, outtype]
+    return get
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """The patched runtime; a missing one fails the test (CI must build it, not skip)."""
+    from step_gguf.runtime import llama
+    return llama.check()
