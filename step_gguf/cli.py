@@ -247,3 +247,7 @@ def demo(keep: Path | None) -> None:
                    f"{chat.seconds:.3f} s ({chat.completion_tokens / max(chat.seconds, 1e-9):.0f} tok/s)")
         if keep:
             click.echo(f"kept {ckpt} and {gguf_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,9 +309,9 @@ def write_gguf_tmp(out: Path, cfg: Step35Config, vocab: Vocab, plans: list[Tenso
     """Write one GGUF to a hidden temporary beside `out` and return its path; the caller
     renames it into place once every output is complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd_tmp, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd_tmp)
-    tmp = Path(tmp_name)
+    # a name, not a file: reopening an existing file with O_TRUNC makes ext4 flush it on close
+    # (its replace-via-truncate heuristic), which costs seconds on a large output
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
         w = gguf.GGUFWriter(None, ARCH)
         write_metadata(w, cfg, vocab, outtype, with_nextn, out.stem)

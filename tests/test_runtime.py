@@ -1,0 +1,84 @@
+"""The runtime build mechanism: patch series, build identity, cache keys, refusal of
+unpatched or stale runtimes."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from step_gguf.errors import RuntimeMissingError, StepGGUFError
+from step_gguf.runtime import build as b
+
+
+def test_every_patch_in_the_series_applies_cleanly(tmp_path):
+    src = b.extract_sdist(b.fetch_sdist(), tmp_path / "src")
+    b.apply_patches(src)  # raises, naming the patch, on the first that does not apply
+    assert (src / "vendor/llama.cpp/src/step-gguf-build-id.cpp").is_file()
+    with pytest.raises(StepGGUFError, match="0001-build-identity.patch does not apply"):
+        b.apply_patches(src)  # already applied: a second application must be refused
+
+
+def test_series_id_covers_every_patch(monkeypatch):
+    base = b.series_id()
+    series = b.patch_series()
+    monkeypatch.setattr(b, "patch_series", lambda: series[:-1] + [(series[-1][0], series[-1][1] + b"\n")])
+    assert b.series_id() != base
+
+
+def test_cache_key_depends_on_backend_and_flags():
+    keys = {b.BuildSpec().key, b.BuildSpec("cuda").key, b.BuildSpec("cpu", ("-DGGML_AVX512=OFF",)).key}
+    assert len(keys) == 3 and b.BuildSpec().key == b.BuildSpec("cpu", ()).key
+    with pytest.raises(StepGGUFError, match="unknown backend 'rocm'"):
+        b.BuildSpec("rocm")
+
+
+def test_second_build_is_a_cache_lookup(runtime):
+    start = time.perf_counter()
+    result = b.build(b.BuildSpec())
+    assert time.perf_counter() - start < 1.0
+    assert result.bin_dir == runtime.bin_dir
+    for tool in b.TOOL_TARGETS:
+        assert (result.bin_dir / tool).is_file()
+
+
+def test_built_tools_run_and_carry_the_identity(runtime):
+    out = subprocess.run([str(runtime.tool("llama-bench")), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage" in out.stdout.lower()
+    lib = next(runtime.bin_dir.glob("libllama.so*"))
+    assert b.series_id().encode() in lib.read_bytes()
+
+
+def test_stale_runtime_is_refused_with_the_fix(runtime, monkeypatch):
+    from step_gguf.runtime import llama
+
+    monkeypatch.setattr(llama, "series_id", lambda: "0123456789abcdef")
+    with pytest.raises(RuntimeMissingError, match="needs 0123456789abcdef.*step-gguf runtime build"):
+        llama.check()
+
+
+def test_unpatched_runtime_is_refused(runtime, monkeypatch):
+    import llama_cpp.llama_cpp as lib
+
+    class Unpatched:  # a libllama without our exported identity
+        pass
+
+    monkeypatch.setattr(lib, "_lib", Unpatched())
+    from step_gguf.runtime import llama
+    with pytest.raises(RuntimeMissingError, match="not built from step-gguf's patches"):
+        llama.check()
+
+
+def test_cli_reports_missing_runtime_in_one_line(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from step_gguf.cli import main
+    from step_gguf.runtime import llama
+
+    def missing():
+        raise RuntimeMissingError("llama-cpp-python is not installed; run `step-gguf runtime build`")
+    monkeypatch.setattr(llama, "check", missing)
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "m.gguf")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: llama-cpp-python is not installed; run `step-gguf runtime build`"
