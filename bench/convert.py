@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 from step_gguf.runtime.build import extract_sdist, fetch_sdist

@@ -259,26 +259,33 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _copy_range(src: TensorRef, fd: int) -> None:
+def _copy_range(src: TensorRef, fd: int, on_bytes: Callable[[int], None]) -> None:
+    """Append the tensor's bytes to `fd`: in the kernel where it can, else through a buffer."""
+    kernel = hasattr(os, "copy_file_range")
     with open(src.shard, "rb") as f:
         offset, left = src.offset, src.nbytes
         while left:
-            if hasattr(os, "copy_file_range"):
-                n = os.copy_file_range(f.fileno(), fd, left, offset)
-            else:  # no in-kernel copy on this OS
-                n = os.write(fd, os.pread(f.fileno(), min(left, CHUNK_BYTES), offset))
+            step = min(left, 8 * CHUNK_BYTES)  # also the progress granularity
+            n = 0
+            if kernel:
+                try:
+                    n = os.copy_file_range(f.fileno(), fd, step, offset)
+                except OSError:  # e.g. EXDEV on old kernels, some network filesystems
+                    kernel = False
+            if not kernel:
+                data = os.pread(f.fileno(), min(step, CHUNK_BYTES), offset)
+                _write_all(fd, data)
+                n = len(data)
             if n <= 0:
                 raise CheckpointError(f"{src.shard.name} is truncated inside {src.raw_name}")
             offset, left = offset + n, left - n
+            on_bytes(n)
 
 
-class _NonFinite(CheckpointError):
-    pass
-
-
-def _nonfinite_error(plan: TensorPlan) -> _NonFinite:
-    return _NonFinite(f"tensor {plan.src.raw_name if plan.src else plan.name} contains NaN or Inf "
-                      "values; the checkpoint is corrupt (re-download it)")
+def _nonfinite_error(plan: TensorPlan) -> CheckpointError:
+    name = plan.src.raw_name if plan.src else plan.name
+    return CheckpointError(f"tensor {name} contains NaN or Inf values; the checkpoint is corrupt "
+                           "(re-download it)")
 
 
 def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor,
@@ -289,10 +296,9 @@ def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor,
         return
     if plan.passthrough:
         scan = pool.submit(_has_nonfinite_raw, plan.src)
-        _copy_range(plan.src, fd)
+        _copy_range(plan.src, fd, on_bytes)
         if scan.result():
             raise _nonfinite_error(plan)
-        on_bytes(plan.src_nbytes)
         return
     elem = DTYPES[plan.src.dtype][0]
     for x in _float_chunks(plan, block):

@@ -7,7 +7,6 @@ with torch, independently of step_gguf's own readers, so a converter bug cannot 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch

@@ -203,3 +203,27 @@ def test_existing_output_survives_a_failed_conversion(tmp_path):
     out.write_bytes(b"previous model")
     assert CliRunner().invoke(main, ["convert", str(src), "-o", str(out)]).exit_code != 0
     assert out.read_bytes() == b"previous model"
+
+
+def test_progress_counts_every_source_byte(checkpoint, tmp_path):
+    seen, totals = [], []
+    result = convert(checkpoint("tiny"), tmp_path / "m.gguf", outtype="q8_0",
+                     on_start=totals.append, on_bytes=seen.append)
+    assert totals == [result.source_bytes] and sum(seen) == result.source_bytes
+    ckpt = Checkpoint(checkpoint("tiny"))
+    rope = Step35Config.from_dir(checkpoint("tiny")).head_dim // 2 * 4  # generated rope_freqs
+    assert result.source_bytes == sum(r.nbytes for r in ckpt.tensors.values()) + rope
+
+
+def test_buffered_copy_fallback_is_bit_exact(checkpoint, gguf_file, tmp_path, monkeypatch):
+    import os
+
+    def no_kernel_copy(*args):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
+    out = tmp_path / "fallback.gguf"
+    convert(checkpoint("tiny"), out, outtype="bf16")
+    got, want = _tensors(out), _tensors(gguf_file("tiny", "bf16"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert np.asarray(got[name].data).tobytes() == np.asarray(want[name].data).tobytes(), name

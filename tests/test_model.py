@@ -75,7 +75,7 @@ def test_name_table_is_total_over_templates():
 
 
 def test_llama3_factors_match_transformers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.step3p7.configuration_step3p7 import Step3p7TextConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     import torch

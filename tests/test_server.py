@@ -55,3 +55,35 @@ def test_health_and_model_listing(server):
     with urllib.request.urlopen(f"{server}/v1/models", timeout=10) as resp:
         models = json.loads(resp.read())
     assert models["data"] and "tiny-bf16" in models["data"][0]["id"]
+
+
+@pytest.fixture(scope="module")
+def split_gguf(checkpoint, workdir):
+    from step_gguf.convert import convert
+
+    trunk, draft = workdir / "server-trunk.gguf", workdir / "server-mtp.gguf"
+    if not trunk.exists():
+        convert(checkpoint("tiny"), trunk, outtype="bf16", mtp="split", draft_out=draft)
+    return trunk, draft
+
+
+def _greedy(url: str) -> dict:
+    return _post(f"{url}/completion", {"prompt": list(range(5, 17)), "n_predict": 24,
+                                       "temperature": 0, "cache_prompt": False})
+
+
+@pytest.mark.parametrize("layout", ["combined", "split"])
+def test_mtp_drafting_runs_and_keeps_greedy_output(layout, runtime, gguf_file, split_gguf, server):
+    """llama.cpp drafts with the converted MTP heads (from the same GGUF, or from the separate
+    draft GGUF); speculative decoding must not change the greedy continuation."""
+    from step_gguf.runtime import llama
+
+    plain = _greedy(server)
+    if layout == "combined":
+        model, extra = gguf_file("tiny", "bf16"), ["--spec-type", "draft-mtp"]
+    else:
+        model, extra = split_gguf[0], ["--spec-type", "draft-mtp", "-md", str(split_gguf[1])]
+    with llama.serve(model, n_ctx=256, extra_args=["-np", "1", *extra]) as url:
+        drafted = _greedy(url)
+    assert drafted["content"] == plain["content"]
+    assert drafted["timings"]["draft_n"] > 0  # the MTP heads really ran
