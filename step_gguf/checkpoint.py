@@ -22,14 +22,8 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"  # FP8: `x.weight_scale_inv` holds the block scales of `x.weight`
 
-# safetensors dtype -> (bytes per element, numpy dtype used to view the raw bits)
-DTYPES: dict[str, tuple[int, np.dtype]] = {
-    "F32": (4, np.dtype("<f4")),
-    "F16": (2, np.dtype("<f2")),
-    "BF16": (2, np.dtype("<u2")),
-    "F8_E4M3": (1, np.dtype("u1")),
-    "I64": (8, np.dtype("<i8")),
-}
+# safetensors dtypes a Step 3.5 checkpoint may hold -> bytes per element
+ELEMENT_BYTES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}
 
 
 @dataclass(frozen=True)
@@ -66,7 +60,7 @@ def _fp8_e4m3_table() -> np.ndarray:
     return (sign * value).astype(np.float32)
 
 
-_FP8_E4M3 = _fp8_e4m3_table()
+FP8_E4M3_VALUES = _fp8_e4m3_table()  # code -> value
 
 
 def decode(raw: bytes | memoryview, dtype: str) -> np.ndarray:
@@ -78,7 +72,7 @@ def decode(raw: bytes | memoryview, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
     if dtype == "F8_E4M3":
-        return _FP8_E4M3[np.frombuffer(raw, np.uint8)]
+        return FP8_E4M3_VALUES[np.frombuffer(raw, np.uint8)]
     raise CheckpointError(f"unsupported tensor dtype {dtype}; expected BF16, F16, F32 or F8_E4M3")
 
 
@@ -144,7 +138,7 @@ class Checkpoint:
                 )
             ref = TensorRef(name, raw_name, shard, info["dtype"], tuple(info["shape"]),
                             data_start + begin, end - begin)
-            if ref.dtype not in DTYPES:
+            if ref.dtype not in ELEMENT_BYTES:
                 raise CheckpointError(f"{raw_name} has unsupported dtype {ref.dtype}")
             if name.endswith(SCALE_SUFFIX):
                 self.scales[name.removesuffix(SCALE_SUFFIX)] = ref

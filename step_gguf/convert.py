@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from .checkpoint import DTYPES, Checkpoint, TensorRef, decode
+from .checkpoint import ELEMENT_BYTES, Checkpoint, TensorRef, decode
 from .errors import CheckpointError, StepGGUFError
 from .model import ARCH, Step35Config, gguf_name, is_zero_centred_norm, layer_of
 from .vocab import Vocab, load_vocab
@@ -76,15 +76,20 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1) or (1,)
 
 
-def plan_tensors(cfg: Step35Config, ckpt: Checkpoint, outtype: Q) -> list[TensorPlan]:
-    """Validate the checkpoint against the config and plan every output tensor (no data read)."""
-    expected = cfg.expected_shapes(with_mtp=True)
+def plan_tensors(cfg: Step35Config, ckpt: Checkpoint, outtype: Q,
+                 with_mtp: bool = True) -> list[TensorPlan]:
+    """Validate the checkpoint against the config and plan every output tensor (no data read).
+
+    Without MTP, the MTP blocks may be absent from the checkpoint and are ignored if present.
+    """
+    expected = cfg.expected_shapes(with_mtp=with_mtp)
+    known = cfg.expected_shapes(with_mtp=True)
     missing = sorted(set(expected) - set(ckpt.tensors), key=_natural)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"tensor {missing[0]} is missing{more}; the checkpoint does not "
                               f"match its config.json")
-    extra = sorted(set(ckpt.tensors) - set(expected), key=_natural)
+    extra = sorted(set(ckpt.tensors) - set(known), key=_natural)
     if extra:
         raise CheckpointError(f"unexpected tensor {extra[0]} {ckpt.tensors[extra[0]].shape}: not "
                               "part of Step 3.5 as its config.json describes it")
@@ -95,9 +100,9 @@ def plan_tensors(cfg: Step35Config, ckpt: Checkpoint, outtype: Q) -> list[Tensor
         if ref.shape != want and _squeezed(ref.shape) != _squeezed(want):
             raise CheckpointError(f"tensor {ref.raw_name} has shape {list(ref.shape)}, config.json "
                                   f"implies {list(want)}")
-        scale = ckpt.scales.get(hf)
+        scale = None
         if ref.dtype == "F8_E4M3":
-            scale = _check_scale(cfg, ref, scale, want)
+            scale = _check_scale(cfg, ref, ckpt.scales.get(hf), want)
         elif ref.dtype not in SOURCE_QTYPE:
             raise CheckpointError(f"tensor {ref.raw_name} has dtype {ref.dtype}; expected BF16, "
                                   "F16, F32 or F8_E4M3")
@@ -128,18 +133,15 @@ def _natural(name: str) -> tuple:
     return (layer if layer is not None else -1, name)
 
 
-def select(plans: list[TensorPlan], cfg: Step35Config, part: str) -> list[TensorPlan]:
-    """`trunk`: no MTP blocks; `draft`: MTP blocks plus the embeddings/head they share; `all`."""
+def split_mtp(plans: list[TensorPlan], cfg: Step35Config) -> tuple[list[TensorPlan], list[TensorPlan]]:
+    """(trunk, draft): the draft holds the MTP blocks plus the embeddings and head they share."""
     def is_mtp(p: TensorPlan) -> bool:
         layer = layer_of(p.hf_name)
         return layer is not None and layer >= cfg.n_layer
 
-    if part == "trunk":
-        return [p for p in plans if not is_mtp(p)]
-    if part == "draft":
-        shared = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
-        return [p for p in plans if is_mtp(p) or p.name in shared]
-    return plans
+    shared = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
+    return ([p for p in plans if not is_mtp(p)],
+            [p for p in plans if is_mtp(p) or p.name in shared])
 
 
 # ---------------------------------------------------------------- metadata
@@ -207,7 +209,7 @@ def _float_chunks(plan: TensorPlan, block: tuple[int, int] | None) -> Iterator[n
     ref = plan.src
     assert ref is not None
     cols = plan.shape[-1]
-    elem = DTYPES[ref.dtype][0]
+    elem = ELEMENT_BYTES[ref.dtype]
     if plan.scale is None:
         rows = math.prod(plan.shape[:-1])
         step = max(1, CHUNK_BYTES // (cols * 4))
@@ -300,7 +302,7 @@ def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor,
         if scan.result():
             raise _nonfinite_error(plan)
         return
-    elem = DTYPES[plan.src.dtype][0]
+    elem = ELEMENT_BYTES[plan.src.dtype]
     for x in _float_chunks(plan, block):
         if not np.isfinite(x).all():
             raise _nonfinite_error(plan)
@@ -371,17 +373,17 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "b
     qtype = OUTTYPES[outtype]
     cfg = Step35Config.from_dir(src)
     ckpt = Checkpoint(src)
-    plans = plan_tensors(cfg, ckpt, qtype)
+    plans = plan_tensors(cfg, ckpt, qtype, with_mtp=mtp != "drop")
     vocab = load_vocab(src, cfg.vocab_size, tokenizer_pre)
 
     jobs: list[tuple[Path, list[TensorPlan], bool]]
     if mtp == "keep" or not cfg.n_nextn:
         jobs = [(out, plans, True)]
     elif mtp == "drop":
-        jobs = [(out, select(plans, cfg, "trunk"), False)]
+        jobs = [(out, plans, False)]
     else:
-        jobs = [(out, select(plans, cfg, "trunk"), True),
-                (Path(draft_out), select(plans, cfg, "draft"), True)]
+        trunk, draft = split_mtp(plans, cfg)
+        jobs = [(out, trunk, True), (Path(draft_out), draft, True)]
     total = sum(p.src_nbytes for _, ps, _ in jobs for p in ps)
     on_start(total)
     written: list[tuple[Path, Path]] = []

@@ -8,6 +8,7 @@ RoPE with llama3 scaling on full layers, SwiGLU clamps on the last trunk layers,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,9 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import gguf
 import numpy as np
 
-from .checkpoint import INDEX
+from .checkpoint import FP8_E4M3_VALUES, INDEX
 from .errors import StepGGUFError
 from .model import Step35Config
 
@@ -247,27 +249,21 @@ def _fp8_candidate(name: str, shape: tuple[int, ...]) -> bool:
         ("embed_tokens.weight", "lm_head.weight", "shared_head.output.weight", "moe.gate.weight"))
 
 
-_E4M3 = None
+@functools.cache
+def _e4m3_codebook() -> tuple[np.ndarray, np.ndarray]:
+    """The finite float8-e4m3fn values, sorted, with their codes."""
+    codes = np.arange(256, dtype=np.uint8)
+    finite = np.isfinite(FP8_E4M3_VALUES)
+    order = np.argsort(FP8_E4M3_VALUES[finite], kind="stable")
+    return FP8_E4M3_VALUES[finite][order], codes[finite][order]
 
 
 def _to_e4m3(x: np.ndarray) -> np.ndarray:
     """Nearest float8-e4m3fn code for each value (|x| <= 448)."""
-    global _E4M3
-    if _E4M3 is None:
-        from .checkpoint import _FP8_E4M3
-        codes = np.arange(256, dtype=np.uint8)
-        finite = np.isfinite(_FP8_E4M3)
-        order = np.argsort(_FP8_E4M3[finite], kind="stable")
-        _E4M3 = (_FP8_E4M3[finite][order], codes[finite][order])
-    values, codes = _E4M3
+    values, codes = _e4m3_codebook()
     idx = np.clip(np.searchsorted(values, x), 1, len(values) - 1)
     lower = np.abs(x - values[idx - 1]) <= np.abs(values[idx] - x)
     return codes[np.where(lower, idx - 1, idx)]
-
-
-def _bf16_bits(x: np.ndarray) -> np.ndarray:
-    u = x.astype(np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 @dataclass(frozen=True)
@@ -300,17 +296,17 @@ def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: st
     return specs
 
 
-_ROWS_PER_CHUNK = 2**22  # elements generated at a time: bounded memory on `wide`
+_ELEMS_PER_CHUNK = 2**22  # generated at a time: bounded memory on `wide`
 
 
 def _gen(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, dtype: str):
     def chunks() -> Iterator[bytes]:
         rng = np.random.default_rng(list(rng_seed))
         total, cols = math.prod(shape), shape[-1]
-        step = max(cols, _ROWS_PER_CHUNK // cols * cols)
+        step = max(cols, _ELEMS_PER_CHUNK // cols * cols)
         for start in range(0, total, step):
             x = rng.standard_normal(min(step, total - start), dtype=np.float32) * np.float32(std)
-            yield x.tobytes() if dtype == "F32" else _bf16_bits(x).tobytes()
+            yield x.tobytes() if dtype == "F32" else gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).tobytes()
     return chunks
 
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from step_gguf.checkpoint import Checkpoint
 from step_gguf.cli import main
 from step_gguf.convert import convert
+from step_gguf.errors import CheckpointError
 from step_gguf.model import Step35Config, gguf_name
 from step_gguf.synth import synth
 
@@ -227,3 +228,14 @@ def test_buffered_copy_fallback_is_bit_exact(checkpoint, gguf_file, tmp_path, mo
     assert got.keys() == want.keys()
     for name in want:
         assert np.asarray(got[name].data).tobytes() == np.asarray(want[name].data).tobytes(), name
+
+
+def test_dropping_mtp_needs_no_mtp_tensors(tmp_path):
+    src = synth(tmp_path / "ckpt", "tiny", seed=6, n_nextn=0)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 3  # declared, but the weights were left out
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="tensor model.layers.8.eh_proj.weight is missing"):
+        convert(src, tmp_path / "keep.gguf", mtp="keep")
+    convert(src, tmp_path / "drop.gguf", mtp="drop")
+    assert gguf.GGUFReader(tmp_path / "drop.gguf").fields["step35.block_count"].contents() == 8

@@ -1,0 +1,75 @@
+"""Synthetic checkpoints: hub layout, every feature on, deterministic by seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+from click.testing import CliRunner
+
+from step_gguf.checkpoint import Checkpoint
+from step_gguf.cli import main
+from step_gguf.model import Step35Config
+from step_gguf.synth import PRESETS, preset_config, synth
+
+
+def _digest(folder) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
+    a, b, c = (synth(tmp_path / n, "tiny", seed=s) for n, s in (("a", 7), ("b", 7), ("c", 8)))
+    assert _digest(a) == _digest(b)
+    shard = sorted(a.glob("*.safetensors"))[0].name
+    assert (a / shard).read_bytes() != (c / shard).read_bytes()
+
+
+def test_hub_layout_with_every_feature(checkpoint):
+    src = checkpoint("tiny")
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1  # sharded
+    cfg = Step35Config.from_dir(src)
+    assert set(Checkpoint(src).tensors) == set(cfg.expected_shapes()) == set(index)
+    assert 0 < cfg.leading_dense < cfg.n_layer and cfg.n_nextn == 3
+    assert any(cfg.is_swa) and not all(cfg.is_swa[: cfg.n_layer])
+    swa, full = cfg.is_swa.index(True), cfg.is_swa.index(False)
+    assert cfg.n_head[swa] != cfg.n_head[full]
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_theta != cfg.rope_theta_swa
+    assert max(cfg.swiglu_limits[cfg.n_layer - 2: cfg.n_layer]) > 0 and cfg.swiglu_limits[0] == 0
+    assert Checkpoint(src).tensors["model.layers.3.moe.router_bias"].dtype == "F32"
+    tok = json.loads((src / "tokenizer_config.json").read_text())
+    assert "{% for message in messages %}" in tok["chat_template"]
+
+
+def test_three_to_one_attention_pattern_over_the_trunk():
+    cfg = Step35Config.from_dict(preset_config(PRESETS["small"], 0))
+    trunk = cfg.is_swa[: cfg.n_layer]
+    assert sum(trunk) == 3 * (len(trunk) - sum(trunk))
+
+
+def test_fp8_stores_e4m3_with_block_scales(checkpoint):
+    ckpt = Checkpoint(checkpoint("tiny-fp8-3p7"))
+    ref = ckpt.tensors["model.layers.2.moe.gate_proj.weight"]
+    assert ref.raw_name.startswith("model.language_model.") and ref.dtype == "F8_E4M3"
+    scale = ckpt.scales["model.layers.2.moe.gate_proj.weight"]
+    E, R, C = ref.shape
+    assert scale.shape == (E, -(-R // 32), -(-C // 32))
+    assert ckpt.tensors["model.embed_tokens.weight"].dtype == "BF16"
+
+
+def test_cli_refuses_an_existing_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_wide_has_real_expert_shapes_and_benchmark_size():
+    shapes = Step35Config.from_dict(preset_config(PRESETS["wide"], 0)).expected_shapes()
+    assert shapes["model.layers.1.moe.gate_proj.weight"][1:] == (1280, 4096)
+    assert shapes["model.layers.1.moe.down_proj.weight"][1:] == (4096, 1280)
+    bf16_bytes = 2 * sum(math.prod(s) for s in shapes.values())
+    assert 4.5e9 < bf16_bytes < 5.2e9
