@@ -238,7 +238,7 @@ def demo(keep: Path | None) -> None:
         t2 = time.perf_counter()
         click.echo(f"converted to {gguf_path} ({_human(gguf_path.stat().st_size)}, "
                    f"{result.n_tensors} tensors) in {t2 - t1:.2f} s")
-        with llama.load(gguf_path, n_ctx=512) as m:
+        with llama.load(gguf_path, n_ctx=256) as m:
             t3 = time.perf_counter()
             click.echo(f"loaded with the patched runtime in {t3 - t2:.2f} s")
             chat = m.chat([{"role": "user", "content": "Hello! Who are you?"}], max_tokens=16)

@@ -9,6 +9,7 @@ build is a lookup.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +39,8 @@ BACKEND_FLAGS: dict[str, tuple[str, ...]] = {
     "metal": ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"),
 }
 
-_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")   # ninja: [12/222]
+_MAKE_STEP = re.compile(r"^\[\s*(\d+)%\]")        # make:  [ 45%]
 
 
 def patch_series() -> list[tuple[str, bytes]]:
@@ -162,16 +164,21 @@ def build(spec: BuildSpec, jobs: int | None = None,
         if shutil.which(tool) is None:
             raise StepGGUFError(f"`{tool}` is not installed; install it (e.g. apt-get install {tool})")
     final = cache_dir() / "runtime" / spec.key
-    work = final.with_name(final.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    src = extract_sdist(fetch_sdist(), work / "src")
-    apply_patches(src)
-    log.info("applied %d patch(es), series %s", len(patch_series()), series_id())
-    _cmake_build(spec, work, jobs or os.cpu_count() or 2, on_step)
-    wheel = _package(spec, work)
-    (work / MANIFEST).write_text(json.dumps(_manifest(spec, final) | {"wheel": wheel.name}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(work, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(final.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same key waits, then hits
+        if hit := cached_build(spec):
+            return hit
+        work = final.with_name(final.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        src = extract_sdist(fetch_sdist(), work / "src")
+        apply_patches(src)
+        log.info("applied %d patch(es), series %s", len(patch_series()), series_id())
+        _cmake_build(spec, work, jobs or os.cpu_count() or 2, on_step)
+        wheel = _package(spec, work)
+        (work / MANIFEST).write_text(json.dumps(_manifest(spec, final) | {"wheel": wheel.name}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work, final)
     log.info("runtime %s built at %s", spec.key, final)
     return RuntimeBuild(final)
 
@@ -259,6 +266,8 @@ def _run(args: list[str], what: str, env: dict | None = None, log_file: Path | N
             tail = (tail + [line.rstrip()])[-20:]
             if on_step and (m := _NINJA_STEP.match(line)):
                 on_step(int(m.group(1)), int(m.group(2)))
+            elif on_step and (m := _MAKE_STEP.match(line)):
+                on_step(int(m.group(1)), 100)
         if proc.wait() != 0:
             where = f"; full log: {log_file}" if log_file else ""
             last = next((t for t in reversed(tail) if t.strip()), "no output")
