@@ -239,3 +239,43 @@ def test_dropping_mtp_needs_no_mtp_tensors(tmp_path):
         convert(src, tmp_path / "keep.gguf", mtp="keep")
     convert(src, tmp_path / "drop.gguf", mtp="drop")
     assert gguf.GGUFReader(tmp_path / "drop.gguf").fields["step35.block_count"].contents() == 8
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_f16_and_f32_sources_convert_exactly(dtype, checkpoint, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / dtype
+    shutil.copytree(checkpoint("tiny"), src)
+    source = {}
+    for shard in src.glob("*.safetensors"):
+        tensors = {k: v.to(getattr(torch, dtype)) if v.dtype == torch.bfloat16 else v
+                   for k, v in load_file(shard).items()}
+        save_file(tensors, shard)
+        source |= tensors
+    assert Checkpoint(src).tensors["model.layers.3.moe.up_proj.weight"].dtype == {"float16": "F16", "float32": "F32"}[dtype]
+    out = tmp_path / "m.gguf"
+    convert(src, out, outtype="f32")
+    got = _tensors(out)
+    for name, t in source.items():
+        want = t.float().numpy() + (1.0 if name.endswith("norm.weight") else 0.0)
+        np.testing.assert_array_equal(np.asarray(got[gguf_name(name)].data).reshape(want.shape), want, name)
+
+
+def test_step3p7_wrapper_without_prefixes(checkpoint, gguf_file, tmp_path):
+    import shutil
+
+    src = tmp_path / "wrapped"
+    shutil.copytree(checkpoint("tiny"), src)
+    text = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
+        "text_config": {k: v for k, v in text.items() if k != "architectures"}}))
+    out = tmp_path / "m.gguf"
+    convert(src, out, outtype="f32")
+    got, want = _tensors(out), _tensors(gguf_file("tiny", "f32"))
+    assert got.keys() == want.keys()
+    assert all(np.asarray(got[n].data).tobytes() == np.asarray(want[n].data).tobytes() for n in want)

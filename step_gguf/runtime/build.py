@@ -256,7 +256,7 @@ def install(runtime: RuntimeBuild) -> None:
 def _run(args: list[str], what: str, env: dict | None = None, log_file: Path | None = None,
          on_step: Callable[[int, int], None] | None = None) -> None:
     log.debug("running %s", " ".join(args))
-    with open(log_file, "w") if log_file else open(os.devnull, "w") as sink:
+    with open(log_file, "w", buffering=1) if log_file else open(os.devnull, "w") as sink:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
         tail: list[str] = []
