@@ -140,12 +140,11 @@ def extract_sdist(sdist: Path, dest: Path) -> Path:
     return dest
 
 
-def apply_patches(src: Path, dry_run: bool = False) -> None:
+def apply_patches(src: Path) -> None:
     """Apply the series in order; the first patch that does not apply cleanly stops it."""
     for name, content in patch_series():
-        args = ["patch", "-p1", "--forward", "--batch", "--silent", "-d", str(src)]
-        proc = subprocess.run(args + (["--dry-run"] if dry_run else []), input=content,
-                              capture_output=True)
+        proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "--silent", "-d", str(src)],
+                              input=content, capture_output=True)
         if proc.returncode != 0:
             detail = (proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()
             raise StepGGUFError(
@@ -189,7 +188,6 @@ def _manifest(spec: BuildSpec, root: Path) -> dict:
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
         "backend": spec.backend,
         "cmake_args": list(spec.cmake_args),
-        "root": str(root),
         "bin_dir": str(root / "build" / "bin"),
     }
 
