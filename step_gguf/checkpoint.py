@@ -8,6 +8,7 @@ is written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -42,8 +43,11 @@ class TensorRef:
         with open(self.shard, "rb") as f:
             data = os.pread(f.fileno(), length, self.offset + start)
         if len(data) != length:
-            raise CheckpointError(f"{self.shard.name} is truncated inside {self.raw_name}")
+            raise self.truncated()
         return data
+
+    def truncated(self) -> CheckpointError:
+        return CheckpointError(f"{self.shard.name} is truncated inside {self.raw_name}")
 
     def array(self) -> np.ndarray:
         """The whole tensor as float32 (for small tensors: norms, biases, scales)."""
@@ -61,6 +65,11 @@ def _fp8_e4m3_table() -> np.ndarray:
 
 
 FP8_E4M3_VALUES = _fp8_e4m3_table()  # code -> value
+
+
+def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of the `weight_scale_inv` grid: one scale per block of the last two dims."""
+    return (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
 
 
 def decode(raw: bytes | memoryview, dtype: str) -> np.ndarray:

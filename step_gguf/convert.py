@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from .checkpoint import ELEMENT_BYTES, Checkpoint, TensorRef, decode
+from .checkpoint import ELEMENT_BYTES, Checkpoint, TensorRef, decode, fp8_scale_shape
 from .errors import CheckpointError, StepGGUFError
 from .model import ARCH, Step35Config, gguf_name, is_zero_centred_norm, layer_of
 from .vocab import Vocab, load_vocab
@@ -120,11 +120,10 @@ def _check_scale(cfg: Step35Config, ref: TensorRef, scale: TensorRef | None,
                  want: tuple[int, ...]) -> TensorRef:
     if scale is None:
         raise CheckpointError(f"FP8 tensor {ref.raw_name} has no weight_scale_inv beside it")
-    br, bc = cfg.fp8_block or (128, 128)
-    blocks = (*want[:-2], math.ceil(want[-2] / br), math.ceil(want[-1] / bc))
+    blocks = fp8_scale_shape(want, cfg.fp8_block)
     if _squeezed(scale.shape) != _squeezed(blocks):
         raise CheckpointError(f"{scale.raw_name} has shape {list(scale.shape)}, expected "
-                              f"{list(blocks)} for {br}x{bc} blocks")
+                              f"{list(blocks)} for {cfg.fp8_block[0]}x{cfg.fp8_block[1]} blocks")
     return scale
 
 
@@ -204,30 +203,27 @@ def _encode(x: np.ndarray, qtype: Q) -> bytes:
     return gguf.quants.quantize(x, qtype).tobytes()  # BF16 (round-to-nearest-even), Q8_0
 
 
-def _float_chunks(plan: TensorPlan, block: tuple[int, int] | None) -> Iterator[np.ndarray]:
-    """The tensor as float32 in row chunks of bounded size (FP8 scales applied)."""
+def _float_chunks(plan: TensorPlan, block: tuple[int, int]) -> Iterator[np.ndarray]:
+    """The tensor as float32 in row chunks of bounded size, FP8 block scales applied.
+
+    Chunks stay within one matrix of a stacked tensor, and FP8 chunks start on a block row.
+    """
     ref = plan.src
     assert ref is not None
     cols = plan.shape[-1]
+    rows = plan.shape[-2] if len(plan.shape) > 1 else 1
     elem = ELEMENT_BYTES[ref.dtype]
-    if plan.scale is None:
-        rows = math.prod(plan.shape[:-1])
-        step = max(1, CHUNK_BYTES // (cols * 4))
+    align = block[0] if plan.scale is not None else 1
+    step = max(align, CHUNK_BYTES // (cols * 4) // align * align)
+    if plan.scale is not None:
+        scales = plan.scale.array().reshape(-1, *fp8_scale_shape(plan.shape, block)[-2:])
+    for m in range(math.prod(plan.shape[:-2])):
         for r0 in range(0, rows, step):
             n = min(step, rows - r0)
-            yield decode(ref.read(r0 * cols * elem, n * cols * elem), ref.dtype).reshape(n, cols)
-        return
-    br, bc = block or (128, 128)
-    R = plan.shape[-2]
-    mats = math.prod(plan.shape[:-2])
-    scales = plan.scale.array().reshape(mats, math.ceil(R / br), math.ceil(cols / bc))
-    step = max(br, CHUNK_BYTES // (cols * 4) // br * br)
-    for m in range(mats):
-        for r0 in range(0, R, step):
-            n = min(step, R - r0)
-            x = decode(ref.read((m * R + r0) * cols * elem, n * cols * elem), ref.dtype).reshape(n, cols)
-            s = scales[m, r0 // br: math.ceil((r0 + n) / br)]
-            x *= np.repeat(np.repeat(s, br, axis=0)[:n], bc, axis=1)[:, :cols]
+            x = decode(ref.read((m * rows + r0) * cols * elem, n * cols * elem), ref.dtype).reshape(n, cols)
+            if plan.scale is not None:
+                s = scales[m, r0 // block[0]: math.ceil((r0 + n) / block[0])]
+                x *= np.repeat(np.repeat(s, block[0], axis=0)[:n], block[1], axis=1)[:, :cols]
             yield x
 
 
@@ -247,7 +243,7 @@ def _has_nonfinite_raw(ref: TensorRef) -> bool:
             n = os.preadv(f.fileno(), [memoryview(buf)[: min(len(buf), ref.nbytes - done)]],
                           ref.offset + done)
             if n <= 0:
-                raise CheckpointError(f"{ref.shard.name} is truncated inside {ref.raw_name}")
+                raise ref.truncated()
             view = memoryview(buf)[:n]
             if np.frombuffer(view, signed).max() >= pos or np.frombuffer(view, unsigned).max() >= neg:
                 return True
@@ -279,7 +275,7 @@ def _copy_range(src: TensorRef, fd: int, on_bytes: Callable[[int], None]) -> Non
                 _write_all(fd, data)
                 n = len(data)
             if n <= 0:
-                raise CheckpointError(f"{src.shard.name} is truncated inside {src.raw_name}")
+                raise src.truncated()
             offset, left = offset + n, left - n
             on_bytes(n)
 
@@ -291,7 +287,7 @@ def _nonfinite_error(plan: TensorPlan) -> CheckpointError:
 
 
 def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor,
-                  block: tuple[int, int] | None, on_bytes: Callable[[int], None]) -> None:
+                  block: tuple[int, int], on_bytes: Callable[[int], None]) -> None:
     if plan.data is not None:
         _write_all(fd, _encode(plan.data, plan.qtype))
         on_bytes(plan.src_nbytes)

@@ -90,7 +90,6 @@ def normalise_name(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Step35Config:
-    architecture: str
     hidden_size: int
     n_layer: int                 # trunk layers; MTP layers follow them
     n_nextn: int
@@ -115,7 +114,7 @@ class Step35Config:
     swiglu_limits: tuple[float, ...]
     swiglu_limits_shared: tuple[float, ...]
     rms_eps: float
-    fp8_block: tuple[int, int] | None
+    fp8_block: tuple[int, int]    # FP8 releases: rows x cols sharing one scale
 
     @property
     def n_layer_all(self) -> int:
@@ -147,12 +146,12 @@ class Step35Config:
             )
         text = raw.get("text_config", raw) if ARCHITECTURES[known[0]] == "step3p7" else raw
         try:
-            return cls._parse(known[0], text, raw.get("quantization_config") or text.get("quantization_config"))
+            return cls._parse(text, raw.get("quantization_config") or text.get("quantization_config"))
         except KeyError as exc:
             raise CheckpointError(f"config.json lacks required field {exc.args[0]!r}") from None
 
     @classmethod
-    def _parse(cls, arch: str, c: dict, quant: dict | None) -> "Step35Config":
+    def _parse(cls, c: dict, quant: dict | None) -> "Step35Config":
         n_layer = int(c["num_hidden_layers"])
         n_nextn = int(c.get("num_nextn_predict_layers", 0))
         n_all = n_layer + n_nextn
@@ -208,12 +207,9 @@ class Step35Config:
         def limits(key):
             return tuple(0.0 if v is None else float(v) for v in per_layer(c.get(key) or [0.0] * n_layer, 0.0))
 
-        block = None
-        if quant and quant.get("quant_method") == "fp8":
-            block = tuple(int(x) for x in quant.get("weight_block_size", (128, 128)))
+        block = tuple(int(x) for x in (quant or {}).get("weight_block_size", (128, 128)))
 
         return cls(
-            architecture=arch,
             hidden_size=int(c["hidden_size"]),
             n_layer=n_layer,
             n_nextn=n_nextn,

@@ -12,9 +12,9 @@ import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 
-from .checkpoint import FP8_E4M3_VALUES, INDEX
+from .checkpoint import FP8_E4M3_VALUES, INDEX, fp8_scale_shape
 from .errors import StepGGUFError
 from .model import Step35Config
 
@@ -287,10 +287,11 @@ def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: st
         if name.endswith("router_bias"):
             specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32")))
         elif fp8 and _fp8_candidate(name, shape):
-            scale_shape = (*shape[:-2], math.ceil(shape[-2] / p.fp8_block), math.ceil(shape[-1] / p.fp8_block))
-            weights, scales = _fp8_pair(rng_seed, shape, std, p.fp8_block)
-            specs.append(_Spec(stored, "F8_E4M3", shape, weights))
-            specs.append(_Spec(stored + "_scale_inv", "F32", scale_shape, scales))
+            # each half recomputes the (small, FP8-test-only) quantisation: no shared state
+            quantise = functools.partial(_fp8_quantise, rng_seed, shape, std, p.fp8_block)
+            specs.append(_Spec(stored, "F8_E4M3", shape, lambda q=quantise: iter([q()[0].tobytes()])))
+            specs.append(_Spec(stored + "_scale_inv", "F32", fp8_scale_shape(shape, (p.fp8_block,) * 2),
+                               lambda q=quantise: iter([q()[1].tobytes()])))
         else:
             specs.append(_Spec(stored, "BF16", shape, _gen(rng_seed, shape, std, "BF16")))
     return specs
@@ -310,27 +311,20 @@ def _gen(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, dtype: s
     return chunks
 
 
-def _fp8_pair(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, block: int):
-    """FP8 weights and their inverse block scales (DeepSeek layout: w = q * scale_inv)."""
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def quantised() -> tuple[np.ndarray, np.ndarray]:
-        if "q" in cache:
-            return cache.pop("q")  # each half is written once
-        rng = np.random.default_rng(list(rng_seed))
-        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        R, C = shape[-2:]
-        nb_r, nb_c = math.ceil(R / block), math.ceil(C / block)
-        pad = np.zeros((*shape[:-2], nb_r * block, nb_c * block), np.float32)
-        pad[..., :R, :C] = x
-        blocks = pad.reshape(*shape[:-2], nb_r, block, nb_c, block)
-        amax = np.abs(blocks).max(axis=(-3, -1))
-        scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
-        q = blocks / scale[..., :, None, :, None]
-        cache["q"] = (_to_e4m3(q.reshape(pad.shape)[..., :R, :C]), scale)
-        return cache["q"]
-
-    return (lambda: iter([quantised()[0].tobytes()]), lambda: iter([quantised()[1].tobytes()]))
+def _fp8_quantise(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float,
+                  block: int) -> tuple[np.ndarray, np.ndarray]:
+    """FP8 codes and their inverse block scales (DeepSeek layout: w = q * scale_inv)."""
+    rng = np.random.default_rng(list(rng_seed))
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    R, C = shape[-2:]
+    nb_r, nb_c = fp8_scale_shape(shape, (block, block))[-2:]
+    pad = np.zeros((*shape[:-2], nb_r * block, nb_c * block), np.float32)
+    pad[..., :R, :C] = x
+    blocks = pad.reshape(*shape[:-2], nb_r, block, nb_c, block)
+    amax = np.abs(blocks).max(axis=(-3, -1))
+    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+    q = blocks / scale[..., :, None, :, None]
+    return _to_e4m3(q.reshape(pad.shape)[..., :R, :C]), scale
 
 
 def _shards(specs: list[_Spec], limit: int) -> list[list[_Spec]]:
@@ -395,7 +389,8 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
     shards = _shards(specs, p.shard_bytes)
     on_start(sum(s.nbytes for s in specs))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    tmp.mkdir()
     try:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
