@@ -116,11 +116,130 @@ def convert(src: Path, out: Path, outtype: str, mtp: str, draft_out: Path | None
                f"({_human(result.source_bytes / max(secs, 1e-9))}/s)")
 
 
+def _print_plan(pricing, stock=None) -> None:
+    """The per-tensor plan as a table, then totals by type and against stock."""
+    stock_types = stock.types if stock else {}
+    width = max((len(r.name) for r in pricing.rows), default=10)
+    head = f"{'tensor':<{width}}  {'type':<7} {'bytes':>10}"
+    click.echo(head + ("  stock  " if stock else "  ") + "why")
+    for r in pricing.rows:
+        extra = f"  {stock_types.get(r.name, '?'):<6} " if stock else "  "
+        click.echo(f"{r.name:<{width}}  {r.qtype:<7} {_human(r.bytes):>10}{extra}{r.why}")
+    click.echo("")
+    for qtype, n in pricing.by_type().items():
+        click.echo(f"  {qtype:<7} {_human(n):>10}  {100 * n / max(pricing.total_bytes, 1):5.1f}%")
+    click.echo(f"{pricing.recipe}: {_human(pricing.total_bytes)} ({pricing.total_bytes} bytes), "
+               f"{pricing.bpw:.3f} bits per weight")
+    if stock:
+        ratio = pricing.total_bytes / stock.total_bytes
+        click.echo(f"stock {stock.ftype} (llama.cpp's quantizer): {_human(stock.total_bytes)} "
+                   f"({stock.total_bytes} bytes); {pricing.recipe} is {ratio:.3f}x its size")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output GGUF (written aside and renamed when complete).")
+@click.option("--scheme", default=None, metavar="NAME", help="Built-in recipe: int4-mixed "
+              "(default), int8, int3-mixed, int2-mixed; or one ggml type for every matrix (Q8_0).")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
+              help="Your own recipe file (TOML; `step-gguf recipes int4-mixed --toml` prints one "
+              "to start from).")
+@click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and its size; read no weight.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.option("--compare-stock", default=None, metavar="FTYPE", help="Also price a stock "
+              "llama.cpp type mix (e.g. Q4_K_M) with llama.cpp's own quantizer.")
+@click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
+              help="Importance matrix (step-gguf imatrix) weighting each input channel.")
+@click.option("--allow-requantize", is_flag=True, help="Accept a source GGUF that is already "
+              "quantized (its rounding error adds to the new one).")
+@click.option("--mtp", type=click.Choice(["keep", "drop", "split"]), default="keep",
+              show_default=True, help="MTP blocks: keep, drop, or split into --draft-out "
+              "(checkpoint sources).")
+@click.option("--draft-out", type=click.Path(path_type=Path), default=None,
+              help="Draft GGUF for --mtp split (default: OUT with a -mtp suffix).")
+@click.option("-t", "--threads", type=int, default=None, help="Quantizing threads [all cores].")
+def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
+             dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
+             allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None) -> None:
+    """Quantize SRC (a checkpoint folder or a GGUF) to a mixed-precision GGUF in one pass.
+
+    A recipe picks each tensor's ggml type by name and layer; ggml's own quantizers encode
+    it, on all cores, streaming with bounded memory. SRC may also be a bare config.json for
+    --dry-run, so the real model can be priced without its weights.
+
+    \b
+    Examples:
+      step-gguf quantize ./Step-3.5-Flash -o step35-int4.gguf
+      step-gguf quantize config.json --dry-run --compare-stock Q4_K_M
+      step-gguf quantize ./Step-3.5-Flash -o step35-int3.gguf --scheme int3-mixed --imatrix imatrix.gguf
+    """
+    import json as _json
+
+    from . import quantize as q
+    from .recipe import load_recipe
+
+    if scheme and recipe_file:
+        raise click.UsageError("give --scheme or --recipe, not both")
+    recipe = load_recipe(scheme, recipe_file)
+    if dry_run:
+        pricing = q.dry_run(src, recipe, mtp=mtp)
+        stock = q.price_stock(src, compare_stock, mtp=mtp) if compare_stock else None
+        if as_json:
+            doc = pricing.to_json() | ({"stock": stock.to_json()} if stock else {})
+            click.echo(_json.dumps(doc, indent=1))
+        else:
+            _print_plan(pricing, stock)
+        return
+    if out is None:
+        raise click.UsageError("give -o OUT.gguf (or --dry-run to price the plan)")
+    if mtp == "split" and draft_out is None:
+        draft_out = out.with_name(out.stem + "-mtp" + out.suffix)
+    bar = _ByteBar(f"quantizing {src.name} ({recipe.name})")
+    start = time.perf_counter()
+    try:
+        result = q.quantize(src, out, recipe, mtp=mtp, draft_out=draft_out if mtp == "split" else None,
+                            allow_requantize=allow_requantize, imatrix=imatrix_file,
+                            threads=threads, on_start=bar.start, on_bytes=bar.advance)
+    finally:
+        bar.close()
+    secs = time.perf_counter() - start
+    for path in result.outputs:
+        click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
+    click.echo(f"{recipe.name}: {result.pricing.bpw:.3f} bits per weight; {_human(result.source_bytes)} "
+               f"read in {secs:.1f} s ({_human(result.source_bytes / max(secs, 1e-9))}/s)")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--toml", "as_toml", is_flag=True, help="Print the recipe as a file to edit and "
+              "pass to --recipe.")
+def recipes(name: str | None, as_toml: bool) -> None:
+    """List the built-in quantization recipes, or show one's rules (pattern, layers, type, why)."""
+    from .recipe import builtin_names, load_recipe
+
+    if name is None:
+        for n in builtin_names():
+            click.echo(f"{n:<12} {load_recipe(n).summary}")
+        return
+    recipe = load_recipe(name)
+    if as_toml:
+        click.echo(recipe.to_toml(), nl=False)
+        return
+    click.echo(f"{recipe.name}: {recipe.summary}")
+    width = max(len(r.pattern) for r in recipe.rules)
+    click.echo(f"{'match':<{width}}  {'layers':<16} {'type':<7} why")
+    for r in recipe.rules:
+        click.echo(f"{r.pattern:<{width}}  {(r.layers.text if r.layers else 'all'):<16} "
+                   f"{r.qtype.name:<7} {r.why}")
+
+
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "small", "wide"]), default="tiny",
+@click.option("--preset", type=click.Choice(["tiny", "small", "wide", "quant"]), default="tiny",
               show_default=True, help="tiny: seconds, for tests; small: a larger toy; wide: the "
-              "real per-expert shapes (4096x1280), ~4.8 GB, for speed work.")
+              "real per-expert shapes (4096x1280), ~4.8 GB, for speed work; quant: real byte proportions "
+              "and outlier channels, for quantization quality.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Weights are a pure "
               "function of the seed.")
 @click.option("--fp8", is_flag=True, help="Store projections as float8-e4m3 with block scales, "
@@ -249,6 +368,93 @@ def demo(keep: Path | None) -> None:
                    f"{chat.seconds:.3f} s ({chat.completion_tokens / max(chat.seconds, 1e-9):.0f} tok/s)")
         if keep:
             click.echo(f"kept {ckpt} and {gguf_path}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output importance matrix, GGUF format (written aside and renamed when complete).")
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Calibration text [the bundled one: prose, code, maths, tool calls, chat, "
+              "a dozen languages].")
+@click.option("-c", "--ctx", type=int, default=512, show_default=True,
+              help="Tokens per chunk; each chunk is evaluated from an empty context.")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks [all].")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads [all cores].")
+def imatrix(model: Path, out: Path, text_file: Path | None, ctx: int, chunks: int | None,
+            threads: int | None) -> None:
+    """Compute the importance matrix of the GGUF MODEL with llama-imatrix.
+
+    Runs MODEL over the calibration text and records, for every weight matrix (each expert
+    separately), the mean squared activation of each input channel. Low-bit quantization
+    uses it (step-gguf quantize --imatrix) to keep the channels that matter most precise.
+    Compute it on the highest-precision GGUF you have (BF16 or Q8_0).
+
+    \b
+    Example:
+      step-gguf imatrix step35-bf16.gguf -o imatrix.gguf
+      step-gguf quantize ./Step-3.5-Flash -o step35-int3.gguf --scheme int3-mixed --imatrix imatrix.gguf
+    """
+    from .imatrix import load_imatrix
+    from .runtime import tools
+
+    bar = _ByteBar(f"imatrix of {model.name}")
+    done_before = 0
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal done_before
+        if not done_before:
+            bar.start(total)
+        bar.advance(done - done_before)
+        done_before = done
+
+    start = time.perf_counter()
+    try:
+        tools.imatrix(model, out, text_file, ctx=ctx, chunks=chunks, threads=threads,
+                      on_progress=on_progress)
+    finally:
+        bar.close()
+    result = load_imatrix(out)
+    click.echo(f"wrote {out} ({len(result)} matrices, {result.chunk_count} chunks of "
+               f"{result.chunk_size} tokens) in {time.perf_counter() - start:.1f} s")
+
+
+@main.command("eval")
+@click.argument("quant", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), required=True,
+              help="The GGUF to compare against: the same model at higher precision (BF16).")
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text [the bundled calibration text].")
+@click.option("-c", "--ctx", type=int, default=512, show_default=True,
+              help="Tokens per chunk; the second half of each chunk is scored.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads [all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as a JSON object.")
+def eval_(quant: Path, reference: Path, text_file: Path | None, ctx: int, threads: int | None,
+          as_json: bool) -> None:
+    """Measure how far the GGUF QUANT drifts from its reference, with llama-perplexity.
+
+    Prints the mean KL divergence of QUANT's next-token distributions from the reference's
+    and its 99th percentile over tokens, how often both rank the same token first, and both
+    perplexities. Lower KLD is better; 0 means identical predictions.
+
+    \b
+    Example:
+      step-gguf eval step35-int4.gguf --reference step35-bf16.gguf
+      step-gguf eval step35-int4.gguf --reference step35-bf16.gguf --json
+    """
+    import json as _json
+
+    from .runtime import tools
+
+    stats = tools.kld(quant, reference, text_file, ctx=ctx, threads=threads)
+    if as_json:
+        click.echo(_json.dumps(stats, indent=1))
+        return
+    click.echo(f"mean KLD        {stats['kld_mean']:.6f}")
+    click.echo(f"99th pct KLD    {stats['kld_p99']:.6f}")
+    click.echo(f"same top token  {stats['top1_pct']:.3f} %")
+    click.echo(f"PPL             {stats['ppl']:.4f} (reference {stats['ppl_reference']:.4f})")
+    click.echo(f"over {stats['chunks']} chunks of {stats['ctx']} tokens")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import logging
 import math
 import os
 import secrets
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -25,12 +26,18 @@ from gguf import GGMLQuantizationType as Q
 from .checkpoint import ELEMENT_BYTES, Checkpoint, TensorRef, decode, fp8_scale_shape
 from .errors import CheckpointError, StepGGUFError
 from .model import ARCH, Step35Config, gguf_name, is_zero_centred_norm, layer_of
+from .recipe import PINNED_1D, Recipe, Rule, tensor_bytes
 from .vocab import Vocab, load_vocab
 
 log = logging.getLogger(__name__)
 
 OUTTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
-FILE_TYPE = {Q.F32: 0, Q.F16: 1, Q.Q8_0: 7, Q.BF16: 32}  # general.file_type (llama_ftype)
+# general.file_type (llama_ftype "mostly X"): a mixed file is named after its largest type
+FILE_TYPE = {Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q8_0: 7, Q.Q5_0: 8, Q.Q5_1: 9,
+             Q.Q2_K: 10, Q.Q3_K: 12, Q.Q4_K: 15, Q.Q5_K: 17, Q.Q6_K: 18, Q.IQ2_XXS: 19,
+             Q.IQ2_XS: 20, Q.IQ3_XXS: 23, Q.IQ1_S: 24, Q.IQ4_NL: 25, Q.IQ3_S: 26, Q.IQ2_S: 28,
+             Q.IQ4_XS: 30, Q.IQ1_M: 31, Q.BF16: 32}
+FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}
 SOURCE_QTYPE = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 CHUNK_BYTES = 32 * 2**20  # float32 working set per chunk on the decode path
 MTP_MODES = ("keep", "drop", "split")
@@ -46,10 +53,21 @@ class TensorPlan:
     scale: TensorRef | None = None  # FP8 block scales
     add_one: bool = False
     data: np.ndarray | None = field(default=None, compare=False)  # generated tensors
+    rule: Rule | None = None        # the recipe rule that chose qtype
+    # importance of each input channel, one row per matrix (expert) of the tensor
+    imatrix: np.ndarray | None = field(default=None, compare=False)
+    # equalization: columns (input channels) and rows (outputs) multiplied by these, one row
+    # per matrix (1-D tensors: col_scale scales the elements)
+    col_scale: np.ndarray | None = field(default=None, compare=False)
+    row_scale: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
+        return tensor_bytes(self.shape, self.qtype)
+
+    @property
+    def n_params(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def src_nbytes(self) -> int:
@@ -59,24 +77,15 @@ class TensorPlan:
     def passthrough(self) -> bool:
         """The source bytes are already the output bytes."""
         return (self.src is not None and self.scale is None and not self.add_one
-                and SOURCE_QTYPE.get(self.src.dtype) == self.qtype)
-
-
-def output_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
-    if len(shape) == 1:
-        return Q.F32  # norms, biases, rope factors: tiny, and precision matters
-    if ".ffn_gate_inp." in name:
-        return Q.F32  # the router picks top-8 of 288 by small margins; keep it exact
-    if outtype == Q.Q8_0 and shape[-1] % 32:
-        return Q.F16  # Q8_0 packs rows in blocks of 32
-    return outtype
+                and self.col_scale is None and self.row_scale is None
+                and self.src.dtype == self.qtype.name)
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1) or (1,)
 
 
-def plan_tensors(cfg: Step35Config, ckpt: Checkpoint, outtype: Q,
+def plan_tensors(cfg: Step35Config, ckpt: Checkpoint, recipe: Recipe,
                  with_mtp: bool = True) -> list[TensorPlan]:
     """Validate the checkpoint against the config and plan every output tensor (no data read).
 
@@ -106,14 +115,30 @@ def plan_tensors(cfg: Step35Config, ckpt: Checkpoint, outtype: Q,
         elif ref.dtype not in SOURCE_QTYPE:
             raise CheckpointError(f"tensor {ref.raw_name} has dtype {ref.dtype}; expected BF16, "
                                   "F16, F32 or F8_E4M3")
-        name = gguf_name(hf)
-        assert name is not None, hf  # every expected name is in TENSOR_MAP
-        plans.append(TensorPlan(hf, name, want, output_type(name, want, outtype), ref, scale,
-                                is_zero_centred_norm(hf)))
-    if (factors := cfg.llama3_rope_factors()) is not None:
-        plans.append(TensorPlan("", "rope_freqs.weight", (len(factors),), Q.F32,
-                                data=np.asarray(factors, dtype=np.float32)))
-    return plans
+        plans.append(_plan(cfg, recipe, hf, want, ref, scale))
+    return plans + _generated(cfg)
+
+
+def plan_shapes(cfg: Step35Config, recipe: Recipe, with_mtp: bool = True) -> list[TensorPlan]:
+    """The plan of the model `cfg` describes, from shapes alone (pricing a bare config)."""
+    shapes = cfg.expected_shapes(with_mtp=with_mtp)
+    return [_plan(cfg, recipe, hf, shapes[hf]) for hf in sorted(shapes, key=_natural)] + _generated(cfg)
+
+
+def _plan(cfg: Step35Config, recipe: Recipe, hf: str, shape: tuple[int, ...],
+          ref: TensorRef | None = None, scale: TensorRef | None = None) -> TensorPlan:
+    name = gguf_name(hf)
+    assert name is not None, hf  # every expected name is in TENSOR_MAP
+    choice = recipe.resolve(name, shape, cfg.n_layer)
+    return TensorPlan(hf, name, shape, choice.qtype, ref, scale, is_zero_centred_norm(hf),
+                      rule=choice.rule)
+
+
+def _generated(cfg: Step35Config) -> list[TensorPlan]:
+    if (factors := cfg.llama3_rope_factors()) is None:
+        return []
+    return [TensorPlan("", "rope_freqs.weight", (len(factors),), Q.F32,
+                       data=np.asarray(factors, dtype=np.float32), rule=PINNED_1D)]
 
 
 def _check_scale(cfg: Step35Config, ref: TensorRef, scale: TensorRef | None,
@@ -145,13 +170,27 @@ def split_mtp(plans: list[TensorPlan], cfg: Step35Config) -> tuple[list[TensorPl
 
 # ---------------------------------------------------------------- metadata
 
-def write_metadata(w: gguf.GGUFWriter, cfg: Step35Config, vocab: Vocab, outtype: Q,
-                   with_nextn: bool, name: str) -> None:
+def file_type(plans: list[TensorPlan]) -> tuple[int, bool]:
+    """(general.file_type, whether any tensor is quantized) of a file holding `plans`."""
+    weight: dict[Q, int] = {}
+    for p in plans:
+        if len(p.shape) > 1:
+            weight[p.qtype] = weight.get(p.qtype, 0) + p.nbytes
+    main = max(weight, key=weight.get, default=Q.F32)
+    return FILE_TYPE.get(main, FILE_TYPE[Q.F32]), any(q not in FLOAT_TYPES for q in weight)
+
+
+def write_file_type(w: gguf.GGUFWriter, plans: list[TensorPlan]) -> None:
+    ftype, quantized = file_type(plans)
+    w.add_file_type(ftype)
+    if quantized:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def write_metadata(w: gguf.GGUFWriter, cfg: Step35Config, vocab: Vocab, with_nextn: bool,
+                   name: str) -> None:
     n = cfg.n_layer_all if with_nextn else cfg.n_layer
     w.add_name(name)
-    w.add_file_type(FILE_TYPE[outtype])
-    if outtype == Q.Q8_0:
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_block_count(n)
     if with_nextn and cfg.n_nextn:
         w.add_nextn_predict_layers(cfg.n_nextn)
@@ -195,36 +234,66 @@ def write_metadata(w: gguf.GGUFWriter, cfg: Step35Config, vocab: Vocab, outtype:
 
 # ---------------------------------------------------------------- tensor data
 
-def _encode(x: np.ndarray, qtype: Q) -> bytes:
+def _encode(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None) -> bytes:
     if qtype == Q.F32:
         return x.astype(np.float32, copy=False).tobytes()
     if qtype == Q.F16:
         return x.astype(np.float16).tobytes()
-    return gguf.quants.quantize(x, qtype).tobytes()  # BF16 (round-to-nearest-even), Q8_0
+    if qtype == Q.BF16:
+        return gguf.quants.quantize(x, qtype).tobytes()  # round-to-nearest-even, as ggml
+    from .runtime import ggml  # noqa: PLC0415 (float outputs need no runtime)
+    return ggml.quantize(x.reshape(-1, x.shape[-1]), qtype, imatrix)
 
 
-def _float_chunks(plan: TensorPlan, block: tuple[int, int]) -> Iterator[np.ndarray]:
-    """The tensor as float32 in row chunks of bounded size, FP8 block scales applied.
+def _row_bytes(dtype: str, cols: int) -> int:
+    """Bytes of one row of `cols` values stored as `dtype` (safetensors or ggml name)."""
+    if dtype in ELEMENT_BYTES:
+        return ELEMENT_BYTES[dtype] * cols
+    return tensor_bytes((cols,), Q[dtype])
 
-    Chunks stay within one matrix of a stacked tensor, and FP8 chunks start on a block row.
-    """
+
+def _decode(raw: bytes, dtype: str, n_values: int) -> np.ndarray:
+    if dtype in ELEMENT_BYTES:
+        return decode(raw, dtype)
+    from .runtime import ggml  # noqa: PLC0415 (only quantized GGUF sources need it)
+    return ggml.dequantize(raw, Q[dtype], n_values)
+
+
+def _chunks(plan: TensorPlan, block: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(matrix, first row, rows) of bounded float32 chunks in file order.
+
+    Chunks stay within one matrix of a stacked tensor (each expert has its own importance
+    data), and FP8 chunks start on a block row."""
+    cols = plan.shape[-1]
+    rows = plan.shape[-2] if len(plan.shape) > 1 else 1
+    align = block[0] if plan.scale is not None else 1
+    step = max(align, CHUNK_BYTES // (cols * 4) // align * align)
+    return [(m, r0, min(step, rows - r0)) for m in range(math.prod(plan.shape[:-2]))
+            for r0 in range(0, rows, step)]
+
+
+def _encode_chunk(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int, int],
+                  fp8_scales: np.ndarray | None) -> tuple[bytes, int]:
+    """Read, decode, transform and encode one chunk: (output bytes, source bytes read)."""
     ref = plan.src
     assert ref is not None
     cols = plan.shape[-1]
     rows = plan.shape[-2] if len(plan.shape) > 1 else 1
-    elem = ELEMENT_BYTES[ref.dtype]
-    align = block[0] if plan.scale is not None else 1
-    step = max(align, CHUNK_BYTES // (cols * 4) // align * align)
-    if plan.scale is not None:
-        scales = plan.scale.array().reshape(-1, *fp8_scale_shape(plan.shape, block)[-2:])
-    for m in range(math.prod(plan.shape[:-2])):
-        for r0 in range(0, rows, step):
-            n = min(step, rows - r0)
-            x = decode(ref.read((m * rows + r0) * cols * elem, n * cols * elem), ref.dtype).reshape(n, cols)
-            if plan.scale is not None:
-                s = scales[m, r0 // block[0]: math.ceil((r0 + n) / block[0])]
-                x *= np.repeat(np.repeat(s, block[0], axis=0)[:n], block[1], axis=1)[:, :cols]
-            yield x
+    row_bytes = _row_bytes(ref.dtype, cols)
+    x = _decode(ref.read((m * rows + r0) * row_bytes, n * row_bytes), ref.dtype, n * cols).reshape(n, cols)
+    if fp8_scales is not None:
+        s = fp8_scales[m, r0 // block[0]: math.ceil((r0 + n) / block[0])]
+        x *= np.repeat(np.repeat(s, block[0], axis=0)[:n], block[1], axis=1)[:, :cols]
+    if not np.isfinite(x).all():
+        raise _nonfinite_error(plan)
+    if plan.add_one:
+        x = x + 1.0
+    if plan.col_scale is not None:
+        x = x * plan.col_scale[m]
+    if plan.row_scale is not None:
+        x = x * plan.row_scale[m, r0:r0 + n, None]
+    imatrix = plan.imatrix[m] if plan.imatrix is not None else None
+    return _encode(x, plan.qtype, imatrix), n * row_bytes
 
 
 # raw-bit thresholds: a value is NaN/Inf iff its bits, read as signed, reach `pos`, or read
@@ -235,6 +304,8 @@ _NONFINITE_BITS = {"BF16": (np.int16, np.uint16, 0x7F80, 0xFF80),
 
 
 def _has_nonfinite_raw(ref: TensorRef) -> bool:
+    if ref.dtype not in _NONFINITE_BITS:
+        return False  # quantized GGUF tensors copied as they are: ggml validated them
     signed, unsigned, pos, neg = _NONFINITE_BITS[ref.dtype]
     buf = bytearray(8 * 2**20)
     with open(ref.shard, "rb") as f:
@@ -286,7 +357,7 @@ def _nonfinite_error(plan: TensorPlan) -> CheckpointError:
                            "(re-download it)")
 
 
-def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor,
+def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor, workers: int,
                   block: tuple[int, int], on_bytes: Callable[[int], None]) -> None:
     if plan.data is not None:
         _write_all(fd, _encode(plan.data, plan.qtype))
@@ -298,27 +369,42 @@ def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor,
         if scan.result():
             raise _nonfinite_error(plan)
         return
-    elem = ELEMENT_BYTES[plan.src.dtype]
-    for x in _float_chunks(plan, block):
-        if not np.isfinite(x).all():
-            raise _nonfinite_error(plan)
-        if plan.add_one:
-            x = x + 1.0
-        _write_all(fd, _encode(x, plan.qtype))
-        on_bytes(x.size * elem)
+    fp8_scales = None
+    if plan.scale is not None:
+        fp8_scales = plan.scale.array().reshape(-1, *fp8_scale_shape(plan.shape, block)[-2:])
+    # chunks are read, decoded and encoded on all workers; this thread writes them in order,
+    # keeping at most two per worker in flight so memory stays bounded
+    inflight: deque[Future] = deque()
+    try:
+        for spec in _chunks(plan, block):
+            inflight.append(pool.submit(_encode_chunk, plan, *spec, block, fp8_scales))
+            while len(inflight) >= 2 * workers or (inflight and inflight[0].done()):
+                data, nread = inflight.popleft().result()
+                _write_all(fd, data)
+                on_bytes(nread)
+        while inflight:
+            data, nread = inflight.popleft().result()
+            _write_all(fd, data)
+            on_bytes(nread)
+    finally:
+        for f in inflight:
+            f.cancel()
 
 
-def write_gguf_tmp(out: Path, cfg: Step35Config, vocab: Vocab, plans: list[TensorPlan], outtype: Q,
-                   with_nextn: bool, on_bytes: Callable[[int], None]) -> Path:
+def write_gguf_tmp(out: Path, plans: list[TensorPlan], write_kv: Callable[[gguf.GGUFWriter], None],
+                   on_bytes: Callable[[int], None], *, fp8_block: tuple[int, int] = (128, 128),
+                   threads: int | None = None) -> Path:
     """Write one GGUF to a hidden temporary beside `out` and return its path; the caller
-    renames it into place once every output is complete."""
+    renames it into place once every output is complete. `write_kv` adds the metadata."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # a name, not a file: reopening an existing file with O_TRUNC makes ext4 flush it on close
     # (its replace-via-truncate heuristic), which costs seconds on a large output
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    workers = threads or os.cpu_count() or 1
     try:
         w = gguf.GGUFWriter(None, ARCH)
-        write_metadata(w, cfg, vocab, outtype, with_nextn, out.stem)
+        write_kv(w)
+        write_file_type(w, plans)
         for p in plans:
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
         w.write_header_to_file(tmp)
@@ -329,15 +415,65 @@ def write_gguf_tmp(out: Path, cfg: Step35Config, vocab: Vocab, plans: list[Tenso
         fd = f.fileno()
         align = w.data_alignment
         _write_all(fd, bytes(-f.tell() % align))
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for p in plans:
-                _write_tensor(p, fd, pool, cfg.fp8_block, on_bytes)
+                _write_tensor(p, fd, pool, workers, fp8_block, on_bytes)
                 _write_all(fd, bytes(-p.nbytes % align))
         w.close()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def write_shape_only(out: Path, plans: list[TensorPlan],
+                     write_kv: Callable[[gguf.GGUFWriter], None]) -> None:
+    """A GGUF with the real header and a sparse (unwritten) data region: enough for tools that
+    plan from shapes, such as llama.cpp's quantizer in dry-run mode, on a model of any size."""
+    w = gguf.GGUFWriter(None, ARCH)
+    write_kv(w)
+    write_file_type(w, plans)
+    for p in plans:
+        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+    w.write_header_to_file(out)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    f = w.fout[0]
+    f.flush()
+    align = w.data_alignment
+    data = sum(p.nbytes + -p.nbytes % align for p in plans)
+    os.ftruncate(f.fileno(), f.tell() + -f.tell() % align + data)
+    w.close()
+
+
+@dataclass(frozen=True)
+class OutputJob:
+    path: Path
+    plans: list[TensorPlan]
+    write_kv: Callable[[gguf.GGUFWriter], None]
+
+
+def write_outputs(jobs: list[OutputJob], on_start: Callable[[int], None],
+                  on_bytes: Callable[[int], None], *, fp8_block: tuple[int, int] = (128, 128),
+                  threads: int | None = None) -> int:
+    """Write every job's GGUF; they appear under their names together, or not at all.
+    Returns the source bytes consumed."""
+    total = sum(p.src_nbytes for job in jobs for p in job.plans)
+    on_start(total)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for job in jobs:
+            log.info("writing %s: %d tensors", job.path, len(job.plans))
+            tmp = write_gguf_tmp(job.path, job.plans, job.write_kv, on_bytes,
+                                 fp8_block=fp8_block, threads=threads)
+            written.append((tmp, job.path))
+    except BaseException:
+        for tmp, _ in written:  # a split conversion is whole or absent
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
+    return total
 
 
 @dataclass(frozen=True)
@@ -347,9 +483,51 @@ class ConvertResult:
     source_bytes: int
 
 
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    cfg: Step35Config
+    plans: list[TensorPlan]
+    vocab: Vocab
+
+
+def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
+                    tokenizer_pre: str | None = None) -> OpenedCheckpoint:
+    """Read and validate a checkpoint folder and plan its tensors under `recipe` (no weight read)."""
+    src = Path(src)
+    if mtp not in MTP_MODES:
+        raise StepGGUFError(f"unknown MTP mode {mtp!r}; choose one of {', '.join(MTP_MODES)}")
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder; point to the checkpoint directory")
+    cfg = Step35Config.from_dir(src)
+    plans = plan_tensors(cfg, Checkpoint(src), recipe, with_mtp=mtp != "drop")
+    return OpenedCheckpoint(cfg, plans, load_vocab(src, cfg.vocab_size, tokenizer_pre))
+
+
+def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: str = "keep",
+                    draft_out: Path | None = None,
+                    extra_kv: Callable[[gguf.GGUFWriter], None] = lambda w: None) -> list[OutputJob]:
+    """The output files of a checkpoint conversion: one GGUF, or trunk + draft for mtp="split"."""
+    if (mtp == "split") != (draft_out is not None):
+        raise StepGGUFError("a separate draft GGUF needs both mtp='split' and a draft output path")
+    cfg, plans = opened.cfg, opened.plans
+
+    def job(path: Path, ps: list[TensorPlan], with_nextn: bool) -> OutputJob:
+        def write_kv(w: gguf.GGUFWriter) -> None:
+            write_metadata(w, cfg, opened.vocab, with_nextn, path.stem)
+            extra_kv(w)
+        return OutputJob(path, ps, write_kv)
+
+    if mtp == "keep" or not cfg.n_nextn:
+        return [job(out, plans, True)]
+    if mtp == "drop":
+        return [job(out, plans, False)]
+    trunk, draft = split_mtp(plans, cfg)
+    return [job(out, trunk, True), job(Path(draft_out), draft, True)]
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "bf16",
             mtp: str = "keep", draft_out: str | os.PathLike | None = None,
-            tokenizer_pre: str | None = None,
+            tokenizer_pre: str | None = None, threads: int | None = None,
             on_start: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> ConvertResult:
     """Convert the checkpoint folder `src` to `out` (and, with mtp="split", `draft_out`).
@@ -357,40 +535,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "b
     on_start(total_source_bytes) is called once validation passed, then on_bytes(n) as
     source bytes are consumed: enough for a byte-counting progress bar.
     """
-    src, out = Path(src), Path(out)
     if outtype not in OUTTYPES:
         raise StepGGUFError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    if mtp not in MTP_MODES:
-        raise StepGGUFError(f"unknown MTP mode {mtp!r}; choose one of {', '.join(MTP_MODES)}")
-    if (mtp == "split") != (draft_out is not None):
-        raise StepGGUFError("a separate draft GGUF needs both mtp='split' and a draft output path")
-    if not src.is_dir():
-        raise CheckpointError(f"{src} is not a folder; point to the checkpoint directory")
-    qtype = OUTTYPES[outtype]
-    cfg = Step35Config.from_dir(src)
-    ckpt = Checkpoint(src)
-    plans = plan_tensors(cfg, ckpt, qtype, with_mtp=mtp != "drop")
-    vocab = load_vocab(src, cfg.vocab_size, tokenizer_pre)
-
-    jobs: list[tuple[Path, list[TensorPlan], bool]]
-    if mtp == "keep" or not cfg.n_nextn:
-        jobs = [(out, plans, True)]
-    elif mtp == "drop":
-        jobs = [(out, plans, False)]
-    else:
-        trunk, draft = split_mtp(plans, cfg)
-        jobs = [(out, trunk, True), (Path(draft_out), draft, True)]
-    total = sum(p.src_nbytes for _, ps, _ in jobs for p in ps)
-    on_start(total)
-    written: list[tuple[Path, Path]] = []
-    try:
-        for path, ps, with_nextn in jobs:
-            log.info("writing %s: %d tensors", path, len(ps))
-            written.append((write_gguf_tmp(path, cfg, vocab, ps, qtype, with_nextn, on_bytes), path))
-    except BaseException:
-        for tmp, _ in written:  # a split conversion is whole or absent
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in written:
-        os.replace(tmp, path)
-    return ConvertResult(tuple(p for p, _, _ in jobs), sum(len(ps) for _, ps, _ in jobs), total)
+    opened = open_checkpoint(src, Recipe.single(OUTTYPES[outtype]), mtp=mtp, tokenizer_pre=tokenizer_pre)
+    jobs = checkpoint_jobs(opened, Path(out), mtp=mtp,
+                           draft_out=Path(draft_out) if draft_out is not None else None)
+    total = write_outputs(jobs, on_start, on_bytes, fp8_block=opened.cfg.fp8_block, threads=threads)
+    return ConvertResult(tuple(j.path for j in jobs), sum(len(j.plans) for j in jobs), total)

@@ -48,6 +48,10 @@ class Preset:
     swiglu: tuple[float, float]   # (routed, shared) limits on the last two trunk layers
     fp8_block: int
     rope_orig_ctx: int            # llama3 scaling's original context: small enough to bite
+    # hidden channels whose norm scale is `outlier_gain` times the rest, as trained models have
+    # ("massive activations"): the few input channels quantization must not lose
+    outliers: int = 0
+    outlier_gain: float = 1.0
 
 
 PRESETS: dict[str, Preset] = {
@@ -63,6 +67,12 @@ PRESETS: dict[str, Preset] = {
                    n_head_swa=96, n_kv=8, n_expert=16, top_k=8, expert_ff=1280, shexp_ff=1280,
                    ff=11264, vocab=16384, window=512, shard_bytes=2 * 2**30, swiglu=(7.0, 16.0),
                    fp8_block=128, rope_orig_ctx=131072),
+    # quantization quality: real byte proportions (routed experts ~96% of the weights), widths
+    # K-quants accept, outlier input channels; small enough to score in seconds
+    "quant": Preset(hidden=256, n_layer=8, n_dense=1, n_nextn=1, head_dim=64, n_head=4,
+                    n_head_swa=8, n_kv=2, n_expert=128, top_k=8, expert_ff=256, shexp_ff=256,
+                    ff=512, vocab=2048, window=64, shard_bytes=64 * 2**20, swiglu=(4.0, 8.0),
+                    fp8_block=128, rope_orig_ctx=256, outliers=4, outlier_gain=12.0),
 }
 
 
@@ -286,6 +296,8 @@ def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: st
         rng_seed = (seed, idx)
         if name.endswith("router_bias"):
             specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32")))
+        elif p.outliers and name.endswith(_OUTLIER_NORMS):
+            specs.append(_Spec(stored, "BF16", shape, _outlier_norm(rng_seed, shape, std, p, seed)))
         elif fp8 and _fp8_candidate(name, shape):
             # each half recomputes the (small, FP8-test-only) quantisation: no shared state
             quantise = functools.partial(_fp8_quantise, rng_seed, shape, std, p.fp8_block)
@@ -308,6 +320,21 @@ def _gen(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, dtype: s
         for start in range(0, total, step):
             x = rng.standard_normal(min(step, total - start), dtype=np.float32) * np.float32(std)
             yield x.tobytes() if dtype == "F32" else gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).tobytes()
+    return chunks
+
+
+_OUTLIER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def _outlier_norm(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, p: Preset,
+                  seed: int):
+    """A zero-centred norm whose scale (1 + w) is `outlier_gain` times larger on the same few
+    channels in every layer, so those channels dominate the inputs of every matmul."""
+    def chunks() -> Iterator[bytes]:
+        w = np.random.default_rng(list(rng_seed)).standard_normal(shape, dtype=np.float32) * np.float32(std)
+        channels = np.random.default_rng([seed, 1 << 30]).choice(shape[0], p.outliers, replace=False)
+        w[channels] = (1 + w[channels]) * np.float32(p.outlier_gain) - 1
+        yield gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16).tobytes()
     return chunks
 
 

@@ -25,11 +25,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import StepGGUFError
+from .tools import run
 
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # its vendor/llama.cpp knows `step35`, MTP and buft overrides
-TOOL_TARGETS = ("llama-server", "llama-bench", "ggml-rpc-server")
+# servers and llama.cpp's own quantization tools, which step-gguf wraps rather than rewrites
+TOOL_TARGETS = ("llama-server", "llama-bench", "ggml-rpc-server", "llama-quantize", "llama-imatrix",
+                "llama-perplexity")
 LIB_TARGETS = ("llama", "ggml")
 MANIFEST = "step_gguf_runtime.json"  # written into the llama_cpp package and the cache entry
 
@@ -75,7 +78,8 @@ class BuildSpec:
 
     @property
     def key(self) -> str:
-        blob = json.dumps([LLAMA_CPP_PYTHON_VERSION, series_id(), self.backend, list(self.cmake_args)])
+        blob = json.dumps([LLAMA_CPP_PYTHON_VERSION, series_id(), self.backend, list(self.cmake_args),
+                           list(TOOL_TARGETS)])
         return f"{self.backend}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -119,7 +123,7 @@ def fetch_sdist() -> Path:
         return dest / name
     dest.mkdir(parents=True, exist_ok=True)
     log.info("downloading llama-cpp-python %s source from PyPI", LLAMA_CPP_PYTHON_VERSION)
-    _run(
+    run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
          f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dest)],
         what="downloading the llama-cpp-python sdist (needs access to PyPI)",
@@ -213,11 +217,11 @@ def _cmake_build(spec: BuildSpec, work: Path, jobs: int,
     # ccache keys on paths; relative to `work` they are the same for every cache entry
     env = os.environ | {"CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
     build_dir = work / "build"
-    _run(cmake_configure_args(spec, work / "src", build_dir), what="configuring llama.cpp",
-         env=env, log_file=work / "configure.log")
+    run(cmake_configure_args(spec, work / "src", build_dir), what="configuring llama.cpp",
+        env=env, log_file=work / "configure.log")
     targets = [*LIB_TARGETS, *TOOL_TARGETS]
-    _run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets],
-         what="compiling llama.cpp", env=env, log_file=work / "build.log", on_step=on_step)
+    run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets],
+        what="compiling llama.cpp", env=env, log_file=work / "build.log", on_line=_steps(on_step))
 
 
 def _package(spec: BuildSpec, work: Path) -> Path:
@@ -234,8 +238,8 @@ def _package(spec: BuildSpec, work: Path) -> Path:
     # .gitignore lists (`lib/` among it)
     (src / ".gitignore").unlink(missing_ok=True)
     env = os.environ | {"CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(work), str(src)],
-         what="packaging the llama_cpp wheel", env=env, log_file=work / "wheel.log")
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(work), str(src)],
+        what="packaging the llama_cpp wheel", env=env, log_file=work / "wheel.log")
     wheels = sorted(work.glob("llama_cpp_python-*.whl"))
     if not wheels:
         raise StepGGUFError(f"packaging produced no wheel; see {work / 'wheel.log'}")
@@ -246,27 +250,19 @@ def install(runtime: RuntimeBuild) -> None:
     """Install the patched llama_cpp wheel into this interpreter's environment."""
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
     # replace any llama_cpp already there, but leave its (already satisfied) dependencies be
-    _run(pip + ["--no-deps", "--force-reinstall", str(runtime.wheel)],
-         what="installing the patched llama-cpp-python")
-    _run(pip + [str(runtime.wheel)], what="installing llama-cpp-python's dependencies")
+    run(pip + ["--no-deps", "--force-reinstall", str(runtime.wheel)],
+        what="installing the patched llama-cpp-python")
+    run(pip + [str(runtime.wheel)], what="installing llama-cpp-python's dependencies")
 
 
-def _run(args: list[str], what: str, env: dict | None = None, log_file: Path | None = None,
-         on_step: Callable[[int, int], None] | None = None) -> None:
-    log.debug("running %s", " ".join(args))
-    with open(log_file, "w", buffering=1) if log_file else open(os.devnull, "w") as sink:
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
-        tail: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sink.write(line)
-            tail = (tail + [line.rstrip()])[-20:]
-            if on_step and (m := _NINJA_STEP.match(line)):
-                on_step(int(m.group(1)), int(m.group(2)))
-            elif on_step and (m := _MAKE_STEP.match(line)):
-                on_step(int(m.group(1)), 100)
-        if proc.wait() != 0:
-            where = f"; full log: {log_file}" if log_file else ""
-            last = next((t for t in reversed(tail) if t.strip()), "no output")
-            raise StepGGUFError(f"{what} failed: {last}{where}")
+def _steps(on_step: Callable[[int, int], None] | None) -> Callable[[str], None] | None:
+    """Turns ninja's `[12/222]` and make's `[ 45%]` lines into on_step(done, total)."""
+    if on_step is None:
+        return None
+
+    def on_line(line: str) -> None:
+        if m := _NINJA_STEP.match(line):
+            on_step(int(m.group(1)), int(m.group(2)))
+        elif m := _MAKE_STEP.match(line):
+            on_step(int(m.group(1)), 100)
+    return on_line

@@ -1,0 +1,169 @@
+"""Importance matrices in llama.cpp's GGUF format, read exactly as llama-quantize reads them.
+
+`llama-imatrix` stores, for each weight it saw in a matrix multiplication, `<name>.in_sum2`
+(F32, n_mat rows of n_per_row: the sum over tokens of each input channel's squared activation)
+and `<name>.counts` (F32, n_mat: how many tokens each matrix saw). n_mat is the number of
+experts for a 3-D expert tensor, whose rows are counted per expert, and 1 otherwise.
+llama-quantize turns them into importance values `in_sum2 / count` in float32, 1.0 for a matrix
+that saw no token; `Imatrix` gives the same float32 values, so ggml gets bit-identical data
+through our quantizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .errors import StepGGUFError
+
+SUMS, COUNTS = ".in_sum2", ".counts"
+_KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")  # llama-quantize requires all three
+_RECOMPUTE = "recompute it with `step-gguf imatrix`"
+
+
+class ImatrixError(StepGGUFError):
+    """An importance matrix that is malformed or made for another model."""
+
+
+@dataclass(frozen=True)
+class ImatrixEntry:
+    """The raw statistics of one weight tensor."""
+
+    sums: np.ndarray    # float32 (n_mat, n_per_row): Σ activation² per input channel
+    counts: np.ndarray  # int64 (n_mat,): tokens each matrix (expert) saw
+
+    @property
+    def importance(self) -> np.ndarray:
+        """float32 (n_mat, n_per_row): the per-channel mean squared activation, as llama-quantize
+        computes it (float32 sum / float32 count), 1.0 for a matrix that saw no token."""
+        count = self.counts.astype(np.float32)[:, None]
+        seen = count > 0
+        return np.where(seen, self.sums / np.where(seen, count, np.float32(1)), np.float32(1))
+
+
+class Imatrix(Mapping[str, np.ndarray]):
+    """An importance matrix: weight tensor name -> importance values (n_mat, n_per_row), float32."""
+
+    def __init__(self, path: Path, entries: dict[str, ImatrixEntry], datasets: tuple[str, ...],
+                 chunk_count: int, chunk_size: int) -> None:
+        self.path, self.entries, self.datasets = path, entries, datasets
+        self.chunk_count, self.chunk_size = chunk_count, chunk_size
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.entries[name].importance
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def check_against(self, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """Refuse an imatrix made for another model; return the model's matrices it has no data for.
+
+        `shapes` maps the model's GGUF tensor names to their shapes in GGUF order (ne0 = input
+        width first, then output rows, then experts), as `model_shapes()` and gguf's reader
+        give them. Every entry the model has must take ne0 inputs for each of its ne2
+        matrices, and at least one of the model's matrices must have an entry. Entries for
+        tensors the model lacks (MTP blocks dropped from it, say) are ignored, as llama-quantize
+        ignores them.
+        """
+        matmuls = sorted(name for name, shape in shapes.items() if _is_matmul(name, shape))
+        for name in matmuls:
+            if name in self.entries:
+                ne0, n_mat = shapes[name][0], _n_mat(shapes[name])
+                got = self.entries[name].sums.shape
+                if got != (n_mat, ne0):
+                    raise ImatrixError(
+                        f"{self.path}: {name} has {got[0]} x {got[1]} importance values but the "
+                        f"model's tensor takes {ne0} inputs x {n_mat} matrices; this imatrix was "
+                        f"made for another model, {_RECOMPUTE}")
+        missing = [name for name in matmuls if name not in self.entries]
+        if matmuls and len(missing) == len(matmuls):
+            raise ImatrixError(f"{self.path} has no entry for any of the model's {len(matmuls)} "
+                               f"weight matrices; it was made for another model, {_RECOMPUTE}")
+        return missing
+
+
+def _n_mat(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape[2:], dtype=np.int64))
+
+
+def _is_matmul(name: str, shape: tuple[int, ...]) -> bool:
+    # the token embedding is looked up by row, never multiplied, so it never has statistics
+    return len(shape) >= 2 and name.endswith(".weight") and not name.startswith("token_embd.")
+
+
+def model_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape in GGUF order (ne0 first) of the GGUF model at `path`."""
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError, IndexError) as exc:
+        raise StepGGUFError(f"cannot read {path} as a GGUF model: {exc}") from None
+    return {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+
+
+def load_imatrix(path: str | os.PathLike) -> Imatrix:
+    """Read and validate a GGUF importance matrix (as written by llama-imatrix)."""
+    path = Path(path)
+
+    def bad(what: str) -> ImatrixError:
+        return ImatrixError(f"{path}: {what}; {_RECOMPUTE}")
+
+    if not path.is_file():
+        raise ImatrixError(f"{path} does not exist; compute one with `step-gguf imatrix`")
+    try:
+        reader = gguf.GGUFReader(path)
+        tensors = {t.name: t for t in reader.tensors}
+    except ValueError as exc:
+        if "magic" in str(exc):
+            raise bad("not a GGUF file (the legacy .dat imatrix format is not supported)") from None
+        raise bad(f"truncated or corrupt GGUF ({exc})") from None
+    except (IndexError, OSError) as exc:
+        raise bad(f"truncated or corrupt GGUF ({exc})") from None
+
+    meta = {key: reader.fields.get(key) for key in _KEYS}
+    if any(field is None for field in meta.values()):
+        absent = ", ".join(key for key, field in meta.items() if field is None)
+        raise bad(f"not an importance matrix from llama-imatrix (no {absent} metadata)")
+    datasets = meta["imatrix.datasets"]
+    if datasets.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        raise bad("imatrix.datasets is not a list of strings")
+
+    entries: dict[str, ImatrixEntry] = {}
+    for name, sums_t in tensors.items():
+        if not name.endswith(SUMS):
+            continue
+        weight = name[: -len(SUMS)]
+        counts_t = tensors.get(weight + COUNTS)
+        if counts_t is None:
+            raise bad(f"{name} has no {weight + COUNTS} partner")
+        if {sums_t.tensor_type, counts_t.tensor_type} != {gguf.GGMLQuantizationType.F32}:
+            raise bad(f"{weight}'s sums and counts must be F32")
+        entries[weight] = _entry(weight, np.asarray(sums_t.data), np.asarray(counts_t.data), bad)
+    orphans = [n for n in tensors if n.endswith(COUNTS) and n[: -len(COUNTS)] not in entries]
+    if orphans:
+        raise bad(f"{orphans[0]} has no {orphans[0][: -len(COUNTS)] + SUMS} partner")
+    if not entries:
+        raise bad(f"no {SUMS}/{COUNTS} tensors: not an importance matrix")
+    return Imatrix(path, entries, tuple(datasets.contents()),
+                   int(meta["imatrix.chunk_count"].contents()), int(meta["imatrix.chunk_size"].contents()))
+
+
+def _entry(weight: str, sums: np.ndarray, counts: np.ndarray, bad) -> ImatrixEntry:
+    n_mat = counts.size
+    if n_mat == 0 or sums.size == 0 or sums.size % n_mat:
+        raise bad(f"{weight} has {sums.size} sums for {n_mat} counts; they must divide evenly")
+    sums = sums.reshape(n_mat, sums.size // n_mat)  # llama-quantize's reading: matrix j's row is j
+    counts = counts.reshape(n_mat)
+    if not (np.isfinite(sums).all() and (sums >= 0).all()):
+        raise bad(f"{weight} has non-finite or negative sums of squares")
+    if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts == np.round(counts)).all()):
+        raise bad(f"{weight} has counts that are not whole non-negative numbers")
+    return ImatrixEntry(np.asarray(sums, dtype=np.float32), counts.astype(np.int64))

@@ -1,0 +1,305 @@
+"""Mixed quantization: the conversion pipeline with a recipe choosing each tensor's type.
+
+The source is a hub checkpoint folder (one pass, no intermediate file), a GGUF, or, for
+pricing only, a bare `config.json`. Every quantized type is encoded by ggml's own quantizers
+(runtime/ggml.py); everything else (planning, streaming, atomic output) is the converter's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import gguf
+from gguf import GGMLQuantizationType as Q
+
+from .checkpoint import TensorRef
+from .convert import (FLOAT_TYPES, OpenedCheckpoint, OutputJob, TensorPlan, checkpoint_jobs,
+                      open_checkpoint, plan_shapes, write_metadata, write_outputs,
+                      write_shape_only)
+from .errors import StepGGUFError
+from .model import ARCH, Step35Config
+from .imatrix import Imatrix, load_imatrix
+from .recipe import NEEDS_IMATRIX, Recipe, tensor_bytes
+from .vocab import NORMAL, Vocab
+
+log = logging.getLogger(__name__)
+
+KV_RECIPE = "step_gguf.recipe"            # the recipe's name
+KV_RECIPE_TOML = "step_gguf.recipe.toml"  # the recipe (or budget plan) itself, reusable as --recipe
+
+
+class SourceError(StepGGUFError):
+    """The quantization source is not a checkpoint folder, config.json or GGUF."""
+
+
+@dataclass
+class Source:
+    """What a recipe is applied to: the planned tensors and how to write the metadata."""
+
+    kind: str                     # "checkpoint", "config" or "gguf"
+    path: Path
+    n_layer: int                  # trunk layers (recipe layer spans count these)
+    plans: list[TensorPlan]
+    write_kv: Callable[[gguf.GGUFWriter], None]
+    fp8_block: tuple[int, int] = (128, 128)
+    opened: OpenedCheckpoint | None = None   # checkpoint sources: config, vocab
+
+    @property
+    def readable(self) -> bool:
+        return self.kind != "config"
+
+
+def _placeholder_vocab(n: int) -> Vocab:
+    # pricing needs a loadable header, not a tokenizer
+    return Vocab("default", [f"<t{i}>" for i in range(n)], [NORMAL] * n, [], None, None, None,
+                 False, None)
+
+
+def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
+                tokenizer_pre: str | None = None) -> Source:
+    """Plan `src` under `recipe`, reading headers only."""
+    src = Path(src)
+    if src.is_dir() and not any(src.glob("*.safetensors")) and (src / "config.json").is_file():
+        src = src / "config.json"
+    if src.is_dir():
+        opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre)
+        return Source("checkpoint", src, opened.cfg.n_layer, opened.plans,
+                      lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", src.name),
+                      opened.cfg.fp8_block, opened)
+    if not src.is_file():
+        raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
+    if src.suffix == ".json":
+        cfg = _config(src)
+        vocab = _placeholder_vocab(cfg.vocab_size)
+        plans = plan_shapes(cfg, recipe, with_mtp=mtp != "drop")
+        return Source("config", src, cfg.n_layer, plans,
+                      lambda w: write_metadata(w, cfg, vocab, mtp != "drop", src.parent.name),
+                      cfg.fp8_block)
+    return _open_gguf(src, recipe)
+
+
+def _config(path: Path) -> Step35Config:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path} is not a readable JSON config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SourceError(f"{path} is not a config.json (expected a JSON object)")
+    return Step35Config.from_dict(raw)
+
+
+# keys a re-encoded GGUF must not inherit: the writer sets them anew
+_DERIVED_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version",
+                 "general.alignment", "quantize.", "step_gguf.")
+
+
+def _open_gguf(path: Path, recipe: Recipe) -> Source:
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as exc:
+        raise SourceError(f"{path} is not a readable GGUF ({exc})") from None
+    arch = reader.get_field("general.architecture")
+    if arch is None or arch.contents() != ARCH:
+        raise SourceError(f"{path} is not a Step 3.5 GGUF (architecture "
+                          f"{arch.contents() if arch else 'missing'}, expected {ARCH})")
+
+    def kv(key: str, default=0):
+        field = reader.get_field(f"{ARCH}.{key}")
+        return field.contents() if field is not None else default
+
+    n_layer = int(kv("block_count")) - int(kv("nextn_predict_layers"))
+    plans = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        ref = TensorRef(t.name, t.name, path, Q(t.tensor_type).name, shape, int(t.data_offset),
+                        int(t.n_bytes))
+        choice = recipe.resolve(t.name, shape, n_layer)
+        plans.append(TensorPlan("", t.name, shape, choice.qtype, ref, rule=choice.rule))
+
+    fields = [f for f in reader.fields.values() if not f.name.startswith(_DERIVED_KEYS)]
+
+    def write_kv(w: gguf.GGUFWriter) -> None:
+        for f in fields:
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    return Source("gguf", path, n_layer, plans, write_kv)
+
+
+# ---------------------------------------------------------------- pricing
+
+@dataclass(frozen=True)
+class PlanRow:
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    bytes: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Pricing:
+    recipe: str
+    rows: tuple[PlanRow, ...]
+    n_params: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.total_bytes / max(self.n_params, 1)
+
+    def by_type(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.qtype] = out.get(r.qtype, 0) + r.bytes
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def to_json(self) -> dict:
+        return {"recipe": self.recipe, "total_bytes": self.total_bytes, "n_params": self.n_params,
+                "bpw": round(self.bpw, 4), "by_type": self.by_type(),
+                "tensors": [{"name": r.name, "shape": list(r.shape), "type": r.qtype,
+                             "bytes": r.bytes, "why": r.why} for r in self.rows]}
+
+
+def price(plans: list[TensorPlan], recipe_name: str) -> Pricing:
+    rows = tuple(PlanRow(p.name, p.shape, p.qtype.name, p.nbytes, p.rule.why if p.rule else "")
+                 for p in plans)
+    return Pricing(recipe_name, rows, sum(p.n_params for p in plans))
+
+
+def dry_run(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep") -> Pricing:
+    """The plan and its size, from headers alone."""
+    return price(open_source(src, recipe, mtp=mtp).plans, recipe.name)
+
+
+@dataclass(frozen=True)
+class StockPricing:
+    ftype: str
+    total_bytes: int
+    types: dict[str, str]     # tensor -> type llama.cpp's quantizer chose
+
+    def to_json(self) -> dict:
+        return {"ftype": self.ftype, "total_bytes": self.total_bytes}
+
+
+def price_stock(src: str | os.PathLike, ftype: str, *, mtp: str = "keep",
+                workdir: Path | None = None) -> StockPricing:
+    """What llama.cpp's own quantizer makes of `src` as `ftype` (e.g. Q4_K_M), asked in its
+    dry-run mode on a shape-only GGUF: the real header, a sparse data region."""
+    import tempfile  # noqa: PLC0415
+
+    from .runtime import tools  # noqa: PLC0415
+
+    source = open_source(src, Recipe.single(Q.BF16), mtp=mtp)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        shape_file = Path(tmp) / "shapes.gguf"
+        write_shape_only(shape_file, source.plans, source.write_kv)
+        types = tools.stock_dry_run(shape_file, ftype)
+    shapes = {p.name: p.shape for p in source.plans}
+    missing = set(shapes) - set(types)
+    if missing:
+        raise StepGGUFError(f"llama.cpp's quantizer did not report {sorted(missing)[0]}")
+    total = sum(tensor_bytes(shapes[n], Q[t]) for n, t in types.items())
+    return StockPricing(ftype, total, types)
+
+
+# ---------------------------------------------------------------- quantizing
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    outputs: tuple[Path, ...]
+    pricing: Pricing
+    source_bytes: int
+
+
+def _requantize_check(source: Source, allow: bool) -> None:
+    for p in source.plans:
+        if p.src is not None and p.src.dtype not in {q.name for q in FLOAT_TYPES} and p.src.dtype != p.qtype.name:
+            if allow:
+                log.warning("requantizing %s from %s to %s", p.name, p.src.dtype, p.qtype.name)
+                continue
+            raise StepGGUFError(
+                f"{source.path.name} already holds quantized tensors ({p.name} is {p.src.dtype}); "
+                "requantizing stacks a second rounding error on the first. Quantize from the "
+                "checkpoint or a BF16/F32 GGUF, or pass --allow-requantize to do it anyway")
+
+
+def recipe_kv(recipe: Recipe) -> Callable[[gguf.GGUFWriter], None]:
+    def write(w: gguf.GGUFWriter) -> None:
+        w.add_string(KV_RECIPE, recipe.name)
+        w.add_string(KV_RECIPE_TOML, recipe.to_toml())
+    return write
+
+
+def attach_imatrix(plans: list[TensorPlan], imat: Imatrix | None, recipe: Recipe) -> list[TensorPlan]:
+    """Give every quantized matrix its importance data; refuse types that cannot do without."""
+    if imat is not None:
+        imat.check_against({p.name: tuple(reversed(p.shape)) for p in plans})
+        plans = [replace(p, imatrix=imat[p.name]) if p.name in imat and p.qtype not in FLOAT_TYPES
+                 else p for p in plans]
+    for p in plans:
+        if p.qtype in NEEDS_IMATRIX and p.imatrix is None:
+            raise StepGGUFError(
+                f"{p.name} is to be {p.qtype.name}, which ggml cannot quantize without importance "
+                "data; make one with `step-gguf imatrix MODEL.gguf -o imatrix.gguf` and pass "
+                "--imatrix" + (" (this imatrix has no entry for it)" if imat is not None else ""))
+    if recipe.needs_imatrix and imat is None:
+        raise StepGGUFError(f"recipe {recipe.name} needs an importance matrix: make one with "
+                            "`step-gguf imatrix MODEL.gguf -o imatrix.gguf` and pass --imatrix")
+    return plans
+
+
+def imatrix_kv(imat: Imatrix) -> Callable[[gguf.GGUFWriter], None]:
+    """The keys llama-quantize records about the importance data it used."""
+    def write(w: gguf.GGUFWriter) -> None:
+        w.add_string("quantize.imatrix.file", imat.path.name)
+        if imat.datasets:
+            w.add_string("quantize.imatrix.dataset", imat.datasets[0])
+        w.add_int32("quantize.imatrix.entries_count", len(imat))
+        w.add_int32("quantize.imatrix.chunks_count", imat.chunk_count)
+    return write
+
+
+def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
+             mtp: str = "keep", draft_out: str | os.PathLike | None = None,
+             imatrix: str | os.PathLike | None = None, allow_requantize: bool = False,
+             tokenizer_pre: str | None = None, threads: int | None = None,
+             on_start: Callable[[int], None] = lambda total: None,
+             on_bytes: Callable[[int], None] = lambda n: None) -> QuantizeResult:
+    """Quantize `src` to `out` under `recipe` in one streaming pass, optionally with the
+    importance matrix at `imatrix`. Nothing appears at `out` unless the whole file was written."""
+    source = open_source(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre)
+    if not source.readable:
+        raise SourceError(f"{source.path} is a config without weights: it can be priced "
+                          "(--dry-run), not quantized")
+    if source.kind == "gguf" and mtp != "keep":
+        raise SourceError("--mtp drop/split applies to checkpoint sources; this GGUF is quantized as it is")
+    _requantize_check(source, allow_requantize)
+    imat = load_imatrix(imatrix) if imatrix is not None else None
+    source.plans = attach_imatrix(source.plans, imat, recipe)
+    out = Path(out)
+
+    def kv(w: gguf.GGUFWriter) -> None:
+        recipe_kv(recipe)(w)
+        if imat is not None:
+            imatrix_kv(imat)(w)
+
+    if source.opened is not None:
+        opened = replace(source.opened, plans=source.plans)
+        jobs = checkpoint_jobs(opened, out, mtp=mtp, extra_kv=kv,
+                               draft_out=Path(draft_out) if draft_out is not None else None)
+    else:
+        def write_kv(w: gguf.GGUFWriter) -> None:
+            source.write_kv(w)
+            kv(w)
+        jobs = [OutputJob(out, source.plans, write_kv)]
+    total = write_outputs(jobs, on_start, on_bytes, fp8_block=source.fp8_block, threads=threads)
+    return QuantizeResult(tuple(j.path for j in jobs), price(source.plans, recipe.name), total)

@@ -1,0 +1,238 @@
+"""llama.cpp's command-line tools, run as child processes: importance matrices and KL divergence.
+
+`run()` is the one way step-gguf starts a child process (the runtime build uses it too): output
+goes to a log file, and a failure becomes a one-line StepGGUFError naming the step and the
+tool's last meaningful line. `imatrix()` and `kld()` wrap `llama-imatrix` and
+`llama-perplexity` from our runtime build.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import re
+import secrets
+import subprocess
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import StepGGUFError
+from ..imatrix import load_imatrix, model_shapes
+
+log = logging.getLogger(__name__)
+
+# llama.cpp tools: mark log lines by level ("E " = error), and no debugger backtrace on an abort,
+# so that the last meaningful line of a failure is the error itself
+_TOOL_ARGS = ("--log-prefix", "--no-log-timestamps")
+_TOOL_ENV = {"GGML_NO_BACKTRACE": "1"}
+_ERROR_PREFIX = "E "
+
+
+def _error(line: str) -> str | None:
+    """The message of a line llama.cpp's log prefix marks as an error."""
+    return line[len(_ERROR_PREFIX):].strip() if line.startswith(_ERROR_PREFIX) else None
+
+
+def default_text() -> Path:
+    """The calibration text shipped with step-gguf: prose, code, maths, chat and tool calls in
+    Step 3.5's format, in a dozen languages."""
+    return Path(str(resources.files("step_gguf.recipes") / "calibration.txt"))
+
+
+def run(args: Sequence[str | os.PathLike], what: str, *, env: dict[str, str] | None = None,
+        log_file: Path | None = None, on_line: Callable[[str], None] | None = None,
+        separators: str = "\n") -> None:
+    """Run `args` to completion; stdout and stderr go, together, to `log_file` and, cut at any of
+    `separators`, line by line to `on_line`.
+
+    A non-zero exit raises a one-line StepGGUFError "`what` failed: <line>", where <line> is the
+    last line marked as an error by llama.cpp's log prefix, or else the last non-blank one.
+    """
+    argv = [str(a) for a in args]
+    log.debug("running %s", " ".join(argv))
+    cut = re.compile("[" + re.escape(separators) + "]")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    last = error = ""
+
+    def take(line: str) -> None:
+        nonlocal last, error
+        line = line.rstrip()
+        if line.strip():
+            last = line
+            error = _error(line) or error
+        if on_line:
+            on_line(line)
+
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        raise StepGGUFError(f"{what} failed: cannot start {argv[0]} ({exc.strerror})") from None
+    assert proc.stdout is not None
+    with proc, open(log_file or os.devnull, "w", buffering=1) as sink:
+        try:
+            pending = ""
+            # read1: whatever the child has written so far, so progress without newlines shows
+            while chunk := proc.stdout.read1(1 << 16):
+                text = decoder.decode(chunk)
+                sink.write(text)
+                *lines, pending = cut.split(pending + text)
+                for line in lines:
+                    take(line)
+            take(pending + decoder.decode(b"", final=True))
+        finally:
+            if proc.poll() is None:  # a callback raised: do not leave the tool running
+                proc.kill()
+        if proc.wait() != 0:
+            where = f"; full log: {log_file}" if log_file else ""
+            raise StepGGUFError(f"{what} failed: {error or last or 'no output'}{where}")
+
+
+def _tool(name: str, args: Sequence[str | os.PathLike], what: str, **kw) -> None:
+    from .llama import check  # noqa: PLC0415 (llama imports build, which imports this module)
+
+    run([check().tool(name), *args, *_TOOL_ARGS], what, env=os.environ | _TOOL_ENV, **kw)
+
+
+def _threads(threads: int | None) -> list[str]:
+    return ["-t", str(threads)] if threads else []
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise StepGGUFError(f"{what} {path} does not exist")
+    return path
+
+
+def _hidden_beside(path: Path, suffix: str) -> Path:
+    """A fresh hidden name beside `path`, for a temporary renamed into place or deleted."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+_CHUNKS = re.compile(r"computing over (\d+) chunks")
+_CHUNK_DONE = re.compile(r"^\[(\d+)\]")  # llama-imatrix prints "[3]5.1234," as chunk 3 ends
+
+
+def imatrix(model_gguf: str | os.PathLike, out: str | os.PathLike,
+            text_file: str | os.PathLike | None = None, *, ctx: int = 512, chunks: int | None = None,
+            threads: int | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Compute the importance matrix of `model_gguf` over `text_file` (default: the bundled
+    calibration text) with llama-imatrix and write it, in GGUF form, to `out`.
+
+    The file appears at `out` only once complete and checked against the model; a failure
+    leaves nothing new there (an existing file survives). `on_progress(done, total)` follows
+    the chunks of `ctx` tokens. Returns `out`.
+    """
+    model, out = _existing(Path(model_gguf), "model"), Path(out)
+    text = _existing(Path(text_file) if text_file else default_text(), "calibration text")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _hidden_beside(out, ".partial.gguf")  # llama-imatrix warns on other suffixes
+    total = 0
+
+    def progress(line: str) -> None:
+        nonlocal total
+        if m := _CHUNKS.search(line):
+            total = int(m.group(1))
+        elif on_progress and total and (m := _CHUNK_DONE.match(line)):
+            on_progress(int(m.group(1)), total)
+
+    # --parse-special: chat markup in the text (<|im_start|>...) becomes control tokens, as in use;
+    # --process-output: the output matrices get statistics too, so every matrix has them
+    args = ["-m", model, "-f", text, "-o", tmp, "--output-format", "gguf", "--parse-special",
+            "--process-output", "-c", str(ctx), *(["--chunks", str(chunks)] if chunks else []),
+            *_threads(threads)]
+    log_file = out.with_name(out.name + ".log")  # kept only when the tool fails
+    try:
+        _tool("llama-imatrix", args, f"computing the importance matrix of {model}",
+              log_file=log_file, on_line=progress, separators="\n,")
+        missing = load_imatrix(tmp).check_against(model_shapes(model))
+        if missing:
+            log.warning("%d matrices of %s got no statistics (e.g. %s); they will be quantized "
+                        "without importance data", len(missing), model, missing[0])
+        os.replace(tmp, out)
+        log_file.unlink()
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote the importance matrix of %s to %s", model, out)
+    return out
+
+
+_STATS = {
+    "kld_mean": re.compile(r"^Mean\s+KLD:\s*(\S+)"),
+    "kld_p99": re.compile(r"^99\.0%\s+KLD:\s*(\S+)"),
+    "top1_pct": re.compile(r"^Same top p:\s*(\S+)"),
+    "ppl": re.compile(r"^Mean PPL\(Q\)\s*:\s*(\S+)"),
+    "ppl_reference": re.compile(r"^Mean PPL\(base\)\s*:\s*(\S+)"),
+}
+_MIN_SCORED = 100  # llama-perplexity prints no statistics over fewer scored tokens
+
+
+def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
+        text_file: str | os.PathLike | None = None, *, ctx: int = 512,
+        threads: int | None = None) -> dict:
+    """How far `quant_gguf`'s next-token distributions are from `reference_gguf`'s on `text_file`
+    (default: the bundled calibration text), as llama-perplexity measures it.
+
+    Scored are the second halves of consecutive `ctx`-token chunks. Returns kld_mean (mean
+    KL divergence, nats), kld_p99 (its 99th percentile over tokens), top1_pct (how often both
+    models rank the same token first, percent), ppl and ppl_reference (perplexities), chunks
+    and ctx.
+    """
+    quant = _existing(Path(quant_gguf), "quantized model")
+    reference = _existing(Path(reference_gguf), "reference model")
+    text = _existing(Path(text_file) if text_file else default_text(), "text")
+    logits = _hidden_beside(quant, ".kld-base")  # the reference's log-probs: large, so on disk
+    common = ["-c", str(ctx), *_threads(threads)]
+    base_lines: list[str] = []
+    lines: list[str] = []
+    try:
+        _tool("llama-perplexity", ["-m", reference, "-f", text, "--kl-divergence-base", logits, *common],
+              f"scoring the reference {reference}", on_line=base_lines.append)
+        if not any("Final estimate: PPL" in line for line in base_lines):
+            raise StepGGUFError(f"scoring the reference {reference} failed: {_last_error(base_lines)}")
+        _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence", *common],
+              f"comparing {quant} with {reference}", on_line=lines.append)
+    finally:
+        logits.unlink(missing_ok=True)
+    if any("inconsistent vocabulary" in line for line in lines):
+        raise StepGGUFError(f"{quant} and {reference} have different vocabularies; compare "
+                            "quantizations of the same model")
+    chunks = next((int(m.group(1)) for line in lines if (m := _CHUNKS.search(line))), 0)
+    stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()
+             if (m := rx.match(line))}
+    if len(stats) < len(_STATS):
+        scored = chunks * (ctx - 1 - ctx // 2)
+        why = (f"the text gives {scored} scored tokens at ctx {ctx}, llama-perplexity needs "
+               f"{_MIN_SCORED}: use a longer text or a smaller ctx" if scored < _MIN_SCORED
+               else _last_error(lines))
+        raise StepGGUFError(f"comparing {quant} with {reference} gave no statistics: {why}")
+    return stats | {"chunks": chunks, "ctx": ctx}
+
+
+def _last_error(lines: list[str]) -> str:
+    return next((e for line in reversed(lines) if (e := _error(line))), "llama-perplexity printed no error")
+
+
+# "[  12/ 805] blk.0.attn_q.weight  - [ 4096, 8192, 1, 1], type =   bf16, size = 64.00 MiB -> 18.00 MiB (q4_K)"
+_DRY_RUN_ROW = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =[^(]*(?:\((\w+)\))?")
+
+
+def stock_dry_run(model_gguf: str | os.PathLike, ftype: str) -> dict[str, str]:
+    """The type llama.cpp's own quantizer gives each tensor of `model_gguf` for `ftype`
+    (e.g. Q4_K_M), from `llama-quantize --dry-run`: tensor name -> ggml type name."""
+    from .llama import check  # noqa: PLC0415
+
+    types: dict[str, str] = {}
+
+    def take(line: str) -> None:
+        if m := _DRY_RUN_ROW.match(line):
+            types[m.group(1)] = (m.group(3) or m.group(2)).upper()
+
+    run([check().tool("llama-quantize"), "--dry-run", model_gguf, ftype],
+        f"pricing {ftype} with llama-quantize --dry-run", on_line=take)
+    if not types:
+        raise StepGGUFError(f"llama-quantize --dry-run reported no tensors for {ftype}; is "
+                            f"{ftype} an ftype it knows (llama-quantize --help lists them)?")
+    return types
