@@ -1,0 +1,302 @@
+"""Quantization: recipes, pricing, byte equality with llama.cpp's quantizer, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType as Q
+
+from step_gguf.cli import main
+from step_gguf.quantize import KV_RECIPE, KV_RECIPE_TOML, dry_run, price_stock, quantize
+from step_gguf.recipe import Recipe, RecipeError, load_recipe
+
+REAL_CONFIG = Path(__file__).parent / "data" / "step3p5-flash-config.json"
+
+
+def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+# ---------------------------------------------------------------- recipes (no weights)
+
+def test_builtin_recipes_resolve_and_round_trip():
+    for name in ("int8", "int4-mixed", "int3-mixed", "int2-mixed"):
+        recipe = load_recipe(name)
+        assert Recipe.from_toml(recipe.to_toml(), "x") == recipe
+    int4 = load_recipe("int4-mixed")
+    # layer spans: 45 trunk layers; the down experts of outer layers get one step more
+    assert int4.resolve("blk.3.ffn_down_exps.weight", (288, 4096, 1280), 45).qtype == Q.Q5_K
+    assert int4.resolve("blk.20.ffn_down_exps.weight", (288, 4096, 1280), 45).qtype == Q.Q4_K
+    assert int4.resolve("blk.44.ffn_down_exps.weight", (288, 4096, 1280), 45).qtype == Q.Q5_K
+    assert int4.resolve("blk.20.ffn_up_exps.weight", (288, 1280, 4096), 45).qtype == Q.Q4_K
+    # pinned: 1-D tensors and the router stay F32 whatever the recipe says
+    assert int4.resolve("blk.3.ffn_gate_inp.weight", (288, 4096), 45).qtype == Q.F32
+    assert int4.resolve("blk.3.attn_norm.weight", (4096,), 45).qtype == Q.F32
+    # row-size fallbacks: a K-quant needs rows of 256, Q8_0 rows of 32
+    assert int4.resolve("blk.20.ffn_up_exps.weight", (8, 48, 64), 45).qtype == Q.Q5_0
+    assert Recipe.single(Q.Q8_0).resolve("blk.0.attn_q.weight", (64, 48), 4).qtype == Q.F16
+
+
+def test_layer_spans():
+    recipe = Recipe.from_toml('[[rule]]\nmatch = "x"\nlayers = "1, -2--1, 50%-75%, mtp"\ntype = "Q8_0"\n'
+                              '[[rule]]\nmatch = "."\ntype = "Q4_0"\n', "spans.toml")
+    chosen = [i for i in range(12) if recipe.resolve(f"blk.{i}.x.weight", (32, 32), 8).qtype == Q.Q8_0]
+    assert chosen == [1, 4, 5, 6, 7, 8, 9, 10, 11]  # 1; 6, 7 (last two); 4, 5 (half-open 50-75%); MTP 8+
+
+
+@pytest.mark.parametrize("text, message", [
+    ("not toml = [", "is not valid TOML"),
+    ('name = "x"\n', "has no [[rule]] entries"),
+    ('[[rule]]\nmatch = "("\ntype = "Q8_0"\n', "is not a valid regex"),
+    ('[[rule]]\nmatch = "."\ntype = "Q9_9"\n', "unknown type 'Q9_9'"),
+    ('[[rule]]\nmatch = "."\ntype = "Q8_0"\nlayers = "first"\n', "is not N, A-B, P%-Q% or mtp"),
+    ('[[rule]]\nmatch = "."\ntype = "Q8_0"\ncolour = 1\n', "unknown key 'colour'"),
+    ('[[rule]]\nmatch = "attn"\ntype = "Q8_0"\n', "has no rule for tensor"),
+])
+def test_bad_recipe_files(text, message, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        dry_run(REAL_CONFIG, load_recipe(path=path))
+
+
+def test_real_model_dry_run_is_the_sum_of_its_shapes():
+    """int4-mixed on the real 196B config, priced from config.json alone, against bytes worked
+    out here from the published shapes and the recipe's intent."""
+    p = dry_run(REAL_CONFIG, load_recipe("int4-mixed"))
+    H, V, E, Ie, I, hd = 4096, 128896, 288, 1280, 11264, 128
+    bpw = {"Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F32": 32}
+
+    def b(n_params: int, qtype: str) -> float:
+        return n_params * bpw[qtype] / 8
+
+    full = [i for i in range(45) if i % 4 == 0]
+    heads = {i: (64 if i in full or i >= 45 else 96) for i in range(48)}
+    moe = range(3, 45)
+    down_q5 = [i for i in moe if i < 0.25 * 45 or i >= 0.70 * 45]  # "0%-25%, 70%-100%"
+    want = b(V * H, "Q8_0") + b(V * H, "Q6_K") + b(H, "F32")             # token_embd, output, norm
+    for i in range(48):
+        q = heads[i] * hd * H
+        want += b(2 * q, "Q6_K") + b(2 * 8 * hd * H + heads[i] * H, "Q8_0")  # q, o | k, v, gate
+        want += b(2 * H + 2 * hd, "F32")                                    # norms
+        if i in moe:
+            want += b(E * H, "F32") + b(E, "F32")                            # router, bias
+            want += b(2 * E * Ie * H, "Q4_K")                                 # gate/up experts
+            want += b(E * Ie * H, "Q5_K" if i in down_q5 else "Q4_K")         # down experts
+            want += b(3 * Ie * H, "Q8_0")                                     # shared expert
+        else:
+            want += b(3 * I * H, "Q6_K")                                      # dense FFN
+        if i >= 45:
+            want += b(2 * H * H, "Q8_0") + b(3 * H, "F32") + b(V * H, "Q6_K")  # eh_proj, norms, head
+    want += b(hd // 2, "F32")                                                # rope_freqs
+    assert len(down_q5) == 22
+    assert p.total_bytes == want
+    assert p.bpw == pytest.approx(8 * want / p.n_params)
+
+
+@pytest.mark.runtime
+def test_real_model_int4_mixed_is_no_larger_than_stock_q4_k_m(runtime):
+    ours = dry_run(REAL_CONFIG, load_recipe("int4-mixed"))
+    stock = price_stock(REAL_CONFIG, "Q4_K_M")
+    print(f"int4-mixed {ours.total_bytes / 2**30:.2f} GiB, stock Q4_K_M {stock.total_bytes / 2**30:.2f} GiB")
+    assert ours.total_bytes <= stock.total_bytes
+    # llama.cpp's own choice, not ours: gate/up experts Q4_K, down Q6_K on some layers
+    assert stock.types["blk.20.ffn_up_exps.weight"] == "Q4_K"
+    assert {stock.types[f"blk.{i}.ffn_down_exps.weight"] for i in range(3, 45)} == {"Q4_K", "Q6_K"}
+    assert set(stock.types) == {r.name for r in ours.rows}
+
+
+def test_dry_run_cli_json_reads_no_weight(checkpoint, tmp_path):
+    """A checkpoint with every shard emptied prices exactly like the intact one."""
+    import shutil
+
+    src = checkpoint("tiny")
+    hollow = tmp_path / "hollow"
+    shutil.copytree(src, hollow)
+    for shard in hollow.glob("*.safetensors"):
+        head = shard.read_bytes()[:8]
+        n = int.from_bytes(head, "little")
+        shard.write_bytes(shard.read_bytes()[: 8 + n])  # header only: no weight bytes left
+    result = CliRunner().invoke(main, ["quantize", str(hollow), "--dry-run", "--json", "--scheme", "int8"])
+    assert result.exit_code != 0 and "truncated" in result.output  # validation reads headers
+    result = CliRunner().invoke(main, ["quantize", str(src / "config.json"), "--dry-run", "--json",
+                                       "--scheme", "int8"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["total_bytes"] == sum(t["bytes"] for t in doc["tensors"])
+    assert doc["bpw"] == pytest.approx(8 * doc["total_bytes"] / doc["n_params"], abs=1e-3)
+    assert doc == dry_run(src, load_recipe("int8")).to_json()
+
+
+# ---------------------------------------------------------------- byte equality with llama.cpp
+
+MINI = dict(n_layer=3, n_dense=1, n_expert=8, top_k=2, vocab=1024)  # the quant preset, shrunk
+
+
+@pytest.fixture(scope="module")
+def mini(workdir):
+    from step_gguf.convert import convert
+    from step_gguf.synth import synth
+
+    src = synth(workdir / "quant-mini", "quant", seed=5, **MINI)
+    bf16 = workdir / "quant-mini-bf16.gguf"
+    convert(src, bf16, outtype="bf16")
+    return src, bf16
+
+
+@pytest.fixture(scope="module")
+def mini_imatrix(mini, workdir, runtime):
+    from step_gguf.runtime import tools
+
+    return tools.imatrix(mini[1], workdir / "quant-mini-imatrix.gguf", ctx=128, chunks=4)
+
+
+def _llama_quantize(runtime, src: Path, out: Path, qtype: str, imatrix: Path | None) -> None:
+    args = [str(runtime.tool("llama-quantize")), "--pure"]
+    if imatrix is not None:
+        args += ["--imatrix", str(imatrix)]
+    subprocess.run(args + [str(src), str(out), qtype], check=True, capture_output=True)
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"])
+def test_bytes_equal_llama_quantize(qtype, with_imatrix, mini, mini_imatrix, runtime, tmp_path):
+    src, bf16 = mini
+    imatrix = mini_imatrix if with_imatrix else None
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    quantize(src, ours, load_recipe(qtype), imatrix=imatrix)
+    _llama_quantize(runtime, bf16, theirs, qtype, imatrix)
+    a, b = _tensors(ours), _tensors(theirs)
+    assert set(a) == set(b)
+    quantized = 0
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type, name
+        assert np.asarray(t.data).tobytes() == np.asarray(b[name].data).tobytes(), name
+        quantized += t.tensor_type == Q[qtype]
+    assert quantized >= 20  # experts, attention, embeddings: not just a couple
+
+
+@pytest.mark.runtime
+def test_imatrix_changes_the_bytes(mini, mini_imatrix, tmp_path):
+    """The equality above with importance data is not vacuous: the data changes the result."""
+    src, _ = mini
+    plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
+    quantize(src, plain, load_recipe("Q4_K"))
+    quantize(src, weighted, load_recipe("Q4_K"), imatrix=mini_imatrix)
+    name = "blk.1.ffn_up_exps.weight"
+    assert np.asarray(_tensors(plain)[name].data).tobytes() != np.asarray(_tensors(weighted)[name].data).tobytes()
+
+
+@pytest.mark.runtime
+def test_gguf_source_gives_the_same_file_and_records_the_recipe(mini, tmp_path):
+    src, bf16 = mini
+    from_ckpt, from_gguf = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    quantize(src, from_ckpt, load_recipe("int4-mixed"), threads=1)
+    quantize(bf16, from_gguf, load_recipe("int4-mixed"), threads=2)
+    a, b = _tensors(from_ckpt), _tensors(from_gguf)
+    assert {n: np.asarray(t.data).tobytes() for n, t in a.items()} == \
+           {n: np.asarray(t.data).tobytes() for n, t in b.items()}
+    reader = gguf.GGUFReader(from_gguf)
+    assert reader.get_field(KV_RECIPE).contents() == "int4-mixed"
+    assert Recipe.from_toml(reader.get_field(KV_RECIPE_TOML).contents(), "kv") == load_recipe("int4-mixed")
+    assert reader.get_field("step35.expert_count").contents() == MINI["n_expert"]
+
+
+@pytest.mark.runtime
+def test_requantizing_needs_consent(mini, tmp_path):
+    src, _ = mini
+    q8 = tmp_path / "q8.gguf"
+    quantize(src, q8, load_recipe("int8"))
+    out = tmp_path / "q4.gguf"
+    result = CliRunner().invoke(main, ["quantize", str(q8), "-o", str(out), "--scheme", "Q4_K"])
+    assert result.exit_code != 0 and "--allow-requantize" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    result = CliRunner().invoke(main, ["quantize", str(q8), "-o", str(out), "--scheme", "Q4_K",
+                                       "--allow-requantize"])
+    assert result.exit_code == 0, result.output
+    assert _tensors(out)["blk.1.ffn_up_exps.weight"].tensor_type == Q.Q4_K
+
+
+@pytest.mark.runtime
+def test_quantized_gguf_runs_in_our_runtime_and_server(mini, tmp_path, runtime):
+    import urllib.request
+
+    from step_gguf.runtime import llama
+
+    src, _ = mini
+    out = tmp_path / "int4.gguf"
+    quantize(src, out, load_recipe("int4-mixed"))
+    with llama.load(out, n_ctx=256, logits_all=True) as m:
+        logits = m.logits(m.tokenize("Step three point five"))
+        assert logits.shape[1] == m.n_vocab and np.isfinite(logits).all()
+    with llama.serve(out, n_ctx=256) as url:
+        req = urllib.request.Request(f"{url}/completion", data=json.dumps(
+            {"prompt": "Step three", "n_predict": 4}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.loads(resp.read())["tokens_predicted"] == 4
+
+
+# ---------------------------------------------------------------- bad input
+
+def _fails_cleanly(args: list[str], out: Path, message: str) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))  # no partial left beside it
+
+
+@pytest.mark.runtime
+def test_bad_input_gives_one_line_and_no_output(mini, workdir, tmp_path):
+    src, _ = mini
+    out = tmp_path / "out.gguf"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rule]]\nmatch = "."\ntype = "Q4_KM"\n')
+    _fails_cleanly(["quantize", str(src), "-o", str(out), "--recipe", str(bad)], out, "unknown type 'Q4_KM'")
+    _fails_cleanly(["quantize", str(src), "-o", str(out), "--scheme", "int5-magic"], out, "unknown scheme")
+    _fails_cleanly(["quantize", str(src), "-o", str(out), "--scheme", "IQ2_XS"], out,
+                   "cannot quantize without importance data")
+    _fails_cleanly(["quantize", str(src), "-o", str(out), "--scheme", "int3-mixed"], out,
+                   "needs an importance matrix")
+    # an importance matrix of another model (other widths)
+    from step_gguf.convert import convert
+    from step_gguf.runtime import tools
+    from step_gguf.synth import synth
+
+    other = synth(tmp_path / "other", "tiny", seed=9)
+    other_gguf = tmp_path / "other.gguf"
+    convert(other, other_gguf, outtype="f32")
+    other_imatrix = tools.imatrix(other_gguf, tmp_path / "other-imatrix.gguf", ctx=64, chunks=2)
+    _fails_cleanly(["quantize", str(src), "-o", str(out), "--imatrix", str(other_imatrix)], out,
+                   "made for another model")
+    _fails_cleanly(["quantize", str(src / "config.json"), "-o", str(out)], out, "can be priced")
+
+
+def test_a_failure_mid_write_leaves_the_existing_output(checkpoint, tmp_path, runtime):
+    """A NaN deep in the last tensor fails the run after most of the file is written."""
+    import shutil
+
+    from step_gguf.checkpoint import Checkpoint
+
+    src = tmp_path / "nan"
+    shutil.copytree(checkpoint("tiny"), src)
+    ckpt = Checkpoint(src)
+    ref = ckpt.tensors[max(ckpt.tensors, key=lambda n: (ckpt.tensors[n].shard.name, ckpt.tensors[n].offset))]
+    with open(ref.shard, "r+b") as f:
+        f.seek(ref.offset + ref.nbytes - 4)
+        f.write(b"\xc0\x7f\xc0\x7f")  # BF16 NaNs
+    out = tmp_path / "keep.gguf"
+    out.write_bytes(b"precious")
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--scheme", "Q8_0"])
+    assert result.exit_code != 0 and "NaN" in result.output
+    assert out.read_bytes() == b"precious"
+    assert not list(tmp_path.glob(".keep.gguf*"))
