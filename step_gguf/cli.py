@@ -151,6 +151,14 @@ def _print_plan(pricing, stock=None) -> None:
               "llama.cpp type mix (e.g. Q4_K_M) with llama.cpp's own quantizer.")
 @click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
               help="Importance matrix (step-gguf imatrix) weighting each input channel.")
+@click.option("--equalize/--no-equalize", "equalization", default=False, show_default=True,
+              help="Per-channel equalization from the --imatrix statistics: fold scales into each "
+              "norm and the matrices it feeds, kept only where they lower the measured error.")
+@click.option("--target-size", default=None, metavar="SIZE", help="Budget mode: choose each "
+              "tensor's type to fit SIZE (e.g. 100GiB; tensor data, as llama.cpp counts model "
+              "size) with the least measured error.")
+@click.option("--target-bpw", type=float, default=None, metavar="X", help="Budget mode with a "
+              "bits-per-weight target instead of a size.")
 @click.option("--allow-requantize", is_flag=True, help="Accept a source GGUF that is already "
               "quantized (its rounding error adds to the new one).")
 @click.option("--mtp", type=click.Choice(["keep", "drop", "split"]), default="keep",
@@ -161,6 +169,7 @@ def _print_plan(pricing, stock=None) -> None:
 @click.option("-t", "--threads", type=int, default=None, help="Quantizing threads [all cores].")
 def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
              dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
+             equalization: bool, target_size: str | None, target_bpw: float | None,
              allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None) -> None:
     """Quantize SRC (a checkpoint folder or a GGUF) to a mixed-precision GGUF in one pass.
 
@@ -173,15 +182,22 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
       step-gguf quantize ./Step-3.5-Flash -o step35-int4.gguf
       step-gguf quantize config.json --dry-run --compare-stock Q4_K_M
       step-gguf quantize ./Step-3.5-Flash -o step35-int3.gguf --scheme int3-mixed --imatrix imatrix.gguf
+      step-gguf quantize ./Step-3.5-Flash -o step35-100g.gguf --imatrix imatrix.gguf --target-size 100GiB
     """
     import json as _json
 
     from . import quantize as q
+    from .budget import parse_size
     from .recipe import load_recipe
 
     if scheme and recipe_file:
         raise click.UsageError("give --scheme or --recipe, not both")
+    if target_size and target_bpw:
+        raise click.UsageError("give --target-size or --target-bpw, not both")
     recipe = load_recipe(scheme, recipe_file)
+    target = None
+    if target_size or target_bpw:
+        target = q.Target(parse_size(target_size) if target_size else None, target_bpw)
     if dry_run:
         pricing = q.dry_run(src, recipe, mtp=mtp)
         stock = q.price_stock(src, compare_stock, mtp=mtp) if compare_stock else None
@@ -195,15 +211,28 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         raise click.UsageError("give -o OUT.gguf (or --dry-run to price the plan)")
     if mtp == "split" and draft_out is None:
         draft_out = out.with_name(out.stem + "-mtp" + out.suffix)
+    if dry_run is False and target is not None and imatrix_file is None:
+        click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
     bar = _ByteBar(f"quantizing {src.name} ({recipe.name})")
     start = time.perf_counter()
+
+    def stage(what: str) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\r\033[K{what}", err=True, nl=False)
+
     try:
         result = q.quantize(src, out, recipe, mtp=mtp, draft_out=draft_out if mtp == "split" else None,
                             allow_requantize=allow_requantize, imatrix=imatrix_file,
-                            threads=threads, on_start=bar.start, on_bytes=bar.advance)
+                            equalization=equalization, target=target, threads=threads,
+                            on_stage=stage, on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()
     secs = time.perf_counter() - start
+    for e in result.equalized:
+        click.echo(f"equalized {e.norm}: alpha {e.alpha:.2f}, measured error "
+                   f"{e.error_before:.4g} -> {e.error_after:.4g}")
+    if target is not None:
+        _print_plan(result.pricing)
     for path in result.outputs:
         click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
     click.echo(f"{recipe.name}: {result.pricing.bpw:.3f} bits per weight; {_human(result.source_bytes)} "

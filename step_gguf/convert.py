@@ -272,18 +272,28 @@ def _chunks(plan: TensorPlan, block: tuple[int, int]) -> list[tuple[int, int, in
             for r0 in range(0, rows, step)]
 
 
-def _encode_chunk(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int, int],
-                  fp8_scales: np.ndarray | None) -> tuple[bytes, int]:
-    """Read, decode, transform and encode one chunk: (output bytes, source bytes read)."""
+def read_rows(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int, int] = (128, 128),
+              fp8_scales: np.ndarray | None = None) -> np.ndarray:
+    """Rows [r0, r0+n) of matrix `m` of the source tensor as float32, FP8 block scales applied
+    (`fp8_scales`: the tensor's scale grid; read here when not given)."""
     ref = plan.src
     assert ref is not None
     cols = plan.shape[-1]
     rows = plan.shape[-2] if len(plan.shape) > 1 else 1
     row_bytes = _row_bytes(ref.dtype, cols)
     x = _decode(ref.read((m * rows + r0) * row_bytes, n * row_bytes), ref.dtype, n * cols).reshape(n, cols)
-    if fp8_scales is not None:
+    if plan.scale is not None:
+        if fp8_scales is None:
+            fp8_scales = plan.scale.array().reshape(-1, *fp8_scale_shape(plan.shape, block)[-2:])
         s = fp8_scales[m, r0 // block[0]: math.ceil((r0 + n) / block[0])]
         x *= np.repeat(np.repeat(s, block[0], axis=0)[:n], block[1], axis=1)[:, :cols]
+    return x
+
+
+def transformed_rows(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int, int] = (128, 128),
+                     fp8_scales: np.ndarray | None = None) -> np.ndarray:
+    """Rows as they are encoded: checked finite, +1 on norms, equalization scales applied."""
+    x = read_rows(plan, m, r0, n, block, fp8_scales)
     if not np.isfinite(x).all():
         raise _nonfinite_error(plan)
     if plan.add_one:
@@ -292,8 +302,15 @@ def _encode_chunk(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int, i
         x = x * plan.col_scale[m]
     if plan.row_scale is not None:
         x = x * plan.row_scale[m, r0:r0 + n, None]
+    return x
+
+
+def _encode_chunk(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int, int],
+                  fp8_scales: np.ndarray | None) -> tuple[bytes, int]:
+    """Read, decode, transform and encode one chunk: (output bytes, source bytes read)."""
+    x = transformed_rows(plan, m, r0, n, block, fp8_scales)
     imatrix = plan.imatrix[m] if plan.imatrix is not None else None
-    return _encode(x, plan.qtype, imatrix), n * row_bytes
+    return _encode(x, plan.qtype, imatrix), n * _row_bytes(plan.src.dtype, plan.shape[-1])
 
 
 # raw-bit thresholds: a value is NaN/Inf iff its bits, read as signed, reach `pos`, or read

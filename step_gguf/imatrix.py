@@ -80,9 +80,9 @@ class Imatrix(Mapping[str, np.ndarray]):
                 got = self.entries[name].sums.shape
                 if got != (n_mat, ne0):
                     raise ImatrixError(
-                        f"{self.path}: {name} has {got[0]} x {got[1]} importance values but the "
-                        f"model's tensor takes {ne0} inputs x {n_mat} matrices; this imatrix was "
-                        f"made for another model, {_RECOMPUTE}")
+                        f"{self.path}: {name} has importance values for {got[0]} matrices of "
+                        f"{got[1]} inputs, the model's tensor is {n_mat} of {ne0}; this imatrix "
+                        f"was made for another model, {_RECOMPUTE}")
         missing = [name for name in matmuls if name not in self.entries]
         if matmuls and len(missing) == len(matmuls):
             raise ImatrixError(f"{self.path} has no entry for any of the model's {len(matmuls)} "

@@ -23,6 +23,8 @@ from .convert import (FLOAT_TYPES, OpenedCheckpoint, OutputJob, TensorPlan, chec
                       write_shape_only)
 from .errors import StepGGUFError
 from .model import ARCH, Step35Config
+from .budget import plan_for_budget
+from .equalize import Equalized, equalize
 from .imatrix import Imatrix, load_imatrix
 from .recipe import NEEDS_IMATRIX, Recipe, tensor_bytes
 from .vocab import NORMAL, Vocab
@@ -46,6 +48,7 @@ class Source:
     n_layer: int                  # trunk layers (recipe layer spans count these)
     plans: list[TensorPlan]
     write_kv: Callable[[gguf.GGUFWriter], None]
+    top_k: int                    # experts each token uses
     fp8_block: tuple[int, int] = (128, 128)
     opened: OpenedCheckpoint | None = None   # checkpoint sources: config, vocab
 
@@ -70,7 +73,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre)
         return Source("checkpoint", src, opened.cfg.n_layer, opened.plans,
                       lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", src.name),
-                      opened.cfg.fp8_block, opened)
+                      opened.cfg.n_expert_used, opened.cfg.fp8_block, opened)
     if not src.is_file():
         raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
     if src.suffix == ".json":
@@ -79,7 +82,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         plans = plan_shapes(cfg, recipe, with_mtp=mtp != "drop")
         return Source("config", src, cfg.n_layer, plans,
                       lambda w: write_metadata(w, cfg, vocab, mtp != "drop", src.parent.name),
-                      cfg.fp8_block)
+                      cfg.n_expert_used, cfg.fp8_block)
     return _open_gguf(src, recipe)
 
 
@@ -128,7 +131,7 @@ def _open_gguf(path: Path, recipe: Recipe) -> Source:
             vtype = f.types[0]
             sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
-    return Source("gguf", path, n_layer, plans, write_kv)
+    return Source("gguf", path, n_layer, plans, write_kv, int(kv("expert_used_count", 1)))
 
 
 # ---------------------------------------------------------------- pricing
@@ -213,13 +216,6 @@ def price_stock(src: str | os.PathLike, ftype: str, *, mtp: str = "keep",
 
 # ---------------------------------------------------------------- quantizing
 
-@dataclass(frozen=True)
-class QuantizeResult:
-    outputs: tuple[Path, ...]
-    pricing: Pricing
-    source_bytes: int
-
-
 def _requantize_check(source: Source, allow: bool) -> None:
     for p in source.plans:
         if p.src is not None and p.src.dtype not in {q.name for q in FLOAT_TYPES} and p.src.dtype != p.qtype.name:
@@ -268,23 +264,71 @@ def imatrix_kv(imat: Imatrix) -> Callable[[gguf.GGUFWriter], None]:
     return write
 
 
+@dataclass(frozen=True)
+class Target:
+    """A size budget: tensor bytes (as llama.cpp's quantizer counts a model's size) or bits
+    per weight."""
+
+    bytes: int | None = None
+    bpw: float | None = None
+
+    def resolve(self, n_params: int) -> int:
+        return self.bytes if self.bytes is not None else int(self.bpw * n_params / 8)
+
+
+def retype(plans: list[TensorPlan], recipe: Recipe, n_layer: int) -> list[TensorPlan]:
+    out = []
+    for p in plans:
+        choice = recipe.resolve(p.name, p.shape, n_layer)
+        out.append(replace(p, qtype=choice.qtype, rule=choice.rule))
+    return out
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    outputs: tuple[Path, ...]
+    pricing: Pricing
+    source_bytes: int
+    recipe: Recipe
+    equalized: tuple[Equalized, ...] = ()
+
+
 def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
              mtp: str = "keep", draft_out: str | os.PathLike | None = None,
-             imatrix: str | os.PathLike | None = None, allow_requantize: bool = False,
+             imatrix: str | os.PathLike | None = None, equalization: bool = False,
+             target: Target | None = None, allow_requantize: bool = False,
              tokenizer_pre: str | None = None, threads: int | None = None,
+             on_stage: Callable[[str], None] = lambda what: None,
              on_start: Callable[[int], None] = lambda total: None,
              on_bytes: Callable[[int], None] = lambda n: None) -> QuantizeResult:
     """Quantize `src` to `out` under `recipe` in one streaming pass, optionally with the
-    importance matrix at `imatrix`. Nothing appears at `out` unless the whole file was written."""
+    importance matrix at `imatrix`, per-channel equalization from it, and a size `target` met
+    with the least measured error. Nothing appears at `out` unless the whole file was written.
+    `on_stage` names each preparatory step (measuring can take a while on a large model)."""
     source = open_source(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre)
     if not source.readable:
         raise SourceError(f"{source.path} is a config without weights: it can be priced "
                           "(--dry-run), not quantized")
     if source.kind == "gguf" and mtp != "keep":
         raise SourceError("--mtp drop/split applies to checkpoint sources; this GGUF is quantized as it is")
+    if equalization and imatrix is None:
+        raise StepGGUFError("equalization derives its scales from activations: pass --imatrix too")
     _requantize_check(source, allow_requantize)
     imat = load_imatrix(imatrix) if imatrix is not None else None
-    source.plans = attach_imatrix(source.plans, imat, recipe)
+    plans = attach_imatrix(source.plans, imat, recipe)
+    report: list[Equalized] = []
+    if equalization:
+        on_stage("equalizing")
+        plans, report = equalize(plans, imat, source.top_k)
+    if target is not None:
+        from .runtime.build import cache_dir  # noqa: PLC0415
+
+        budget = target.resolve(sum(p.n_params for p in plans))
+        recipe = plan_for_budget(plans, imat, source.top_k, budget, recipe.name,
+                                 cache_dir() / "sensitivity",
+                                 on_tensor=lambda name: on_stage(f"measuring {name}"))
+        plans = attach_imatrix(retype(plans, recipe, source.n_layer), imat, recipe)
+    source.plans = plans
     out = Path(out)
 
     def kv(w: gguf.GGUFWriter) -> None:
@@ -293,13 +337,15 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
             imatrix_kv(imat)(w)
 
     if source.opened is not None:
-        opened = replace(source.opened, plans=source.plans)
+        opened = replace(source.opened, plans=plans)
         jobs = checkpoint_jobs(opened, out, mtp=mtp, extra_kv=kv,
                                draft_out=Path(draft_out) if draft_out is not None else None)
     else:
         def write_kv(w: gguf.GGUFWriter) -> None:
             source.write_kv(w)
             kv(w)
-        jobs = [OutputJob(out, source.plans, write_kv)]
+        jobs = [OutputJob(out, plans, write_kv)]
+    on_stage("writing")
     total = write_outputs(jobs, on_start, on_bytes, fp8_block=source.fp8_block, threads=threads)
-    return QuantizeResult(tuple(j.path for j in jobs), price(source.plans, recipe.name), total)
+    return QuantizeResult(tuple(j.path for j in jobs), price(plans, recipe.name), total, recipe,
+                          tuple(report))

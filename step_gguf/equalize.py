@@ -1,0 +1,121 @@
+"""Per-channel equalization: move quantization error onto the channels that matter least.
+
+A zero-centred RMSNorm multiplies each channel j by g_j before the matrices that read it. Scaling
+those matrices' input columns by s_j and the norm by 1/s_j leaves the function unchanged in exact
+arithmetic; but a block quantizer shares one scale across 32 or 256 columns, so larger s_j on
+channels with large activations gives those columns more of the block's precision. Every
+consumer of one norm takes the same s (the attention norm feeds q, k, v and the head gate; the
+FFN norm feeds the router, the routed experts and the shared expert, or the dense FFN).
+
+s = (E[x²] / geometric mean)^(α/2) from the importance matrix. For each norm, α is chosen from a
+small grid by the measured relative output error of its consumers (sensitivity.py) under the
+plan's own types;
+α = 0 (no change) wins unless another lowers that error by more than 1%.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .convert import FLOAT_TYPES, TensorPlan
+from .imatrix import Imatrix
+from .sensitivity import measure_tensor, usage
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.0, 0.25, 0.5)
+MIN_GAIN = 0.01  # keep a scaling only where it lowers the measured error by more than this
+
+# norm -> the matrices that read its output, in the order their statistics are preferred
+# (a dense consumer has seen every token)
+CONSUMERS = {
+    "attn_norm": ("attn_q", "attn_k", "attn_v", "attn_gate"),
+    "ffn_norm": ("ffn_gate_shexp", "ffn_up_shexp", "ffn_gate", "ffn_up", "ffn_gate_inp",
+                 "ffn_gate_exps", "ffn_up_exps"),
+}
+_NORM = re.compile(r"^blk\.(\d+)\.(attn_norm|ffn_norm)\.weight$")
+
+
+@dataclass(frozen=True)
+class Equalized:
+    norm: str
+    alpha: float
+    error_before: float
+    error_after: float
+
+
+def _scales(activation: np.ndarray, alpha: float) -> np.ndarray:
+    a = np.maximum(activation.astype(np.float64), 1e-6 * activation.mean() + 1e-30)
+    s = a ** (alpha / 2)
+    return (s / np.exp(np.log(s).mean())).astype(np.float32)  # geometric mean 1
+
+
+def _apply(norm: TensorPlan, consumers: list[TensorPlan], s: np.ndarray) -> tuple[TensorPlan, list[TensorPlan]]:
+    scaled = []
+    for p in consumers:
+        n_mat = p.imatrix.shape[0] if p.imatrix is not None else (p.shape[0] if len(p.shape) > 2 else 1)
+        col = np.tile(s, (n_mat, 1))
+        scaled.append(replace(p, col_scale=col,
+                              imatrix=p.imatrix / (s * s) if p.imatrix is not None else None))
+    return replace(norm, col_scale=(1.0 / s)[None, :]), scaled
+
+
+def _groups(plans: list[TensorPlan], imat: Imatrix):
+    """(norm, its consumers, their input statistics) for every norm the imatrix has seen."""
+    by_name = {p.name: p for p in plans}
+    for name, norm in by_name.items():
+        m = _NORM.match(name)
+        if not m:
+            continue
+        names = [f"blk.{m.group(1)}.{c}.weight" for c in CONSUMERS[m.group(2)]]
+        stats = next((imat[n][0] for n in names if n in imat and imat.entries[n].counts.size == 1), None)
+        if stats is not None:
+            yield norm, [by_name[n] for n in names if n in by_name], stats
+
+
+def _replace(plans: list[TensorPlan], new: list[TensorPlan]) -> list[TensorPlan]:
+    by_name = {p.name: p for p in new}
+    return [by_name.get(p.name, p) for p in plans]
+
+
+def fold(plans: list[TensorPlan], imat: Imatrix, alpha: float) -> list[TensorPlan]:
+    """Every norm's scales folded in with one fixed alpha (the function stays the same)."""
+    new = []
+    for norm, consumers, stats in _groups(plans, imat):
+        new_norm, scaled = _apply(norm, consumers, _scales(stats, alpha))
+        new += [new_norm, *scaled]
+    return _replace(plans, new)
+
+
+def equalize(plans: list[TensorPlan], imat: Imatrix, top_k: int,
+             alphas: tuple[float, ...] = ALPHAS) -> tuple[list[TensorPlan], list[Equalized]]:
+    """Plans with per-norm scales folded in where they lower the measured error."""
+    new: list[TensorPlan] = []
+    report = []
+    for norm, consumers, stats in _groups(plans, imat):
+        name = norm.name
+        quantized = [c for c in consumers if c.qtype not in FLOAT_TYPES]
+
+        def error(cs: list[TensorPlan]) -> float:  # the consumers' relative output errors
+            return sum(measure_tensor(c, [c.qtype], usage(c, imat, top_k)).relative_error[c.qtype.name]
+                       for c in cs if c.qtype not in FLOAT_TYPES)
+
+        base = error(quantized)
+        best = (base, 0.0, None)
+        for alpha in alphas:
+            if alpha == 0.0:
+                continue
+            new_norm, scaled = _apply(norm, consumers, _scales(stats, alpha))
+            err = error(scaled)
+            if err < best[0]:
+                best = (err, alpha, (new_norm, scaled))
+        if best[2] is not None and best[0] < (1 - MIN_GAIN) * base:
+            new_norm, scaled = best[2]
+            new += [new_norm, *scaled]
+            report.append(Equalized(name, best[1], base, best[0]))
+            log.info("equalized %s: alpha %.2f, error %.4g -> %.4g", name, best[1], base, best[0])
+    return _replace(plans, new), report
