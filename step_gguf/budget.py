@@ -84,9 +84,8 @@ def _cache_key(plans: list[TensorPlan], imat: Imatrix | None) -> str:
         if p.src is not None:
             st = os.stat(p.src.shard)
             h.update(f"{p.name}{p.src.shard}{st.st_size}{st.st_mtime_ns}{p.src.offset}".encode())
-        for arr in (p.col_scale, p.row_scale):
-            if arr is not None:
-                h.update(arr.tobytes())
+        if p.col_scale is not None:
+            h.update(p.col_scale.tobytes())
     if imat is not None:
         st = os.stat(imat.path)
         h.update(f"{imat.path.resolve()}{st.st_size}{st.st_mtime_ns}".encode())

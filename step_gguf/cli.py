@@ -151,9 +151,10 @@ def _print_plan(pricing, stock=None) -> None:
               "llama.cpp type mix (e.g. Q4_K_M) with llama.cpp's own quantizer.")
 @click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
               help="Importance matrix (step-gguf imatrix) weighting each input channel.")
-@click.option("--equalize/--no-equalize", "equalization", default=False, show_default=True,
+@click.option("--equalize/--no-equalize", "equalization", default=None,
               help="Per-channel equalization from the --imatrix statistics: fold scales into each "
-              "norm and the matrices it feeds, kept only where they lower the measured error.")
+              "norm and the matrices it feeds, kept only where they lower the measured error "
+              "[on with --imatrix].")
 @click.option("--target-size", default=None, metavar="SIZE", help="Budget mode: choose each "
               "tensor's type to fit SIZE (e.g. 100GiB; tensor data, as llama.cpp counts model "
               "size) with the least measured error.")
@@ -169,7 +170,7 @@ def _print_plan(pricing, stock=None) -> None:
 @click.option("-t", "--threads", type=int, default=None, help="Quantizing threads [all cores].")
 def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
              dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
-             equalization: bool, target_size: str | None, target_bpw: float | None,
+             equalization: bool | None, target_size: str | None, target_bpw: float | None,
              allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None) -> None:
     """Quantize SRC (a checkpoint folder or a GGUF) to a mixed-precision GGUF in one pass.
 
@@ -194,7 +195,12 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         raise click.UsageError("give --scheme or --recipe, not both")
     if target_size and target_bpw:
         raise click.UsageError("give --target-size or --target-bpw, not both")
+    if dry_run and (target_size or target_bpw):
+        raise click.UsageError("budget mode measures the weights, so it cannot be a --dry-run; "
+                               "its plan is printed when it runs")
     recipe = load_recipe(scheme, recipe_file)
+    if equalization is None:
+        equalization = imatrix_file is not None
     target = None
     if target_size or target_bpw:
         target = q.Target(parse_size(target_size) if target_size else None, target_bpw)
@@ -211,7 +217,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         raise click.UsageError("give -o OUT.gguf (or --dry-run to price the plan)")
     if mtp == "split" and draft_out is None:
         draft_out = out.with_name(out.stem + "-mtp" + out.suffix)
-    if dry_run is False and target is not None and imatrix_file is None:
+    if target is not None and imatrix_file is None:
         click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
     bar = _ByteBar(f"quantizing {src.name} ({recipe.name})")
     start = time.perf_counter()
@@ -235,7 +241,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         _print_plan(result.pricing)
     for path in result.outputs:
         click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
-    click.echo(f"{recipe.name}: {result.pricing.bpw:.3f} bits per weight; {_human(result.source_bytes)} "
+    click.echo(f"{result.recipe.name}: {result.pricing.bpw:.3f} bits per weight; {_human(result.source_bytes)} "
                f"read in {secs:.1f} s ({_human(result.source_bytes / max(secs, 1e-9))}/s)")
 
 
@@ -371,8 +377,10 @@ def run(model: Path, prompt: str, max_tokens: int, ctx: int, threads: int | None
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
               help="Keep the checkpoint and GGUF in this new folder instead of a temporary one.")
 def demo(keep: Path | None) -> None:
-    """The whole flow on the embedded tiny synthetic model: synth, convert, load, chat."""
+    """The whole flow on the embedded tiny synthetic model: synth, convert, quantize, chat."""
+    from . import quantize as q
     from .convert import convert as run_convert
+    from .recipe import load_recipe
     from .runtime import llama
     from .synth import synth as run_synth
 
@@ -380,6 +388,7 @@ def demo(keep: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = keep or Path(tmp)
         ckpt, gguf_path = work / "step35-tiny", work / "step35-tiny-bf16.gguf"
+        int4_path = work / "step35-tiny-int4-mixed.gguf"
         t0 = time.perf_counter()
         run_synth(ckpt, "tiny", seed=0)
         t1 = time.perf_counter()
@@ -388,15 +397,20 @@ def demo(keep: Path | None) -> None:
         t2 = time.perf_counter()
         click.echo(f"converted to {gguf_path} ({_human(gguf_path.stat().st_size)}, "
                    f"{result.n_tensors} tensors) in {t2 - t1:.2f} s")
-        with llama.load(gguf_path, n_ctx=256) as m:
-            t3 = time.perf_counter()
-            click.echo(f"loaded with the patched runtime in {t3 - t2:.2f} s")
+        quantized = q.quantize(ckpt, int4_path, load_recipe("int4-mixed"))
+        t3 = time.perf_counter()
+        click.echo(f"quantized the checkpoint in one pass to {int4_path} "
+                   f"({_human(int4_path.stat().st_size)}, {quantized.pricing.bpw:.2f} bits per weight; "
+                   f"tiny widths take K-quant fallbacks) in {t3 - t2:.2f} s")
+        with llama.load(int4_path, n_ctx=256) as m:
+            t4 = time.perf_counter()
+            click.echo(f"loaded with the patched runtime in {t4 - t3:.2f} s")
             chat = m.chat([{"role": "user", "content": "Hello! Who are you?"}], max_tokens=16)
         click.echo(f"reply (random weights, so gibberish): {chat.text!r}")
         click.echo(f"{chat.prompt_tokens} prompt + {chat.completion_tokens} generated tokens in "
                    f"{chat.seconds:.3f} s ({chat.completion_tokens / max(chat.seconds, 1e-9):.0f} tok/s)")
         if keep:
-            click.echo(f"kept {ckpt} and {gguf_path}")
+            click.echo(f"kept {ckpt}, {gguf_path} and {int4_path}")
 
 
 @main.command()

@@ -56,10 +56,9 @@ class TensorPlan:
     rule: Rule | None = None        # the recipe rule that chose qtype
     # importance of each input channel, one row per matrix (expert) of the tensor
     imatrix: np.ndarray | None = field(default=None, compare=False)
-    # equalization: columns (input channels) and rows (outputs) multiplied by these, one row
-    # per matrix (1-D tensors: col_scale scales the elements)
+    # equalization: input channels multiplied by these, one row per matrix or one row for all
+    # (1-D tensors: it scales the elements)
     col_scale: np.ndarray | None = field(default=None, compare=False)
-    row_scale: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -77,7 +76,7 @@ class TensorPlan:
     def passthrough(self) -> bool:
         """The source bytes are already the output bytes."""
         return (self.src is not None and self.scale is None and not self.add_one
-                and self.col_scale is None and self.row_scale is None
+                and self.col_scale is None
                 and self.src.dtype == self.qtype.name)
 
 
@@ -234,7 +233,7 @@ def write_metadata(w: gguf.GGUFWriter, cfg: Step35Config, vocab: Vocab, with_nex
 
 # ---------------------------------------------------------------- tensor data
 
-def _encode(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None) -> bytes:
+def _encode(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None) -> bytes | memoryview:
     if qtype == Q.F32:
         return x.astype(np.float32, copy=False).tobytes()
     if qtype == Q.F16:
@@ -299,14 +298,12 @@ def transformed_rows(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int
     if plan.add_one:
         x = x + 1.0
     if plan.col_scale is not None:
-        x = x * plan.col_scale[m]
-    if plan.row_scale is not None:
-        x = x * plan.row_scale[m, r0:r0 + n, None]
+        x = x * plan.col_scale[min(m, len(plan.col_scale) - 1)]
     return x
 
 
 def _encode_chunk(plan: TensorPlan, m: int, r0: int, n: int, block: tuple[int, int],
-                  fp8_scales: np.ndarray | None) -> tuple[bytes, int]:
+                  fp8_scales: np.ndarray | None) -> tuple[bytes | memoryview, int]:
     """Read, decode, transform and encode one chunk: (output bytes, source bytes read)."""
     x = transformed_rows(plan, m, r0, n, block, fp8_scales)
     imatrix = plan.imatrix[m] if plan.imatrix is not None else None

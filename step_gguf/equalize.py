@@ -55,12 +55,9 @@ def _scales(activation: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _apply(norm: TensorPlan, consumers: list[TensorPlan], s: np.ndarray) -> tuple[TensorPlan, list[TensorPlan]]:
-    scaled = []
-    for p in consumers:
-        n_mat = p.imatrix.shape[0] if p.imatrix is not None else (p.shape[0] if len(p.shape) > 2 else 1)
-        col = np.tile(s, (n_mat, 1))
-        scaled.append(replace(p, col_scale=col,
-                              imatrix=p.imatrix / (s * s) if p.imatrix is not None else None))
+    scaled = [replace(p, col_scale=s[None, :],  # one row: every expert reads the same channels
+                      imatrix=p.imatrix / (s * s) if p.imatrix is not None else None)
+              for p in consumers]
     return replace(norm, col_scale=(1.0 / s)[None, :]), scaled
 
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 
 from step_gguf.cli import main
+from step_gguf.convert import OutputJob
 from step_gguf.quantize import KV_RECIPE, KV_RECIPE_TOML, dry_run, price_stock, quantize
 from step_gguf.recipe import Recipe, RecipeError, load_recipe
 
@@ -208,6 +209,37 @@ def test_gguf_source_gives_the_same_file_and_records_the_recipe(mini, tmp_path):
     assert reader.get_field(KV_RECIPE).contents() == "int4-mixed"
     assert Recipe.from_toml(reader.get_field(KV_RECIPE_TOML).contents(), "kv") == load_recipe("int4-mixed")
     assert reader.get_field("step35.expert_count").contents() == MINI["n_expert"]
+
+
+@pytest.mark.runtime
+def test_equalization_leaves_the_f32_function_unchanged(mini, mini_imatrix, tmp_path, runtime):
+    """Scales folded into every norm and its consumers (alpha 0.5, F32 storage): the logits stay
+    those of the plain F32 file, while the stored tensors really changed."""
+    from step_gguf.convert import write_outputs
+    from step_gguf.equalize import fold
+    from step_gguf.imatrix import load_imatrix
+    from step_gguf.quantize import open_source
+    from step_gguf.runtime import llama
+
+    src, _ = mini
+    f32 = Recipe.single(Q.F32)
+    plain, folded = tmp_path / "plain.gguf", tmp_path / "folded.gguf"
+    source = open_source(src, f32)
+    write_outputs([OutputJob(plain, source.plans, source.write_kv)], lambda n: None, lambda n: None)
+    plans = fold(source.plans, load_imatrix(mini_imatrix), alpha=0.5)
+    write_outputs([OutputJob(folded, plans, source.write_kv)], lambda n: None, lambda n: None)
+    a, b = _tensors(plain), _tensors(folded)
+    changed = [n for n in a if np.asarray(a[n].data).tobytes() != np.asarray(b[n].data).tobytes()]
+    assert "blk.1.attn_norm.weight" in changed and "blk.1.ffn_up_exps.weight" in changed
+    assert "blk.1.ffn_gate_inp.weight" in changed  # the router reads the same norm
+    tokens = list(range(5, 200, 3))
+    with llama.load(plain, n_ctx=256, logits_all=True, exact=True) as m:
+        want = m.logits(tokens).astype(np.float64)
+    with llama.load(folded, n_ctx=256, logits_all=True, exact=True) as m:
+        got = m.logits(tokens).astype(np.float64)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    print(f"equalized F32 vs plain F32: max rel err {rel:.2e}")
+    assert rel <= 1e-4
 
 
 @pytest.mark.runtime

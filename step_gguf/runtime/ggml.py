@@ -53,25 +53,25 @@ def requires_imatrix(qtype: int) -> bool:
     return bool(_lib().ggml_quantize_requires_imatrix(int(qtype)))
 
 
-def quantize(rows: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> bytes:
+def quantize(rows: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> memoryview:
     """Encode float32 `rows` (n_rows x n_per_row) as `qtype`; `imatrix` has n_per_row weights."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, cols = rows.shape
     lib = _lib()
-    out = ctypes.create_string_buffer(lib.ggml_row_size(int(qtype), cols) * n)
+    out = np.empty(lib.ggml_row_size(int(qtype), cols) * n, dtype=np.uint8)
     imat = None
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         assert imatrix.shape == (cols,), (imatrix.shape, cols)
         imat = imatrix.ctypes.data
-    size = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out, 0, n, cols, imat)
-    return out.raw[:size]
+    size = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n, cols, imat)
+    return memoryview(out)[:size]
 
 
 def dequantize(raw: bytes | memoryview, qtype: int, n_values: int) -> np.ndarray:
     """ggml-encoded bytes -> flat float32 array of `n_values`."""
     traits = _lib().ggml_get_type_traits(int(qtype)).contents
     out = np.empty(n_values, dtype=np.float32)
-    src = (ctypes.c_char * len(raw)).from_buffer_copy(raw)
-    traits.to_float(ctypes.cast(src, ctypes.c_void_p), out.ctypes.data_as(_F32P), n_values)
+    src = np.frombuffer(raw, dtype=np.uint8)
+    traits.to_float(src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(_F32P), n_values)
     return out

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import struct
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -167,6 +168,9 @@ _STATS = {
     "ppl_reference": re.compile(r"^Mean PPL\(base\)\s*:\s*(\S+)"),
 }
 _MIN_SCORED = 100  # llama-perplexity prints no statistics over fewer scored tokens
+# llama.cpp logs through a thread that the tools do not wait for at exit, so on a busy machine
+# a run can end without its last lines, the statistics among them: then it is run again
+_ATTEMPTS = 3
 
 
 def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
@@ -185,34 +189,59 @@ def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
     text = _existing(Path(text_file) if text_file else default_text(), "text")
     logits = _hidden_beside(quant, ".kld-base")  # the reference's log-probs: large, so on disk
     common = ["-c", str(ctx), *_threads(threads)]
-    base_lines: list[str] = []
-    lines: list[str] = []
+    what = f"comparing {quant} with {reference}"
     try:
+        lines: list[str] = []
         _tool("llama-perplexity", ["-m", reference, "-f", text, "--kl-divergence-base", logits, *common],
-              f"scoring the reference {reference}", on_line=base_lines.append)
-        if not any("Final estimate: PPL" in line for line in base_lines):
-            raise StepGGUFError(f"scoring the reference {reference} failed: {_last_error(base_lines)}")
-        _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence", *common],
-              f"comparing {quant} with {reference}", on_line=lines.append)
+              f"scoring the reference {reference}", on_line=lines.append)
+        if not _logits_complete(logits):
+            why = _last_error(lines) or (f"it wrote no log-probabilities; at ctx {ctx} the text "
+                                         f"needs at least {2 * ctx} tokens")
+            raise StepGGUFError(f"scoring the reference {reference} failed: {why}")
+        for _ in range(_ATTEMPTS):
+            lines = []
+            _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence",
+                                       *common], what, on_line=lines.append)
+            stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()
+                     if (m := rx.match(line))}
+            chunks = next((int(m.group(1)) for line in lines if (m := _CHUNKS.search(line))), 0)
+            scored = chunks * (ctx - 1 - ctx // 2)
+            if len(stats) == len(_STATS) or _last_error(lines) or scored < _MIN_SCORED:
+                break
+            log.warning("llama-perplexity ended without its statistics (its log lost its last lines); "
+                        "running the comparison again")
     finally:
         logits.unlink(missing_ok=True)
     if any("inconsistent vocabulary" in line for line in lines):
         raise StepGGUFError(f"{quant} and {reference} have different vocabularies; compare "
                             "quantizations of the same model")
-    chunks = next((int(m.group(1)) for line in lines if (m := _CHUNKS.search(line))), 0)
-    stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()
-             if (m := rx.match(line))}
     if len(stats) < len(_STATS):
-        scored = chunks * (ctx - 1 - ctx // 2)
         why = (f"the text gives {scored} scored tokens at ctx {ctx}, llama-perplexity needs "
                f"{_MIN_SCORED}: use a longer text or a smaller ctx" if scored < _MIN_SCORED
-               else _last_error(lines))
-        raise StepGGUFError(f"comparing {quant} with {reference} gave no statistics: {why}")
+               else _last_error(lines) or "llama-perplexity printed no error")
+        raise StepGGUFError(f"{what} gave no statistics: {why}")
     return stats | {"chunks": chunks, "ctx": ctx}
 
 
-def _last_error(lines: list[str]) -> str:
-    return next((e for line in reversed(lines) if (e := _error(line))), "llama-perplexity printed no error")
+def _logits_complete(path: Path) -> bool:
+    """Whether llama-perplexity finished writing the reference's log-probabilities to `path`:
+    a "_logits_" header with n_ctx, n_vocab and n_chunk, the tokens, then per chunk the scored
+    positions' log-probs as 16-bit steps (n_vocab rounded up to even, plus 4 values each)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if len(head) < 20 or head[:8] != b"_logits_":
+        return False
+    n_ctx, n_vocab, n_chunk = struct.unpack("<IiI", head[8:])
+    per_position = 2 * ((n_vocab + 1) // 2) + 4
+    return size == 20 + 4 * n_chunk * n_ctx + 2 * n_chunk * (n_ctx - 1 - n_ctx // 2) * per_position
+
+
+def _last_error(lines: list[str]) -> str | None:
+    return next((e for line in reversed(lines) if (e := _error(line))), None)
 
 
 # "[  12/ 805] blk.0.attn_q.weight  - [ 4096, 8192, 1, 1], type =   bf16, size = 64.00 MiB -> 18.00 MiB (q4_K)"
