@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, malformed
 from .model import normalise_name
 
 INDEX = "model.safetensors.index.json"
@@ -99,13 +99,28 @@ def read_header(shard: Path) -> tuple[dict, int]:
     except FileNotFoundError:
         raise CheckpointError(f"shard {shard.name} is missing from {shard.parent}; "
                               "download the complete checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"shard {shard.name} is a folder, not a safetensors file") from None
     if len(blob) < n:
         raise CheckpointError(f"{shard.name} is truncated (header cut short)")
     try:
-        header = json.loads(blob)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{shard.name} has a corrupt safetensors header") from None
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{shard.name} has a corrupt safetensors header (not UTF-8 JSON); "
+                              "re-download the shard") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{shard.name} has a corrupt safetensors header (not a JSON object)")
     return header, 8 + n
+
+
+def _shard_name(name: object, index: Path) -> str:
+    """A shard name from the index, refused unless it is a plain file name inside the folder:
+    a checkpoint from the internet must not make us read anything outside it."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\0" in name):
+        raise CheckpointError(f"{index.name} names shard {name!r}; shard names must be plain file "
+                              "names inside the checkpoint folder")
+    return name
 
 
 class Checkpoint:
@@ -121,14 +136,20 @@ class Checkpoint:
     def _shards(self) -> list[Path]:
         index = self.path / INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise CheckpointError(f"{index} is malformed (no weight_map)") from None
-            return [self.path / s for s in sorted(set(weight_map.values()))]
-        if (self.path / SINGLE).is_file():
-            return [self.path / SINGLE]
-        raise CheckpointError(f"no {INDEX} or {SINGLE} in {self.path}; is this a checkpoint folder?")
+            with malformed(index, CheckpointError):
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted({_shard_name(s, index) for s in weight_map.values()})
+            shards = [self.path / s for s in names]
+        elif (self.path / SINGLE).is_file():
+            shards = [self.path / SINGLE]
+        else:
+            raise CheckpointError(f"no {INDEX} or {SINGLE} in {self.path}; is this a checkpoint folder?")
+        root = self.path.resolve()
+        for shard in shards:
+            if shard.resolve().parent != root:  # a symlink that leaves the folder
+                raise CheckpointError(f"shard {shard.name} is a link to {shard.resolve()}, outside "
+                                      f"{self.path}; copy the file into the checkpoint folder")
+        return shards
 
     def _index_shard(self, shard: Path) -> None:
         header, data_start = read_header(shard)
@@ -139,17 +160,37 @@ class Checkpoint:
             name = normalise_name(raw_name)
             if name is None:  # vision tower, projector: not part of the text decoder
                 continue
-            begin, end = info["data_offsets"]
-            if data_start + end > size:
+            ref = _tensor_ref(shard, raw_name, name, info, data_start)
+            if ref.offset + ref.nbytes > size:
                 raise CheckpointError(
-                    f"{shard.name} is truncated: {raw_name} ends at byte {data_start + end}, "
+                    f"{shard.name} is truncated: {raw_name} ends at byte {ref.offset + ref.nbytes}, "
                     f"file has {size}; re-download the shard"
                 )
-            ref = TensorRef(name, raw_name, shard, info["dtype"], tuple(info["shape"]),
-                            data_start + begin, end - begin)
-            if ref.dtype not in ELEMENT_BYTES:
-                raise CheckpointError(f"{raw_name} has unsupported dtype {ref.dtype}")
             if name.endswith(SCALE_SUFFIX):
                 self.scales[name.removesuffix(SCALE_SUFFIX)] = ref
             else:
                 self.tensors[name] = ref
+
+
+def _tensor_ref(shard: Path, raw_name: str, name: str, info: object, data_start: int) -> TensorRef:
+    """One header entry, checked: a known dtype, a shape of non-negative ints, and offsets that
+    hold exactly that many bytes."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{shard.name}: header entry {raw_name!r} {what}; the shard is corrupt")
+
+    if not isinstance(info, dict):
+        raise bad("is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ELEMENT_BYTES:
+        raise bad(f"has unsupported dtype {dtype!r} (expected one of {', '.join(ELEMENT_BYTES)})")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+        raise bad(f"has an invalid shape {str(shape)[:80]}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**50 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise bad(f"has invalid data_offsets {str(offsets)[:80]}")
+    nbytes = offsets[1] - offsets[0]
+    if nbytes != math.prod(shape) * ELEMENT_BYTES[dtype]:
+        raise bad(f"spans {nbytes} bytes, but {dtype} {shape} needs {math.prod(shape) * ELEMENT_BYTES[dtype]}")
+    return TensorRef(name, raw_name, shard, dtype, tuple(shape), data_start + offsets[0], nbytes)

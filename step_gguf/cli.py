@@ -85,8 +85,10 @@ def main(verbose: bool) -> None:
               help="Draft GGUF for --mtp split (default: OUT with a -mtp suffix).")
 @click.option("--tokenizer-pre", default=None, metavar="NAME",
               help="llama.cpp pre-tokenizer name, overriding detection from tokenizer.json.")
+@click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
+              "output an interrupted run of the same conversion left.")
 def convert(src: Path, out: Path, outtype: str, mtp: str, draft_out: Path | None,
-            tokenizer_pre: str | None) -> None:
+            tokenizer_pre: str | None, no_resume: bool) -> None:
     """Convert the Step 3.5 checkpoint folder SRC to a GGUF file.
 
     Reads config.json itself (Step 3.5 or the Step 3.7 text_config wrapper), accepts BF16, F16,
@@ -106,7 +108,8 @@ def convert(src: Path, out: Path, outtype: str, mtp: str, draft_out: Path | None
     try:
         result = run_convert(src, out, outtype=outtype, mtp=mtp,
                              draft_out=draft_out if mtp == "split" else None,
-                             tokenizer_pre=tokenizer_pre, on_start=bar.start, on_bytes=bar.advance)
+                             tokenizer_pre=tokenizer_pre, resume=not no_resume,
+                             on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()
     secs = time.perf_counter() - start
@@ -168,10 +171,13 @@ def _print_plan(pricing, stock=None) -> None:
 @click.option("--draft-out", type=click.Path(path_type=Path), default=None,
               help="Draft GGUF for --mtp split (default: OUT with a -mtp suffix).")
 @click.option("-t", "--threads", type=int, default=None, help="Quantizing threads [all cores].")
+@click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
+              "output an interrupted run of the same command left.")
 def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
              dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
              equalization: bool | None, target_size: str | None, target_bpw: float | None,
-             allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None) -> None:
+             allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None,
+             no_resume: bool) -> None:
     """Quantize SRC (a checkpoint folder or a GGUF) to a mixed-precision GGUF in one pass.
 
     A recipe picks each tensor's ggml type by name and layer; ggml's own quantizers encode
@@ -230,6 +236,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         result = q.quantize(src, out, recipe, mtp=mtp, draft_out=draft_out if mtp == "split" else None,
                             allow_requantize=allow_requantize, imatrix=imatrix_file,
                             equalization=equalization, target=target, threads=threads,
+                            resume=not no_resume,
                             on_stage=stage, on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()

@@ -9,10 +9,11 @@ its name only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
-import secrets
+import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .checkpoint import ELEMENT_BYTES, Checkpoint, TensorRef, decode, fp8_scale_
 from .errors import CheckpointError, StepGGUFError
 from .model import ARCH, Step35Config, gguf_name, is_zero_centred_norm, layer_of
 from .recipe import PINNED_1D, Recipe, Rule, tensor_bytes
+from .resume import Partial, source_fingerprint
 from .vocab import Vocab, load_vocab
 
 log = logging.getLogger(__name__)
@@ -405,39 +407,56 @@ def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor, workers: 
             f.cancel()
 
 
-def write_gguf_tmp(out: Path, plans: list[TensorPlan], write_kv: Callable[[gguf.GGUFWriter], None],
-                   on_bytes: Callable[[int], None], *, fp8_block: tuple[int, int] = (128, 128),
-                   threads: int | None = None) -> Path:
-    """Write one GGUF to a hidden temporary beside `out` and return its path; the caller
-    renames it into place once every output is complete. `write_kv` adds the metadata."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a name, not a file: reopening an existing file with O_TRUNC makes ext4 flush it on close
-    # (its replace-via-truncate heuristic), which costs seconds on a large output
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-    workers = threads or os.cpu_count() or 1
+def _header(plans: list[TensorPlan], write_kv: Callable[[gguf.GGUFWriter], None],
+            scratch: Path) -> bytes:
+    """The file's bytes before its first tensor (metadata, tensor infos, alignment padding)."""
+    w = gguf.GGUFWriter(None, ARCH)
+    write_kv(w)
+    write_file_type(w, plans)
+    for p in plans:
+        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
     try:
-        w = gguf.GGUFWriter(None, ARCH)
-        write_kv(w)
-        write_file_type(w, plans)
-        for p in plans:
-            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-        w.write_header_to_file(tmp)
+        w.write_header_to_file(scratch)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        f = w.fout[0]
-        f.flush()
-        fd = f.fileno()
-        align = w.data_alignment
-        _write_all(fd, bytes(-f.tell() % align))
+        w.close()
+        head = scratch.read_bytes()
+    finally:
+        scratch.unlink(missing_ok=True)
+    return head + bytes(-len(head) % w.data_alignment)
+
+
+def _write_partial(partial: Partial, header: bytes, plans: list[TensorPlan], resume: bool,
+                   on_bytes: Callable[[int], None], fp8_block: tuple[int, int], workers: int) -> None:
+    """Write (or continue) the partial file: header, then each tensor padded to alignment,
+    journaled after each tensor."""
+    align = gguf.GGUFWriter(None, ARCH).data_alignment
+    fingerprint = hashlib.sha256(header + source_fingerprint(plans).encode()).hexdigest()
+    point = partial.resume_point(fingerprint) if resume else None
+    if point is None:
+        partial.discard()
+        done, offset = 0, len(header)
+    else:
+        done, offset = point
+        log.warning("resuming %s after %d of %d tensors", partial.out, done, len(plans))
+    # a fresh file, not O_TRUNC on an old one: ext4 flushes a file truncated that way on close
+    fd = os.open(partial.path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        if point is None:
+            _write_all(fd, header)
+        else:
+            os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            on_bytes(sum(p.src_nbytes for p in plans[:done]))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for p in plans:
+            for i, p in enumerate(plans[done:], start=done):
                 _write_tensor(p, fd, pool, workers, fp8_block, on_bytes)
                 _write_all(fd, bytes(-p.nbytes % align))
-        w.close()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+                size = p.nbytes + -p.nbytes % align
+                offset += size
+                partial.record(fd, fingerprint, i + 1, offset, size)
+    finally:
+        os.close(fd)
 
 
 def write_shape_only(out: Path, plans: list[TensorPlan],
@@ -469,25 +488,49 @@ class OutputJob:
 
 def write_outputs(jobs: list[OutputJob], on_start: Callable[[int], None],
                   on_bytes: Callable[[int], None], *, fp8_block: tuple[int, int] = (128, 128),
-                  threads: int | None = None) -> int:
+                  threads: int | None = None, resume: bool = True) -> int:
     """Write every job's GGUF; they appear under their names together, or not at all.
-    Returns the source bytes consumed."""
-    total = sum(p.src_nbytes for job in jobs for p in job.plans)
-    on_start(total)
-    written: list[tuple[Path, Path]] = []
+
+    Each output is written to a hidden partial beside it, locked against a second run. A
+    partial left by an interrupted run of the same plan is continued (unless `resume` is
+    false); the disk must have room for what remains. Returns the source bytes consumed."""
+    partials = [Partial(job.path) for job in jobs]
     try:
-        for job in jobs:
+        for partial in partials:
+            partial.lock()
+        headers = [_header(job.plans, job.write_kv, partial.path.with_suffix(".header"))
+                   for job, partial in zip(jobs, partials)]
+        _check_space(jobs, partials, headers)
+        total = sum(p.src_nbytes for job in jobs for p in job.plans)
+        on_start(total)
+        workers = threads or os.cpu_count() or 1
+        for job, partial, header in zip(jobs, partials, headers):
             log.info("writing %s: %d tensors", job.path, len(job.plans))
-            tmp = write_gguf_tmp(job.path, job.plans, job.write_kv, on_bytes,
-                                 fp8_block=fp8_block, threads=threads)
-            written.append((tmp, job.path))
-    except BaseException:
-        for tmp, _ in written:  # a split conversion is whole or absent
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in written:
-        os.replace(tmp, path)
+            try:
+                _write_partial(partial, header, job.plans, resume, on_bytes, fp8_block, workers)
+            except StepGGUFError:
+                partial.discard()  # bad input: running again gives the same error
+                raise
+        for partial in partials:  # a split conversion appears whole or not at all
+            partial.finish()
+    finally:
+        for partial in partials:
+            partial.unlock()
     return total
+
+
+def _check_space(jobs: list[OutputJob], partials: list[Partial], headers: list[bytes]) -> None:
+    """Fail before writing when the outputs cannot fit, rather than at 90%."""
+    align = gguf.GGUFWriter(None, ARCH).data_alignment
+    need = sum(len(h) + sum(p.nbytes + -p.nbytes % align for p in job.plans)
+               for job, h in zip(jobs, headers))
+    need -= sum(partial.existing_bytes for partial in partials)  # reused, or removed first
+    folder = jobs[0].path.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise StepGGUFError(f"{', '.join(str(j.path) for j in jobs)} needs {need / 2**30:.2f} GiB "
+                            f"({need} bytes) more, but {folder} has {free / 2**30:.2f} GiB ({free} "
+                            "bytes) free; free some space or write elsewhere")
 
 
 @dataclass(frozen=True)
@@ -541,18 +584,20 @@ def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: str = "keep",
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "bf16",
             mtp: str = "keep", draft_out: str | os.PathLike | None = None,
-            tokenizer_pre: str | None = None, threads: int | None = None,
+            tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
             on_start: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> ConvertResult:
     """Convert the checkpoint folder `src` to `out` (and, with mtp="split", `draft_out`).
 
     on_start(total_source_bytes) is called once validation passed, then on_bytes(n) as
-    source bytes are consumed: enough for a byte-counting progress bar.
+    source bytes are consumed: enough for a byte-counting progress bar. An interrupted run of
+    the same conversion is continued unless `resume` is false.
     """
     if outtype not in OUTTYPES:
         raise StepGGUFError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     opened = open_checkpoint(src, Recipe.single(OUTTYPES[outtype]), mtp=mtp, tokenizer_pre=tokenizer_pre)
     jobs = checkpoint_jobs(opened, Path(out), mtp=mtp,
                            draft_out=Path(draft_out) if draft_out is not None else None)
-    total = write_outputs(jobs, on_start, on_bytes, fp8_block=opened.cfg.fp8_block, threads=threads)
+    total = write_outputs(jobs, on_start, on_bytes, fp8_block=opened.cfg.fp8_block, threads=threads,
+                          resume=resume)
     return ConvertResult(tuple(j.path for j in jobs), sum(len(j.plans) for j in jobs), total)

@@ -22,7 +22,8 @@ import numpy as np
 from .errors import StepGGUFError
 
 SUMS, COUNTS = ".in_sum2", ".counts"
-_KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")  # llama-quantize requires all three
+# llama-quantize refuses a GGUF imatrix without all three
+_KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 _RECOMPUTE = "recompute it with `step-gguf imatrix`"
 
 
@@ -152,8 +153,8 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
         raise bad(f"{orphans[0]} has no {orphans[0][: -len(COUNTS)] + SUMS} partner")
     if not entries:
         raise bad(f"no {SUMS}/{COUNTS} tensors: not an importance matrix")
-    return Imatrix(path, entries, tuple(datasets.contents()),
-                   int(meta["imatrix.chunk_count"].contents()), int(meta["imatrix.chunk_size"].contents()))
+    chunks = (int(meta[key].contents()) for key in ("imatrix.chunk_count", "imatrix.chunk_size"))
+    return Imatrix(path, entries, tuple(datasets.contents()), *chunks)
 
 
 def _entry(weight: str, sums: np.ndarray, counts: np.ndarray, bad) -> ImatrixEntry:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, describe, malformed
 
 ARCH = "step35"
 ARCHITECTURES = {"Step3p5ForCausalLM": "step3p5", "Step3p7ForConditionalGeneration": "step3p7"}

@@ -21,7 +21,7 @@ from .checkpoint import TensorRef
 from .convert import (FLOAT_TYPES, OpenedCheckpoint, OutputJob, TensorPlan, checkpoint_jobs,
                       open_checkpoint, plan_shapes, write_metadata, write_outputs,
                       write_shape_only)
-from .errors import StepGGUFError
+from .errors import SourceError, StepGGUFError, describe, malformed
 from .model import ARCH, Step35Config
 from .budget import plan_for_budget
 from .equalize import Equalized, equalize
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 
 KV_RECIPE = "step_gguf.recipe"            # the recipe's name
 KV_RECIPE_TOML = "step_gguf.recipe.toml"  # the recipe (or budget plan) itself, reusable as --recipe
-
-
-class SourceError(StepGGUFError):
-    """The quantization source is not a checkpoint folder, config.json or GGUF."""
 
 
 @dataclass
@@ -88,12 +84,13 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
 
 def _config(path: Path) -> Step35Config:
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path} is not a readable JSON config ({exc})") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SourceError(f"{path} is not a readable JSON config ({describe(exc)})") from None
     if not isinstance(raw, dict):
         raise SourceError(f"{path} is not a config.json (expected a JSON object)")
-    return Step35Config.from_dict(raw)
+    with malformed(path, SourceError, "has a field of the wrong type or value"):
+        return Step35Config.from_dict(raw)
 
 
 # keys a re-encoded GGUF must not inherit: the writer sets them anew
@@ -102,10 +99,12 @@ _DERIVED_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.
 
 
 def _open_gguf(path: Path, recipe: Recipe) -> Source:
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError) as exc:
-        raise SourceError(f"{path} is not a readable GGUF ({exc})") from None
+    with malformed(path, SourceError, "is not a readable GGUF"):
+        return _read_gguf(path, recipe)
+
+
+def _read_gguf(path: Path, recipe: Recipe) -> Source:
+    reader = gguf.GGUFReader(path)
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() != ARCH:
         raise SourceError(f"{path} is not a Step 3.5 GGUF (architecture "
@@ -117,7 +116,10 @@ def _open_gguf(path: Path, recipe: Recipe) -> Source:
 
     n_layer = int(kv("block_count")) - int(kv("nextn_predict_layers"))
     plans = []
+    size = path.stat().st_size
     for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise SourceError(f"{path} is truncated: {t.name} ends past the end of the file")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         ref = TensorRef(t.name, t.name, path, Q(t.tensor_type).name, shape, int(t.data_offset),
                         int(t.n_bytes))
@@ -297,7 +299,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
              mtp: str = "keep", draft_out: str | os.PathLike | None = None,
              imatrix: str | os.PathLike | None = None, equalization: bool = False,
              target: Target | None = None, allow_requantize: bool = False,
-             tokenizer_pre: str | None = None, threads: int | None = None,
+             tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
              on_stage: Callable[[str], None] = lambda what: None,
              on_start: Callable[[int], None] = lambda total: None,
              on_bytes: Callable[[int], None] = lambda n: None) -> QuantizeResult:
@@ -346,6 +348,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
             kv(w)
         jobs = [OutputJob(out, plans, write_kv)]
     on_stage("writing")
-    total = write_outputs(jobs, on_start, on_bytes, fp8_block=source.fp8_block, threads=threads)
+    total = write_outputs(jobs, on_start, on_bytes, fp8_block=source.fp8_block, threads=threads,
+                          resume=resume)
     return QuantizeResult(tuple(j.path for j in jobs), price(plans, recipe.name), total, recipe,
                           tuple(report))

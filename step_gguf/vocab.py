@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TokenizerError
+from .errors import TokenizerError, describe, malformed
 
 # llama.cpp pre-tokenizer name -> the split regexes of tokenizer.json's pre_tokenizer, in order.
 # Escapes are compared in normalised form (see `_norm`).
@@ -77,56 +77,75 @@ def _token_content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise TokenizerError(f"{path} is not valid JSON ({describe(exc)})") from None
+
+
 def load_vocab(src: Path, n_rows: int, pre_override: str | None = None) -> Vocab:
     """Read tokenizer.json + tokenizer_config.json and pad the vocabulary to `n_rows`."""
     tok_path = Path(src) / "tokenizer.json"
     if not tok_path.is_file():
         raise TokenizerError(f"{tok_path} not found; a byte-level BPE tokenizer.json is required")
-    try:
-        tok = json.loads(tok_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{tok_path} is not valid JSON ({exc})") from None
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"tokenizer model {model.get('type')!r} is not BPE; step-gguf "
-                             "handles Step 3.5's byte-level BPE tokenizer")
-    pre = pre_override or detect_pre_tokenizer(tok)
-
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in tok.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab[content] = t["id"]
-    size = max(vocab.values()) + 1
-    if size > n_rows:
-        raise TokenizerError(f"tokenizer has {size} tokens but the embedding has only {n_rows} rows")
+    tok = _read_json(tok_path)
+    with malformed(tok_path, TokenizerError):
+        vocab, added, pre, merges = _read_tokenizer(tok, tok_path, pre_override)
     tokens = [f"[PAD{i}]" for i in range(n_rows)]
     types = [UNUSED] * n_rows  # ids the tokenizer never produces pad the embedding rows
+    size = max(vocab.values(), default=-1) + 1
+    if size > n_rows:
+        raise TokenizerError(f"tokenizer has {size} tokens but the embedding has only {n_rows} rows")
     for content, i in vocab.items():
         tokens[i] = content
         if content in added:
             types[i] = CONTROL if added[content].get("special") else USER_DEFINED
         else:
             types[i] = NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     cfg_path = Path(src) / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: keep the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    jinja = Path(src) / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    with malformed(cfg_path, TokenizerError):
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: keep the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{cfg_path} chat_template is not a string")
+        jinja = Path(src) / "chat_template.jinja"
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
 
-    def token_id(key: str) -> int | None:
-        content = _token_content(cfg.get(key))
-        if content is None:
-            return None
-        if content not in vocab:
-            raise TokenizerError(f"tokenizer_config.json {key} {content!r} is not in the vocabulary")
-        return vocab[content]
+        def token_id(key: str) -> int | None:
+            content = _token_content(cfg.get(key))
+            if content is None:
+                return None
+            if content not in vocab:
+                raise TokenizerError(f"tokenizer_config.json {key} {content!r} is not in the vocabulary")
+            return vocab[content]
 
-    return Vocab(pre=pre, tokens=tokens, token_types=types, merges=merges,
-                 bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
-                 pad_id=token_id("pad_token"), add_bos=bool(cfg.get("add_bos_token", False)),
-                 chat_template=template)
+        return Vocab(pre=pre, tokens=tokens, token_types=types, merges=merges,
+                     bos_id=token_id("bos_token"), eos_id=token_id("eos_token"),
+                     pad_id=token_id("pad_token"), add_bos=bool(cfg.get("add_bos_token", False)),
+                     chat_template=template)
+
+
+def _read_tokenizer(tok: dict, path: Path, pre_override: str | None):
+    """(token -> id, added tokens by content, pre-tokenizer name, merges) of a tokenizer.json."""
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"tokenizer model {model.get('type')!r} is not BPE; step-gguf "
+                             "handles Step 3.5's byte-level BPE tokenizer")
+    pre = pre_override or detect_pre_tokenizer(tok)
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in tok.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    for content, i in vocab.items():
+        if not isinstance(content, str) or not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < 2**31:
+            raise TokenizerError(f"{path} maps {str(content)[:40]!r} to {str(i)[:40]!r}; token ids "
+                                 "must be non-negative integers")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not all(isinstance(m, str) for m in merges):
+        raise TokenizerError(f"{path} has merges that are not strings or pairs of strings")
+    return vocab, added, pre, merges

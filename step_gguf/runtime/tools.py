@@ -82,9 +82,9 @@ def run(args: Sequence[str | os.PathLike], what: str, *, env: dict[str, str] | N
                 for line in lines:
                     take(line)
             take(pending + decoder.decode(b"", final=True))
-        finally:
-            if proc.poll() is None:  # a callback raised: do not leave the tool running
-                proc.kill()
+        except BaseException:  # a callback raised, or Ctrl-C: do not leave the tool running
+            proc.kill()
+            raise
         if proc.wait() != 0:
             where = f"; full log: {log_file}" if log_file else ""
             raise StepGGUFError(f"{what} failed: {error or last or 'no output'}{where}")
@@ -194,10 +194,8 @@ def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
         lines: list[str] = []
         _tool("llama-perplexity", ["-m", reference, "-f", text, "--kl-divergence-base", logits, *common],
               f"scoring the reference {reference}", on_line=lines.append)
-        if not _logits_complete(logits):
-            why = _last_error(lines) or (f"it wrote no log-probabilities; at ctx {ctx} the text "
-                                         f"needs at least {2 * ctx} tokens")
-            raise StepGGUFError(f"scoring the reference {reference} failed: {why}")
+        if problem := _logits_problem(logits):
+            raise StepGGUFError(f"scoring the reference {reference} failed: {problem}")
         for _ in range(_ATTEMPTS):
             lines = []
             _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence",
@@ -223,21 +221,26 @@ def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
     return stats | {"chunks": chunks, "ctx": ctx}
 
 
-def _logits_complete(path: Path) -> bool:
-    """Whether llama-perplexity finished writing the reference's log-probabilities to `path`:
-    a "_logits_" header with n_ctx, n_vocab and n_chunk, the tokens, then per chunk the scored
-    positions' log-probs as 16-bit steps (n_vocab rounded up to even, plus 4 values each)."""
+def _logits_problem(path: Path) -> str | None:
+    """What is wrong with the reference's log-probabilities that llama-perplexity wrote to `path`,
+    None if nothing. The file: "_logits_", n_ctx, n_vocab, n_chunk, the tokens, then per chunk
+    each scored position's log-probs as 16-bit steps (n_vocab rounded up to even, plus 4)."""
     try:
         with open(path, "rb") as f:
             head = f.read(20)
         size = path.stat().st_size
     except FileNotFoundError:
-        return False
-    if len(head) < 20 or head[:8] != b"_logits_":
-        return False
-    n_ctx, n_vocab, n_chunk = struct.unpack("<IiI", head[8:])
+        size, head = 0, b""
+    if len(head) < 12 or head[:8] != b"_logits_":
+        return "it wrote no log-probabilities"
+    n_ctx = struct.unpack_from("<I", head, 8)[0]
+    if len(head) < 20:  # it stops after n_ctx when the text is too short
+        return f"the text is too short: at ctx {n_ctx} it needs at least {2 * n_ctx} tokens"
+    n_vocab, n_chunk = struct.unpack_from("<iI", head, 12)
     per_position = 2 * ((n_vocab + 1) // 2) + 4
-    return size == 20 + 4 * n_chunk * n_ctx + 2 * n_chunk * (n_ctx - 1 - n_ctx // 2) * per_position
+    if size != 20 + 4 * n_chunk * n_ctx + 2 * n_chunk * (n_ctx - 1 - n_ctx // 2) * per_position:
+        return "its log-probabilities are incomplete"
+    return None
 
 
 def _last_error(lines: list[str]) -> str | None:
