@@ -19,7 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .errors import StepGGUFError
+from .errors import StepGGUFError, malformed
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 # llama-quantize refuses a GGUF imatrix without all three
@@ -102,12 +102,10 @@ def _is_matmul(name: str, shape: tuple[int, ...]) -> bool:
 
 def model_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape in GGUF order (ne0 first) of the GGUF model at `path`."""
-    path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError, IndexError) as exc:
-        raise StepGGUFError(f"cannot read {path} as a GGUF model: {exc}") from None
-    return {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    if not Path(path).is_file():
+        raise StepGGUFError(f"{path} does not exist")
+    with malformed(path, StepGGUFError, "is not a readable GGUF model"):
+        return {t.name: tuple(int(d) for d in t.shape) for t in gguf.GGUFReader(path).tensors}
 
 
 def load_imatrix(path: str | os.PathLike) -> Imatrix:
@@ -119,42 +117,38 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
 
     if not path.is_file():
         raise ImatrixError(f"{path} does not exist; compute one with `step-gguf imatrix`")
-    try:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise bad("not a GGUF file (the legacy .dat imatrix format is not supported)")
+    with malformed(path, ImatrixError, f"is truncated or corrupt; {_RECOMPUTE}"):
         reader = gguf.GGUFReader(path)
         tensors = {t.name: t for t in reader.tensors}
-    except ValueError as exc:
-        if "magic" in str(exc):
-            raise bad("not a GGUF file (the legacy .dat imatrix format is not supported)") from None
-        raise bad(f"truncated or corrupt GGUF ({exc})") from None
-    except (IndexError, OSError) as exc:
-        raise bad(f"truncated or corrupt GGUF ({exc})") from None
+        meta = {key: reader.fields.get(key) for key in _KEYS}
+        if any(field is None for field in meta.values()):
+            absent = ", ".join(key for key, field in meta.items() if field is None)
+            raise bad(f"not an importance matrix from llama-imatrix (no {absent} metadata)")
+        if meta["imatrix.datasets"].types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+            raise bad("imatrix.datasets is not a list of strings")
+        datasets = tuple(meta["imatrix.datasets"].contents())
+        chunk_count, chunk_size = (int(meta[key].contents()) for key in _KEYS[1:])
 
-    meta = {key: reader.fields.get(key) for key in _KEYS}
-    if any(field is None for field in meta.values()):
-        absent = ", ".join(key for key, field in meta.items() if field is None)
-        raise bad(f"not an importance matrix from llama-imatrix (no {absent} metadata)")
-    datasets = meta["imatrix.datasets"]
-    if datasets.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
-        raise bad("imatrix.datasets is not a list of strings")
-
-    entries: dict[str, ImatrixEntry] = {}
-    for name, sums_t in tensors.items():
-        if not name.endswith(SUMS):
-            continue
-        weight = name[: -len(SUMS)]
-        counts_t = tensors.get(weight + COUNTS)
-        if counts_t is None:
-            raise bad(f"{name} has no {weight + COUNTS} partner")
-        if {sums_t.tensor_type, counts_t.tensor_type} != {gguf.GGMLQuantizationType.F32}:
-            raise bad(f"{weight}'s sums and counts must be F32")
-        entries[weight] = _entry(weight, np.asarray(sums_t.data), np.asarray(counts_t.data), bad)
+        entries: dict[str, ImatrixEntry] = {}
+        for name, sums_t in tensors.items():
+            if not name.endswith(SUMS):
+                continue
+            weight = name[: -len(SUMS)]
+            counts_t = tensors.get(weight + COUNTS)
+            if counts_t is None:
+                raise bad(f"{name} has no {weight + COUNTS} partner")
+            if {sums_t.tensor_type, counts_t.tensor_type} != {gguf.GGMLQuantizationType.F32}:
+                raise bad(f"{weight}'s sums and counts must be F32")
+            entries[weight] = _entry(weight, np.asarray(sums_t.data), np.asarray(counts_t.data), bad)
     orphans = [n for n in tensors if n.endswith(COUNTS) and n[: -len(COUNTS)] not in entries]
     if orphans:
         raise bad(f"{orphans[0]} has no {orphans[0][: -len(COUNTS)] + SUMS} partner")
     if not entries:
         raise bad(f"no {SUMS}/{COUNTS} tensors: not an importance matrix")
-    chunks = (int(meta[key].contents()) for key in ("imatrix.chunk_count", "imatrix.chunk_size"))
-    return Imatrix(path, entries, tuple(datasets.contents()), *chunks)
+    return Imatrix(path, entries, datasets, chunk_count, chunk_size)
 
 
 def _entry(weight: str, sums: np.ndarray, counts: np.ndarray, bad) -> ImatrixEntry:
@@ -165,6 +159,8 @@ def _entry(weight: str, sums: np.ndarray, counts: np.ndarray, bad) -> ImatrixEnt
     counts = counts.reshape(n_mat)
     if not (np.isfinite(sums).all() and (sums >= 0).all()):
         raise bad(f"{weight} has non-finite or negative sums of squares")
-    if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts == np.round(counts)).all()):
+    # whole, non-negative and far below 2^63, so that they convert to int64 exactly
+    if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts < 2.0**53).all()
+            and (counts == np.round(counts)).all()):
         raise bad(f"{weight} has counts that are not whole non-negative numbers")
     return ImatrixEntry(np.asarray(sums, dtype=np.float32), counts.astype(np.int64))

@@ -58,6 +58,14 @@ _PATTERNS = [
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def _bounded(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not lo <= int(value) <= hi:
+        raise CheckpointError(f"config.json {name} = {str(value)[:40]} is not a whole number from "
+                              f"{lo} to {hi}")
+    return int(value)
+
+
 def gguf_name(hf_name: str) -> str | None:
     """GGUF name for a (normalised) HF tensor name, or None when it has no mapping."""
     for pattern, template in _PATTERNS:
@@ -130,10 +138,11 @@ class Step35Config:
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path} not found; point to a Step 3.5 checkpoint folder")
         try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from exc
-        return cls.from_dict(raw)
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({describe(exc)})") from None
+        with malformed(cfg_path, CheckpointError, "has a field of the wrong type or value"):
+            return cls.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Step35Config":
@@ -152,8 +161,8 @@ class Step35Config:
 
     @classmethod
     def _parse(cls, c: dict, quant: dict | None) -> "Step35Config":
-        n_layer = int(c["num_hidden_layers"])
-        n_nextn = int(c.get("num_nextn_predict_layers", 0))
+        n_layer = _bounded("num_hidden_layers", c["num_hidden_layers"], 1, 4096)
+        n_nextn = _bounded("num_nextn_predict_layers", c.get("num_nextn_predict_layers", 0), 0, 64)
         n_all = n_layer + n_nextn
 
         def per_layer(value, default):
@@ -236,6 +245,28 @@ class Step35Config:
             rms_eps=float(c.get("rms_norm_eps", 1e-5)),
             fp8_block=block,
         )
+
+    def __post_init__(self) -> None:
+        # sizes far beyond any real model are corrupt input, not a model to plan for
+        for name, value, lo, hi in (
+                ("hidden_size", self.hidden_size, 1, 1 << 20), ("vocab_size", self.vocab_size, 1, 1 << 21),
+                ("head_dim", self.head_dim, 1, 1 << 16), ("intermediate_size", self.intermediate_size, 1, 1 << 24),
+                ("moe_num_experts", self.n_expert, 0, 1 << 16), ("moe_top_k", self.n_expert_used, 0, 1 << 16),
+                ("moe_intermediate_size", self.expert_ff, 0, 1 << 24),
+                ("share_expert_dim", self.shexp_ff, 0, 1 << 24),
+                ("attention heads", max(self.n_head + self.n_head_kv), 1, 1 << 16),
+                ("attention groups", min(self.n_head_kv), 1, 1 << 16)):
+            _bounded(name, value, lo, hi)
+        if self.moe_layers and (self.n_expert < 1 or not 1 <= self.n_expert_used <= self.n_expert
+                                or self.expert_ff < 1 or min(self.moe_layers) < 0):
+            raise CheckpointError("config.json describes MoE layers without a valid expert count, "
+                                  "top-k and expert width")
+        if any(h % kv for h, kv in zip(self.n_head, self.n_head_kv)):
+            raise CheckpointError("config.json has attention heads that are not a multiple of its "
+                                  "attention groups")
+        if not all(b >= 1 for b in self.fp8_block) or len(self.fp8_block) != 2:
+            raise CheckpointError(f"quantization_config weight_block_size {list(self.fp8_block)} is "
+                                  "not two positive sizes")
 
     def expected_shapes(self, with_mtp: bool = True) -> dict[str, tuple[int, ...]]:
         """Every decoder tensor (normalised HF name) with its PyTorch [out, in] shape."""

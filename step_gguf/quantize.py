@@ -126,13 +126,14 @@ def _read_gguf(path: Path, recipe: Recipe) -> Source:
         choice = recipe.resolve(t.name, shape, n_layer)
         plans.append(TensorPlan("", t.name, shape, choice.qtype, ref, rule=choice.rule))
 
-    fields = [f for f in reader.fields.values() if not f.name.startswith(_DERIVED_KEYS)]
+    # decoded now, so a corrupt value is reported as unreadable input, not met while writing
+    fields = [(f.name, f.contents(), f.types[0],
+               f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+              for f in reader.fields.values() if not f.name.startswith(_DERIVED_KEYS)]
 
     def write_kv(w: gguf.GGUFWriter) -> None:
-        for f in fields:
-            vtype = f.types[0]
-            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+        for name, value, vtype, sub in fields:
+            w.add_key_value(name, value, vtype, sub_type=sub)
     return Source("gguf", path, n_layer, plans, write_kv, int(kv("expert_used_count", 1)))
 
 

@@ -1,0 +1,102 @@
+"""What the benchmarks share: a measured child process, a warm page cache, the synthetic
+checkpoint, and llama.cpp's own converter run the way a Step 3.5 user would have to."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from step_gguf.runtime.build import extract_sdist, fetch_sdist
+from step_gguf.synth import synth
+
+# llama.cpp's converter, run as a user would, with the two blockers a Step 3.5 user hits
+# bypassed: it reads config.json through transformers (which drops partial_rotary_factors and
+# crashes), and it refuses tokenizers whose hash it has not registered.
+LLAMA_CPP_RUNNER = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+    sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+    from conversion import base
+    def load_hparams(dir_model, is_mistral_format):
+        return json.loads((dir_model / "config.json").read_text())
+    base.ModelBase.load_hparams = staticmethod(load_hparams)
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "deepseek-v3"
+    import convert_hf_to_gguf
+    convert_hf_to_gguf.main()
+""")
+
+
+# ru_maxrss survives fork+exec, so a child of this (large) process would report our peak;
+# a fresh, small launcher starts each contender and reports that child's own rusage.
+LAUNCHER = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    start = time.perf_counter()
+    proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    sys.stderr.write(err.decode(errors="replace")[-2000:])
+    print(json.dumps({"wall": wall, "rss": usage.ru_maxrss * 1024,
+                      "code": os.waitstatus_to_exitcode(status)}))
+""")
+
+Timing = tuple[float, int]  # (wall seconds, peak RSS bytes)
+
+
+def measure(label: str, args: list[str]) -> Timing:
+    """Wall time and peak RSS of one contender process; exits with its stderr if it fails."""
+    os.sync()  # start each contender without the previous one's dirty pages still flushing
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True)
+    result = json.loads(proc.stdout)
+    if result["code"] != 0:
+        sys.exit(f"{label} failed:\n{proc.stderr}")
+    return result["wall"], result["rss"]
+
+
+def best(prev: Timing | None, new: Timing) -> Timing:
+    """Over repeats: the fastest wall time, and the highest peak RSS."""
+    return new if prev is None else (min(prev[0], new[0]), max(prev[1], new[1]))
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_through(path: Path) -> int:
+    """Read a file, or every file of a folder, so that it is in the page cache; its bytes."""
+    total = 0
+    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(64 * 2**20):
+                total += len(chunk)
+    return total
+
+
+def checkpoint(work: Path, preset: str) -> tuple[Path, int]:
+    """The synthetic checkpoint under `work` (made once, reused after), read into the page
+    cache; its folder and size."""
+    src = work / f"{preset}-ckpt"
+    if not src.exists():
+        print(f"synthesising {preset} checkpoint at {src} ...", flush=True)
+        synth(src, preset, seed=0)
+    size = read_through(src)
+    print(f"checkpoint {src}: {size / 2**30:.2f} GiB")
+    return src, size
+
+
+def llama_cpp_convert_cmd(work: Path, src: Path, out: Path, outtype: str = "bf16") -> list[str]:
+    """The command running llama.cpp's convert_hf_to_gguf.py, from the llama-cpp-python sdist
+    our runtime is built from (unpacked under `work` once), on `src`."""
+    tree = work / "llama-cpp-python"
+    if not tree.exists():
+        extract_sdist(fetch_sdist(), tree)
+    return [sys.executable, "-c", LLAMA_CPP_RUNNER, str(tree / "vendor" / "llama.cpp"),
+            str(src), "--outfile", str(out), "--outtype", outtype]
