@@ -26,6 +26,7 @@ from .convert import FLOAT_TYPES, TensorPlan
 from .errors import StepGGUFError
 from .imatrix import Imatrix
 from .recipe import NEEDS_IMATRIX, PINNED_1D, PINNED_ROUTER, Recipe, Rule, fallback, tensor_bytes
+from .resume import source_fingerprint
 from .sensitivity import MAX_MATRICES, MAX_ROWS, Measured, logit_errors, measure_tensor, usage
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,8 @@ def _hull(points: list[tuple[int, float, Q]]) -> list[tuple[int, float, Q]]:
 
 def _cache_key(plans: list[TensorPlan], imat: Imatrix | None) -> str:
     h = hashlib.sha256(json.dumps([MAX_MATRICES, MAX_ROWS]).encode())
-    for p in plans:
-        if p.src is not None:
-            st = os.stat(p.src.shard)
-            h.update(f"{p.name}{p.src.shard}{st.st_size}{st.st_mtime_ns}{p.src.offset}".encode())
-        if p.col_scale is not None:
-            h.update(p.col_scale.tobytes())
-    if imat is not None:
+    h.update(source_fingerprint(plans).encode())  # what is read and how it is transformed
+    if imat is not None:  # token shares come from its counts
         st = os.stat(imat.path)
         h.update(f"{imat.path.resolve()}{st.st_size}{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]

@@ -43,6 +43,7 @@ FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}
 SOURCE_QTYPE = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 CHUNK_BYTES = 32 * 2**20  # float32 working set per chunk on the decode path
 MTP_MODES = ("keep", "drop", "split")
+ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT  # the writer's data alignment: tensors start on it
 
 
 @dataclass(frozen=True)
@@ -423,14 +424,13 @@ def _header(plans: list[TensorPlan], write_kv: Callable[[gguf.GGUFWriter], None]
         head = scratch.read_bytes()
     finally:
         scratch.unlink(missing_ok=True)
-    return head + bytes(-len(head) % w.data_alignment)
+    return head + bytes(-len(head) % ALIGN)
 
 
 def _write_partial(partial: Partial, header: bytes, plans: list[TensorPlan], resume: bool,
                    on_bytes: Callable[[int], None], fp8_block: tuple[int, int], workers: int) -> None:
     """Write (or continue) the partial file: header, then each tensor padded to alignment,
     journaled after each tensor."""
-    align = gguf.GGUFWriter(None, ARCH).data_alignment
     fingerprint = hashlib.sha256(header + source_fingerprint(plans).encode()).hexdigest()
     point = partial.resume_point(fingerprint) if resume else None
     if point is None:
@@ -451,8 +451,8 @@ def _write_partial(partial: Partial, header: bytes, plans: list[TensorPlan], res
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for i, p in enumerate(plans[done:], start=done):
                 _write_tensor(p, fd, pool, workers, fp8_block, on_bytes)
-                _write_all(fd, bytes(-p.nbytes % align))
-                size = p.nbytes + -p.nbytes % align
+                _write_all(fd, bytes(-p.nbytes % ALIGN))
+                size = p.nbytes + -p.nbytes % ALIGN
                 offset += size
                 partial.record(fd, fingerprint, i + 1, offset, size)
     finally:
@@ -463,20 +463,10 @@ def write_shape_only(out: Path, plans: list[TensorPlan],
                      write_kv: Callable[[gguf.GGUFWriter], None]) -> None:
     """A GGUF with the real header and a sparse (unwritten) data region: enough for tools that
     plan from shapes, such as llama.cpp's quantizer in dry-run mode, on a model of any size."""
-    w = gguf.GGUFWriter(None, ARCH)
-    write_kv(w)
-    write_file_type(w, plans)
-    for p in plans:
-        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-    w.write_header_to_file(out)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    f = w.fout[0]
-    f.flush()
-    align = w.data_alignment
-    data = sum(p.nbytes + -p.nbytes % align for p in plans)
-    os.ftruncate(f.fileno(), f.tell() + -f.tell() % align + data)
-    w.close()
+    head = _header(plans, write_kv, out.with_name(out.name + ".header"))
+    with open(out, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(p.nbytes + -p.nbytes % ALIGN for p in plans))
 
 
 @dataclass(frozen=True)
@@ -521,8 +511,7 @@ def write_outputs(jobs: list[OutputJob], on_start: Callable[[int], None],
 
 def _check_space(jobs: list[OutputJob], partials: list[Partial], headers: list[bytes]) -> None:
     """Fail before writing when the outputs cannot fit, rather than at 90%."""
-    align = gguf.GGUFWriter(None, ARCH).data_alignment
-    need = sum(len(h) + sum(p.nbytes + -p.nbytes % align for p in job.plans)
+    need = sum(len(h) + sum(p.nbytes + -p.nbytes % ALIGN for p in job.plans)
                for job, h in zip(jobs, headers))
     need -= sum(partial.existing_bytes for partial in partials)  # reused, or removed first
     folder = jobs[0].path.parent
