@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import tempfile
 import time
@@ -359,6 +360,73 @@ def runtime_status() -> None:
 
     info = llama.check()
     click.echo(f"patch series {info.series_id} ({info.backend}), tools in {info.bin_dir}")
+
+
+def _profiles_help() -> str:
+    from .plan import CUSTOM, PROFILES
+
+    return "; ".join(f"{p.name}: {p.what}" for p in PROFILES.values()) + \
+        f"; {CUSTOM}: give --ram and --mem-bw (and --vram, --gpu-bw)"
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", required=True, metavar="NAME",
+              help="The machine. " + _profiles_help() + ".")
+@click.option("-c", "--ctx", type=click.IntRange(1), default=32768, show_default=True,
+              help="Context length in tokens.")
+@click.option("--scheme", default=None,
+              help="For a checkpoint or config.json: the quantization scheme to price "
+                   "[int4-mixed]. A GGUF is planned as it is.")
+@click.option("--kv-type", default=None, help="KV cache type (f16, q8_0, q4_0, ...) [chosen].")
+@click.option("--parallel", type=click.IntRange(1), default=1, show_default=True,
+              help="Sequences llama-server decodes at once (its -np).")
+@click.option("--no-mtp", is_flag=True, help="Plan without the MTP draft heads.")
+@click.option("--vram", type=float, default=None, help="GPU memory, GiB (overrides the profile).")
+@click.option("--ram", type=float, default=None, help="System memory, GiB.")
+@click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s.")
+@click.option("--gpu-bw", type=float, default=None, help="GPU memory read bandwidth, GB/s.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
+         parallel: int, no_mtp: bool, vram: float | None, ram: float | None,
+         mem_bw: float | None, gpu_bw: float | None, as_json: bool) -> None:
+    """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
+    predicted prompt and decode speed, and the llama-server command that runs it so.
+
+    MODEL is a GGUF, a checkpoint folder or a bare config.json (priced under --scheme, so the
+    real 196B model can be planned without its weights). Everything that runs for every token
+    goes on the GPU first, MTP heads included; then as many routed experts as fit.
+    """
+    import json
+
+    from . import plan as planner
+
+    machine = planner.machine(profile, vram_gb=vram, ram_gb=ram, mem_bw_gbs=mem_bw,
+                              gpu_bw_gbs=gpu_bw)
+    p = planner.plan(planner.facts(model, scheme), machine, ctx, kv_type=kv_type,
+                     mtp=not no_mtp, parallel=parallel)
+    # a config or checkpoint is planned as the GGUF it would become
+    target = str(model) if model.is_file() and model.suffix == ".gguf" else "MODEL.gguf"
+    if as_json:
+        click.echo(json.dumps(p.to_json(target), indent=1))
+        return
+    click.echo(f"{p.model.name} on {machine.name} ({machine.what}), ctx {ctx}, KV {p.kv_type}, "
+               f"batch {p.n_batch}/{p.n_ubatch}, MTP {'on' if p.mtp else 'off'}")
+    classes = p.classes()
+    kinds = sorted({k for per in classes.values() for k in per})
+    click.echo(f"{'':<22}" + "".join(f"{d.name:>12}" for d in p.devices))
+    for k in kinds:
+        click.echo(f"{k:<22}" + "".join(f"{_human(classes[d.name].get(k, 0)):>12}" for d in p.devices))
+    for k in sorted({k for d in p.devices for k in d.extra}):
+        click.echo(f"{k:<22}" + "".join(f"{_human(d.extra.get(k, 0)):>12}" for d in p.devices))
+    click.echo(f"{'total / usable':<22}" + "".join(
+        f"{_human(d.bytes) + ' / ' + _human(d.capacity):>24}" for d in p.devices))
+    click.echo(f"predicted: prompt {p.predicted_prompt_tps:.0f} tok/s, decode "
+               f"{p.predicted_decode_tps:.1f} tok/s ({p.predicted_decode_tps_full:.1f} at a full "
+               f"context), without MTP drafting")
+    for note in p.notes:
+        click.echo(f"note: {note}")
+    click.echo("llama-server " + shlex.join(p.server_args(target)))
 
 
 @main.command()

@@ -168,9 +168,6 @@ _STATS = {
     "ppl_reference": re.compile(r"^Mean PPL\(base\)\s*:\s*(\S+)"),
 }
 _MIN_SCORED = 100  # llama-perplexity prints no statistics over fewer scored tokens
-# llama.cpp logs through a thread that the tools do not wait for at exit, so on a busy machine
-# a run can end without its last lines, the statistics among them: then it is run again
-_ATTEMPTS = 3
 
 
 def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
@@ -196,20 +193,15 @@ def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
               f"scoring the reference {reference}", on_line=lines.append)
         if problem := _logits_problem(logits):
             raise StepGGUFError(f"scoring the reference {reference} failed: {problem}")
-        for _ in range(_ATTEMPTS):
-            lines = []
-            _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence",
-                                       *common], what, on_line=lines.append)
-            stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()
-                     if (m := rx.match(line))}
-            chunks = next((int(m.group(1)) for line in lines if (m := _CHUNKS.search(line))), 0)
-            scored = chunks * (ctx - 1 - ctx // 2)
-            if len(stats) == len(_STATS) or _last_error(lines) or scored < _MIN_SCORED:
-                break
-            log.warning("llama-perplexity ended without its statistics (its log lost its last lines); "
-                        "running the comparison again")
+        lines = []
+        _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence",
+                                   *common], what, on_line=lines.append)
     finally:
         logits.unlink(missing_ok=True)
+    stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()
+             if (m := rx.match(line))}
+    chunks = next((int(m.group(1)) for line in lines if (m := _CHUNKS.search(line))), 0)
+    scored = chunks * (ctx - 1 - ctx // 2)
     if any("inconsistent vocabulary" in line for line in lines):
         raise StepGGUFError(f"{quant} and {reference} have different vocabularies; compare "
                             "quantizations of the same model")

@@ -1,0 +1,528 @@
+"""Where each tensor of a Step 3.5 GGUF lives on a given machine, and how fast it will run.
+
+Pure arithmetic over tensor sizes and a machine profile: this module imports no runtime. The
+placement puts everything that runs for every token on the GPU first (attention, norms,
+router, shared experts, dense layers, output, the MTP heads, the KV cache and both contexts'
+compute buffers), then as many routed-expert tensors as fit, tensor by tensor. Decode speed
+comes from a bandwidth model: each token reads the non-expert weights and top_k/n_expert of
+every expert tensor, from wherever they live.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import gguf
+
+from .errors import SourceError, StepGGUFError, malformed
+from .model import ARCH
+
+
+GiB = 1 << 30
+GB = 1e9
+
+# ----------------------------------------------------------------------------- machines
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    what: str
+    ram: int                # bytes of system memory (unified: the whole pool)
+    mem_bw: float           # bytes/s the CPU reads system memory at
+    vram: int = 0           # bytes the GPU may use (0: no GPU)
+    gpu_bw: float = 0.0     # bytes/s the GPU reads its memory at
+    unified: bool = False   # GPU memory is part of `ram` (DGX Spark, Apple)
+    link_bw: float = 25 * GB    # host->GPU copies (PCIe 4.0 x16); prompt batches stream CPU experts
+    gpu_flops: float = 0.0      # dense f16 matmul rate llama.cpp reaches, FLOP/s
+    gpu_efficiency: float = 0.65  # share of gpu_bw a decode step reaches (DGX Spark: ~20 tok/s reported)
+    cpu_flops: float = 0.5e12   # quantized matmul rate of the CPU, FLOP/s
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.vram > 0
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    Profile("gpu-12gb", "12 GB GPU (RTX 4070 class), 64 GB dual-channel DDR5",
+            ram=64 * GiB, mem_bw=70 * GB, vram=12 * GiB, gpu_bw=504 * GB, gpu_flops=30e12),
+    Profile("gpu-16gb", "16 GB GPU (RTX 4070 Ti Super class), 96 GB dual-channel DDR5",
+            ram=96 * GiB, mem_bw=70 * GB, vram=16 * GiB, gpu_bw=672 * GB, gpu_flops=45e12),
+    Profile("gpu-24gb", "24 GB GPU (RTX 4090 class), 128 GB dual-channel DDR5",
+            ram=128 * GiB, mem_bw=75 * GB, vram=24 * GiB, gpu_bw=1008 * GB, gpu_flops=80e12),
+    Profile("gpu-32gb", "32 GB GPU (RTX 5090 class), 128 GB dual-channel DDR5",
+            ram=128 * GiB, mem_bw=80 * GB, vram=32 * GiB, gpu_bw=1792 * GB, gpu_flops=105e12,
+            link_bw=50 * GB),
+    Profile("dgx-spark", "NVIDIA DGX Spark: 128 GB unified LPDDR5x",
+            ram=128 * GiB, mem_bw=273 * GB, vram=128 * GiB, gpu_bw=273 * GB, unified=True,
+            gpu_flops=50e12, cpu_flops=1e12),
+    Profile("apple-128gb", "Apple silicon Ultra, 128 GB unified memory (GPU may wire 75%)",
+            ram=128 * GiB, mem_bw=400 * GB, vram=96 * GiB, gpu_bw=800 * GB, unified=True,
+            gpu_flops=20e12, cpu_flops=1e12, gpu_efficiency=0.35),  # M1 Ultra: ~36 tok/s reported
+    Profile("cpu", "CPU only, 128 GB DDR5 (no GPU)", ram=128 * GiB, mem_bw=75 * GB),
+)}
+CUSTOM = "custom"
+
+# what the plan keeps free: the CUDA context and allocator slack on a GPU, the OS and page
+# cache for the running program in system memory
+GPU_RESERVE = 512 << 20
+GPU_MARGIN = 0.05
+RAM_RESERVE = 4 * GiB
+RAM_MARGIN = 0.05
+# share of the read bandwidth a CPU decode step reaches (llama.cpp: 65-80% measured here)
+CPU_EFFICIENCY = 0.7
+# a CPU-only decode step also pays thread synchronisation on every op of every layer
+CPU_LAYER_S = 50e-6
+# a layer whose experts sit in system RAM while the rest is on the GPU costs two small copies
+# and a synchronisation per token
+SPLIT_LAYER_S = 40e-6
+# quantized KV when f16 would take more than this share of the usable VRAM
+KV_SHARE = 1 / 6
+
+
+def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: float | None = None,
+            mem_bw_gbs: float | None = None, gpu_bw_gbs: float | None = None) -> Profile:
+    """A named profile, with any of its figures replaced (GB and GB/s are 10^9 units;
+    capacities are taken as GiB, as vendors sell them)."""
+    if profile == CUSTOM:
+        if ram_gb is None or mem_bw_gbs is None:
+            raise StepGGUFError("the custom profile needs --ram and --mem-bw (and --vram and "
+                                "--gpu-bw for a GPU)")
+        if bool(vram_gb) != bool(gpu_bw_gbs):
+            raise StepGGUFError("give --vram and --gpu-bw together for a GPU")
+        base = Profile(CUSTOM, "custom machine", ram=0, mem_bw=0)
+    elif profile in PROFILES:
+        base = PROFILES[profile]
+    else:
+        raise StepGGUFError(f"unknown profile {profile!r}; choose one of "
+                            f"{', '.join([*PROFILES, CUSTOM])}")
+    changes: dict = {}
+    for key, value, unit in (("vram", vram_gb, GiB), ("ram", ram_gb, GiB),
+                             ("mem_bw", mem_bw_gbs, GB), ("gpu_bw", gpu_bw_gbs, GB)):
+        if value is not None:
+            if not (value >= 0 and math.isfinite(value)):
+                raise StepGGUFError(f"--{key.replace('_', '-')} must be a non-negative number")
+            changes[key] = int(value * unit) if unit == GiB else value * unit
+    out = replace(base, **changes)
+    if out.vram and not out.gpu_flops:
+        out = replace(out, gpu_flops=out.gpu_bw * 60)  # typical FLOP:byte balance of consumer GPUs
+    if out.ram <= 0 or out.mem_bw <= 0:
+        raise StepGGUFError("the machine needs positive --ram and --mem-bw")
+    return out
+
+
+# ----------------------------------------------------------------------------- the model
+
+KV_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
+            "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+_EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    bytes: int
+    n_params: int
+
+    @property
+    def layer(self) -> int | None:
+        m = _LAYER.match(self.name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What placement needs to know about a model, from a GGUF header or a config + recipe."""
+
+    name: str
+    n_layer: int                    # trunk
+    n_nextn: int                    # MTP blocks after the trunk
+    is_swa: tuple[bool, ...]        # per layer, trunk + MTP
+    n_head_kv: tuple[int, ...]
+    head_dim: int
+    window: int
+    n_vocab: int
+    n_embd: int
+    n_expert: int
+    n_expert_used: int
+    expert_ff: int
+    max_heads: int
+    tensors: tuple[Tensor, ...]
+
+    def kind(self, t: Tensor) -> str:
+        """The class a tensor is reported and placed under."""
+        layer = t.layer
+        if layer is not None and layer >= self.n_layer:
+            return "mtp"
+        if _EXPERTS.match(t.name):
+            return "experts"
+        if t.name.startswith("token_embd"):
+            return "embeddings"
+        if t.name.startswith("output"):
+            return "output"
+        if "_shexp" in t.name:
+            return "shared"
+        if "attn" in t.name:
+            return "attention"
+        if "ffn_gate_inp" in t.name or "exp_probs" in t.name:
+            return "router"
+        if "norm" in t.name:
+            return "norms"
+        return "dense"
+
+    def read_per_token(self, t: Tensor) -> float:
+        """Bytes one decoded token reads of `t`."""
+        if t.name.startswith("token_embd"):
+            return t.bytes / self.n_vocab
+        if _EXPERTS.match(t.name):
+            return t.bytes * self.n_expert_used / self.n_expert
+        return t.bytes
+
+    def active_params(self, t: Tensor) -> float:
+        return self.read_per_token(t) / t.bytes * t.n_params if t.bytes else 0.0
+
+
+def facts(src: str | os.PathLike, scheme: str | None = None) -> ModelFacts:
+    """Sizes and shapes of a GGUF as it is, or of a checkpoint folder / config.json under a
+    quantization scheme (default int4-mixed), priced by the quantizer's dry run."""
+    src = Path(src)
+    if src.is_file() and src.suffix != ".json":
+        if scheme:
+            raise StepGGUFError(f"{src} is already a GGUF; --scheme prices a checkpoint or config")
+        with malformed(src, SourceError, "is not a readable GGUF"):
+            return _gguf_facts(src)
+    from .quantize import open_source  # noqa: PLC0415 (headers only, no runtime)
+    from .recipe import load_recipe  # noqa: PLC0415
+
+    source = open_source(src, load_recipe(scheme or "int4-mixed"))
+    cfg = (source.opened.cfg if source.opened else _config_of(source.path))
+    tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in source.plans)
+    return ModelFacts(src.name, cfg.n_layer, cfg.n_nextn, cfg.is_swa, cfg.n_head_kv, cfg.head_dim,
+                      cfg.sliding_window, cfg.vocab_size, cfg.hidden_size, cfg.n_expert,
+                      cfg.n_expert_used, cfg.expert_ff, max(cfg.n_head), tensors)
+
+
+def _config_of(path: Path):
+    from .quantize import _config  # noqa: PLC0415
+
+    return _config(path)
+
+
+def _gguf_facts(path: Path) -> ModelFacts:
+    reader = gguf.GGUFReader(path)
+    arch = reader.get_field("general.architecture")
+    if arch is None or arch.contents() != ARCH:
+        raise SourceError(f"{path} is not a Step 3.5 GGUF (architecture "
+                          f"{arch.contents() if arch else 'missing'}, expected {ARCH})")
+
+    def kv(key: str, default=None):
+        f = reader.get_field(f"{ARCH}.{key}")
+        if f is None:
+            if default is None:
+                raise SourceError(f"{path} lacks the key {ARCH}.{key}")
+            return default
+        return f.contents()
+
+    n_all = int(kv("block_count"))
+    n_nextn = int(kv("nextn_predict_layers", 0))
+
+    def per_layer(value) -> tuple:
+        values = tuple(value) if isinstance(value, list) else (value,) * n_all
+        if len(values) < n_all:
+            raise SourceError(f"{path} has a per-layer array shorter than block_count {n_all}")
+        return values[:n_all]
+
+    heads = per_layer(kv("attention.head_count"))
+    size = path.stat().st_size
+    tensors = []
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise SourceError(f"{path} is truncated: {t.name} ends past the end of the file")
+        tensors.append(Tensor(t.name, int(t.n_bytes), int(t.n_elements)))
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise SourceError(f"{path} has no token_embd.weight")
+    return ModelFacts(
+        path.name, n_all - n_nextn, n_nextn,
+        tuple(bool(x) for x in per_layer(kv("attention.sliding_window_pattern", [False] * n_all))),
+        tuple(int(x) for x in per_layer(kv("attention.head_count_kv"))),
+        int(kv("attention.key_length")), int(kv("attention.sliding_window", 0)),
+        int(embd.shape[1]), int(kv("embedding_length")), int(kv("expert_count", 1)),
+        int(kv("expert_used_count", 1)), int(kv("expert_feed_forward_length", 0)),
+        max(int(h) for h in heads), tuple(tensors))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def pad256(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+def kv_positions(m: ModelFacts, layer: int, ctx: int, n_ubatch: int, n_seq: int = 1) -> int:
+    """Cache cells llama.cpp allocates for `layer` (window-sized sliding cache, unified KV:
+    src/llama-kv-cache-iswa.cpp)."""
+    if m.is_swa[layer] and m.window:
+        return pad256(min(ctx, m.window * n_seq + n_ubatch))
+    return pad256(ctx)
+
+
+def kv_bytes(m: ModelFacts, layers: range, ctx: int, kv_type: str, n_ubatch: int,
+             n_seq: int = 1) -> int:
+    per_elem = KV_TYPES[kv_type]
+    return int(sum(kv_positions(m, i, ctx, n_ubatch, n_seq) * m.n_head_kv[i] * m.head_dim * 2 * per_elem
+                   for i in layers))
+
+
+def compute_buffer(m: ModelFacts, n_ubatch: int) -> int:
+    """Scratch of one context's graph at `n_ubatch` tokens with flash attention: the f32
+    logits dominate, then the experts' gate/up activations, queries and residual copies."""
+    per_token = m.n_vocab + 2 * m.n_expert_used * m.expert_ff + 3 * m.max_heads * m.head_dim \
+        + 8 * m.n_embd
+    return 4 * n_ubatch * per_token
+
+
+def checkpoint_bytes(m: ModelFacts, kv_type: str, n_ubatch: int) -> int:
+    """One llama-server context checkpoint: the sliding layers' cache of one sequence, at most
+    a window plus a micro-batch of positions."""
+    return int(sum((m.window + n_ubatch) * m.n_head_kv[i] * m.head_dim * 2 * KV_TYPES[kv_type]
+                   for i in range(m.n_layer) if m.is_swa[i]))
+
+
+def kv_read(m: ModelFacts, pos: int, kv_type: str) -> float:
+    """Cache bytes one decode step at position `pos` reads: every past position of a full
+    layer, at most a window of a sliding one."""
+    return sum(min(pos, m.window if m.is_swa[i] and m.window else pos) * m.n_head_kv[i]
+               * m.head_dim * 2 * KV_TYPES[kv_type] for i in range(m.n_layer))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Device:
+    name: str
+    capacity: int               # bytes the plan may use here
+    bandwidth: float            # bytes/s a decode step reads at
+    tensors: list[Tensor] = field(default_factory=list)
+    extra: dict[str, int] = field(default_factory=dict)   # KV, compute buffers, checkpoints
+
+    @property
+    def weights(self) -> int:
+        return sum(t.bytes for t in self.tensors)
+
+    @property
+    def bytes(self) -> int:
+        return self.weights + sum(self.extra.values())
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.bytes
+
+
+@dataclass
+class Plan:
+    model: ModelFacts
+    profile: Profile
+    ctx: int
+    kv_type: str
+    n_batch: int
+    n_ubatch: int
+    parallel: int
+    checkpoints: int
+    mtp: bool
+    devices: list[Device]
+    gpu_layers: int
+    cpu_tensors: list[str]          # tensors overridden to the CPU while the layers are on the GPU
+    predicted_decode_tps: float
+    predicted_decode_tps_full: float
+    predicted_prompt_tps: float
+    notes: list[str]
+
+    @property
+    def kv_bytes(self) -> int:
+        return kv_bytes(self.model, range(self.model.n_layer), self.ctx, self.kv_type,
+                        self.n_ubatch, self.parallel)
+
+    def classes(self) -> dict[str, dict[str, int]]:
+        """Weight bytes per class on each device."""
+        out: dict[str, dict[str, int]] = {}
+        for d in self.devices:
+            per = out.setdefault(d.name, {})
+            for t in d.tensors:
+                k = self.model.kind(t)
+                per[k] = per.get(k, 0) + t.bytes
+        return out
+
+    def override_patterns(self) -> list[str]:
+        """`-ot` regexes that keep exactly `cpu_tensors` in system memory: one per set of
+        layers, naming the tensors that set keeps there."""
+        by_tensor: dict[str, set[int]] = {}
+        for name in self.cpu_tensors:
+            layer, _, suffix = name.partition(".")[2].partition(".")
+            by_tensor.setdefault(suffix, set()).add(int(layer))
+        by_layers: dict[tuple[int, ...], list[str]] = {}
+        for suffix, layers in by_tensor.items():
+            by_layers.setdefault(tuple(sorted(layers)), []).append(re.escape(suffix))
+        return [rf"^blk\.({'|'.join(map(str, layers))})\.({'|'.join(sorted(tails))})$"
+                for layers, tails in by_layers.items()]
+
+    def server_args(self, model_path: str) -> list[str]:
+        args = ["-m", model_path, "-c", str(self.ctx), "-b", str(self.n_batch),
+                "-ub", str(self.n_ubatch), "-np", str(self.parallel),
+                "--ctx-checkpoints", str(self.checkpoints), "-ctk", self.kv_type,
+                "-ctv", self.kv_type, "-fa", "on", "-ngl", str(self.gpu_layers)]
+        if self.gpu_layers:
+            args += [a for p in self.override_patterns() for a in ("-ot", f"{p}=CPU")]
+        if self.profile.unified:
+            args.append("--no-mmap")  # otherwise the page cache holds a second copy in the pool
+        if self.mtp:
+            args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.model.n_nextn)]
+        return args + ["--jinja", "--reasoning-format", "deepseek"]
+
+    def to_json(self, model_path: str) -> dict:
+        return {
+            "model": self.model.name, "profile": self.profile.name, "ctx": self.ctx,
+            "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch, "parallel": self.parallel,
+            "ctx_checkpoints": self.checkpoints, "mtp": self.mtp, "gpu_layers": self.gpu_layers,
+            "devices": [{"name": d.name, "capacity": d.capacity, "bytes": d.bytes,
+                         "weights": d.weights, "buffers": dict(d.extra),
+                         "classes": self.classes().get(d.name, {}),
+                         "tensors": [t.name for t in d.tensors]} for d in self.devices],
+            "cpu_overrides": self.override_patterns() if self.gpu_layers else [],
+            "predicted_decode_tps": round(self.predicted_decode_tps, 3),
+            "predicted_decode_tps_full_ctx": round(self.predicted_decode_tps_full, 3),
+            "predicted_prompt_tps": round(self.predicted_prompt_tps, 3),
+            "server_args": self.server_args(model_path), "notes": self.notes,
+        }
+
+
+def _usable(profile: Profile) -> tuple[int, int]:
+    """(GPU bytes, system bytes) the plan may fill; small machines keep proportionally less."""
+    ram = int(profile.ram * (1 - RAM_MARGIN)) - min(RAM_RESERVE, profile.ram // 8)
+    gpu = int(profile.vram * (1 - GPU_MARGIN)) - min(GPU_RESERVE, profile.vram // 8)
+    return max(gpu, 0), max(ram, 0)
+
+
+def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: str | None = None,
+         mtp: bool = True, parallel: int = 1, n_ubatch: int = 512, checkpoints: int = 8) -> Plan:
+    """Place `m` on `profile` for a context of `ctx` tokens; raises when it cannot fit.
+
+    Without `kv_type` the cache is f16, or q8_0 where f16 would take more than KV_SHARE of a
+    discrete GPU or would not fit at all.
+    """
+    if ctx < 1 or parallel < 1 or n_ubatch < 1 or checkpoints < 0:
+        raise StepGGUFError("--ctx, --parallel and the batch size must be at least 1")
+    if kv_type is not None and kv_type not in KV_TYPES:
+        raise StepGGUFError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+    mtp = mtp and any(m.kind(t) == "mtp" for t in m.tensors)
+    place = lambda kv, notes: _place(m, profile, ctx, kv, mtp, parallel, n_ubatch,  # noqa: E731
+                                     checkpoints, notes)
+    if kv_type is not None:
+        return place(kv_type, [])
+    gpu_cap, _ = _usable(profile)
+    if profile.has_gpu and not profile.unified and \
+            kv_bytes(m, range(m.n_layer), ctx, "f16", n_ubatch, parallel) > KV_SHARE * gpu_cap:
+        return place("q8_0", [f"KV cache in q8_0: in f16 it would take over {KV_SHARE:.0%} of "
+                              "the GPU's memory"])
+    try:
+        return place("f16", [])
+    except StepGGUFError:
+        return place("q8_0", ["KV cache in q8_0: in f16 the model and cache do not fit"])
+
+
+def _place(m: ModelFacts, profile: Profile, ctx: int, kv_type: str, mtp: bool, parallel: int,
+           n_ubatch: int, checkpoints: int, notes: list[str]) -> Plan:
+    gpu_cap, ram_cap = _usable(profile)
+    buffers = {"kv": kv_bytes(m, range(m.n_layer), ctx, kv_type, n_ubatch, parallel),
+               "compute": compute_buffer(m, n_ubatch)}
+    if mtp:  # the draft context: its heads' cache and its own graph
+        buffers["kv_mtp"] = kv_bytes(m, range(m.n_layer, m.n_layer + m.n_nextn), ctx, kv_type,
+                                     n_ubatch, parallel)
+        buffers["compute_mtp"] = compute_buffer(m, n_ubatch)
+    used = [t for t in m.tensors if mtp or m.kind(t) != "mtp"]
+    embd = [t for t in used if m.kind(t) == "embeddings"]  # llama.cpp keeps the input layer on the CPU
+    # MTP experts before the trunk's: a draft step runs one head alone, so a head in system
+    # memory pays a GPU->CPU round trip for every drafted token
+    experts = [t for t in used if _EXPERTS.match(t.name) and m.kind(t) == "mtp"] + \
+              [t for t in used if m.kind(t) == "experts"]
+    first = [t for t in used if t not in embd and t not in experts]
+    ckpt = checkpoint_bytes(m, kv_type, n_ubatch) * checkpoints * parallel
+    cpu = Device("CPU", ram_cap, profile.mem_bw * CPU_EFFICIENCY, list(embd),
+                 {"context_checkpoints": ckpt})
+    gpu = None
+    if profile.has_gpu:
+        gpu = Device("GPU", min(gpu_cap, ram_cap) if profile.unified else gpu_cap,
+                     profile.gpu_bw * profile.gpu_efficiency, list(first), dict(buffers))
+        if gpu.free < 0:
+            notes.append(f"the GPU cannot hold the non-expert weights, KV cache and buffers "
+                         f"({_gib(gpu.bytes)} > {_gib(gpu.capacity)}): everything runs on the CPU")
+            gpu = None
+    if gpu is None:
+        cpu.tensors, devices, rest = list(used), [cpu], []
+        cpu.extra.update(buffers)
+    else:
+        rest = []
+        for t in experts:
+            room = gpu.free
+            if profile.unified:  # one pool: what the CPU holds is gone for the GPU too
+                room = min(room, ram_cap - gpu.bytes - cpu.bytes)
+            (gpu.tensors if t.bytes <= room else rest).append(t)
+        cpu.tensors += rest
+        if rest:
+            cpu.extra["compute_host"] = compute_buffer(m, n_ubatch)
+        if profile.unified:
+            cpu.capacity = ram_cap - gpu.bytes
+        devices = [gpu, cpu]
+    if cpu.bytes > cpu.capacity:
+        room = gpu_cap + ram_cap if gpu is not None and not profile.unified else ram_cap
+        raise StepGGUFError(
+            f"{m.name} does not fit {profile.name}: it needs {_gib(sum(d.bytes for d in devices))} "
+            f"(weights, {kv_type} KV cache and buffers at ctx {ctx}) but the machine has "
+            f"{_gib(room)} usable; use a smaller scheme or context, or a larger machine")
+    return Plan(m, profile, ctx, kv_type, max(n_ubatch, 2048) if gpu else n_ubatch, n_ubatch,
+                parallel, checkpoints, mtp, devices,
+                m.n_layer + m.n_nextn + 1 if gpu is not None else 0, [t.name for t in rest],
+                *(_decode_tps(m, devices, kv_type, pos) for pos in (0, ctx)),
+                _prompt_tps(m, devices, profile, n_ubatch), notes)
+
+
+def _decode_tps(m: ModelFacts, devices: list[Device], kv_type: str, pos: int) -> float:
+    """Tokens/s of plain decoding at position `pos`: bytes read on each device over its rate."""
+    seconds = 0.0
+    for d in devices:
+        read = sum(m.read_per_token(t) for t in d.tensors if t.layer is None or t.layer < m.n_layer)
+        if "kv" in d.extra:
+            read += kv_read(m, pos, kv_type)
+        seconds += read / d.bandwidth
+    if len(devices) > 1:
+        split = {t.layer for t in devices[1].tensors if m.kind(t) == "experts"}
+        seconds += SPLIT_LAYER_S * len(split)
+    else:
+        seconds += CPU_LAYER_S * m.n_layer
+    return 1 / seconds if seconds else 0.0
+
+
+def _prompt_tps(m: ModelFacts, devices: list[Device], profile: Profile, n_ubatch: int) -> float:
+    """Tokens/s of prompt processing: compute-bound on the device doing the matmuls; with a GPU,
+    llama.cpp also copies system-memory experts to it once per micro-batch."""
+    flops = 2 * sum(m.active_params(t) for d in devices for t in d.tensors
+                    if t.layer is None or t.layer < m.n_layer)
+    if len(devices) == 1:
+        return profile.cpu_flops / flops if flops else 0.0
+    seconds = flops / profile.gpu_flops
+    if not profile.unified:
+        seconds += sum(t.bytes for t in devices[1].tensors if _EXPERTS.match(t.name)) \
+            / (profile.link_bw * n_ubatch)
+    return 1 / seconds if seconds else 0.0
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"

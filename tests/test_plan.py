@@ -1,0 +1,148 @@
+"""The placement planner against numbers computed by hand for the real 196B config."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from step_gguf import plan as P
+from step_gguf.cli import main
+from step_gguf.errors import StepGGUFError
+
+REAL = Path(__file__).parent / "data" / "step3p5-flash-config.json"
+GiB = 1 << 30
+# one cached position of one layer, f16: K and V, 8 KV heads x 128 dims x 2 bytes
+POS = 2 * 8 * 128 * 2
+# per routed-expert tensor of the real model: 288 experts x 1280 x 4096 weights
+EXPERT_WEIGHTS = 288 * 1280 * 4096
+Q4_K, Q5_K = EXPERT_WEIGHTS // 256 * 144, EXPERT_WEIGHTS // 256 * 176
+
+
+@pytest.fixture(scope="module")
+def real():
+    return P.facts(REAL)   # priced under int4-mixed, from the config alone
+
+
+@pytest.mark.parametrize("ctx, expected", [
+    # 12 full-attention layers keep every position; 33 sliding layers keep the 512-token window
+    # plus one 512-token micro-batch (llama.cpp's window-sized cache, padded to 256)
+    (32768, 12 * 32768 * POS + 33 * 1024 * POS),      # 1.63 GiB
+    (131072, 12 * 131072 * POS + 33 * 1024 * POS),    # 6.13 GiB
+])
+def test_kv_bytes_of_the_real_model(real, ctx, expected):
+    assert P.kv_bytes(real, range(45), ctx, "f16", 512) == expected
+    assert P.plan(real, P.machine("cpu", ram_gb=512), ctx, kv_type="f16").kv_bytes == expected
+
+
+def test_bytes_per_class_at_int4_mixed(real):
+    by_class: dict[str, int] = {}
+    for t in real.tensors:
+        by_class[real.kind(t)] = by_class.get(real.kind(t), 0) + t.bytes
+    # 42 MoE layers: gate and up Q4_K everywhere, down Q5_K on the first and last quarter of
+    # the trunk (layers 3-11 and 32-44: 22 layers) and Q4_K on the 20 between
+    assert by_class["experts"] == 42 * 2 * Q4_K + 22 * Q5_K + 20 * Q4_K
+    # embeddings: 128896 x 4096 in Q8_0 (34 bytes per 32 weights)
+    assert by_class["embeddings"] == 128896 * 4096 // 32 * 34
+    # output: 128896 x 4096 in Q6_K (210 bytes per 256) plus the F32 output norm
+    assert by_class["output"] == 128896 * 4096 // 256 * 210 + 4096 * 4
+    # the three MTP blocks are dense decoder layers (moe_layers stops at 44)
+    assert set(by_class) == {"experts", "embeddings", "output", "attention", "dense", "shared",
+                             "router", "norms", "mtp"}
+    share = by_class["experts"] / sum(by_class.values())
+    assert 0.93 < share < 0.97
+
+
+def test_what_lands_on_a_24gb_card_at_64k(real):
+    p = P.plan(real, P.machine("gpu-24gb"), 65536)
+    gpu, cpu = p.devices
+    assert p.kv_type == "f16"   # 3.1 GiB is under a sixth of the card
+    usable = int(24 * GiB * 0.95) - (512 << 20)
+    assert gpu.capacity == usable
+    kv = 12 * 65536 * POS + 33 * 1024 * POS
+    kv_mtp = 3 * 65536 * POS          # the MTP blocks are full-attention layers
+    compute = 4 * 512 * (128896 + 2 * 8 * 1280 + 3 * 96 * 128 + 8 * 4096)   # per context
+    assert gpu.extra == {"kv": kv, "kv_mtp": kv_mtp, "compute": compute, "compute_mtp": compute}
+    # every non-expert tensor but the embeddings goes first, the MTP blocks among them
+    fixed = sum(t.bytes for t in real.tensors
+                if real.kind(t) not in ("experts", "embeddings"))
+    assert {t.name for t in gpu.tensors if real.kind(t) != "experts"} == \
+        {t.name for t in real.tensors if real.kind(t) not in ("experts", "embeddings")}
+    # then whole MoE layers in order: layers 3-11 hold Q5_K down + 2 x Q4_K gate/up
+    room = usable - fixed - kv - kv_mtp - 2 * compute
+    per_layer = Q5_K + 2 * Q4_K
+    n_layers = room // per_layer
+    assert n_layers == 4 and room - 4 * per_layer < Q4_K   # no further tensor fits
+    on_gpu = {t.name for t in gpu.tensors if real.kind(t) == "experts"}
+    assert on_gpu == {f"blk.{i}.ffn_{w}_exps.weight" for i in range(3, 7)
+                      for w in ("gate", "up", "down")}
+    assert {t.name for t in cpu.tensors} == \
+        {t.name for t in real.tensors if real.kind(t) in ("experts", "embeddings")} - on_gpu
+
+
+def test_server_args_keep_exactly_the_planned_tensors_on_the_cpu(real):
+    p = P.plan(real, P.machine("gpu-24gb"), 65536)
+    args = p.server_args("m.gguf")
+    pats = [re.compile(args[i + 1].rsplit("=", 1)[0]) for i, a in enumerate(args) if a == "-ot"]
+    assert pats
+    matched = {t.name for t in real.tensors if any(r.search(t.name) for r in pats)}
+    assert matched == set(p.cpu_tensors)
+    assert args[args.index("-ngl") + 1] == str(45 + 3 + 1)
+    assert args[args.index("--spec-type") + 1] == "draft-mtp"
+    assert args[args.index("--spec-draft-n-max") + 1] == "3"
+
+
+def test_refuses_a_machine_the_model_cannot_fit(real):
+    # 12 GB GPU + 64 GB RAM: about 68 GiB usable for 111 GiB of weights
+    with pytest.raises(StepGGUFError, match=r"does not fit gpu-12gb: it needs 1\d\d\.\d\d GiB"):
+        P.plan(real, P.machine("gpu-12gb"), 32768)
+    r = CliRunner().invoke(main, ["plan", str(REAL), "--profile", "gpu-12gb"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "does not fit" in r.output
+
+
+def test_long_context_quantizes_the_cache_where_f16_does_not_fit(real):
+    p = P.plan(real, P.machine("dgx-spark"), 131072)
+    assert p.kv_type == "q8_0" and p.notes
+    with pytest.raises(StepGGUFError, match="does not fit"):
+        P.plan(real, P.machine("dgx-spark"), 131072, kv_type="f16")
+
+
+def test_unified_memory_shares_one_pool(real):
+    p = P.plan(real, P.machine("dgx-spark"), 32768)
+    _, usable_ram = P._usable(P.machine("dgx-spark"))
+    assert sum(d.bytes for d in p.devices) <= usable_ram
+    assert "--no-mmap" in p.server_args("m.gguf")
+
+
+def test_cpu_only_has_no_overrides_and_reads_less_with_fewer_experts(real):
+    p = P.plan(real, P.machine("cpu"), 8192)
+    assert len(p.devices) == 1 and p.gpu_layers == 0 and "-ot" not in p.server_args("m")
+    # decode reads the non-expert weights plus top_k / n_expert = 8/288 of the experts
+    read = sum(t.bytes * (8 / 288 if real.kind(t) == "experts" else 1)
+               for t in real.tensors if real.kind(t) not in ("mtp", "embeddings")) \
+        + 128896 * 4096 // 32 * 34 / 128896
+    bw = P.machine("cpu").mem_bw * P.CPU_EFFICIENCY
+    assert p.predicted_decode_tps == pytest.approx(1 / (read / bw + 45 * P.CPU_LAYER_S), rel=1e-9)
+
+
+def test_custom_profile_needs_its_figures():
+    with pytest.raises(StepGGUFError, match="--ram and --mem-bw"):
+        P.machine("custom")
+    with pytest.raises(StepGGUFError, match="unknown profile"):
+        P.machine("gpu-7gb")
+    m = P.machine("custom", ram_gb=32, mem_bw_gbs=20, vram_gb=8, gpu_bw_gbs=300)
+    assert m.vram == 8 * GiB and m.gpu_bw == 300e9
+
+
+def test_plan_json_from_a_gguf(gguf_file):
+    r = CliRunner().invoke(main, ["plan", str(gguf_file("tiny", "bf16")), "--profile", "custom",
+                                  "--ram", "1", "--mem-bw", "10", "--vram", "0.5", "--gpu-bw",
+                                  "100", "-c", "256", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert {"kv_bytes", "devices", "predicted_decode_tps", "server_args"} <= set(out)
+    assert out["server_args"][:2] == ["-m", str(gguf_file("tiny", "bf16"))]
+    names = [n for d in out["devices"] for n in d["tensors"]]
+    assert len(names) == len(set(names))   # each tensor placed once
