@@ -11,6 +11,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -18,12 +19,15 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import RuntimeMissingError, StepGGUFError
 from .build import MANIFEST, series_id
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +72,36 @@ def check() -> RuntimeInfo:
     return RuntimeInfo(built, manifest["backend"], Path(manifest["bin_dir"]))
 
 
+@dataclass(frozen=True)
+class KVCache:
+    """One KV cache llama.cpp allocated, as its load log reports it."""
+
+    cells: int
+    layers: int
+    bytes: int
+
+
+_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers")
+_OVERRIDE_LINE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+
+
 class Model:
     """A loaded GGUF. Create it with `load()`; its lifetime is the `with` block."""
 
-    def __init__(self, llm) -> None:
+    def __init__(self, llm, load_log: list[str]) -> None:
         self._llm = llm
+        self.load_log = load_log
+
+    @property
+    def overridden(self) -> dict[str, str]:
+        """Tensors that a buffer-type override placed, and the buffer type each got."""
+        return {m.group(1): m.group(2) for line in self.load_log if (m := _OVERRIDE_LINE.search(line))}
+
+    @property
+    def kv_caches(self) -> list[KVCache]:
+        """The context's KV caches (a sliding-window model has one for each kind of layer)."""
+        return [KVCache(int(m.group(2)), int(m.group(3)), round(float(m.group(1)) * (1 << 20)))
+                for line in self.load_log if (m := _KV_LINE.search(line))]
 
     @property
     def n_vocab(self) -> int:
@@ -117,11 +146,55 @@ class ChatResult:
 
 
 @contextlib.contextmanager
+def _captured_log() -> Iterator[list[str]]:
+    """llama.cpp's log lines (debug level included) while the block runs; the placement and
+    cache sizes are read back from them."""
+    import llama_cpp  # noqa: PLC0415
+    from llama_cpp import _logger  # noqa: PLC0415
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level, text, user_data):
+        line = text.decode(errors="replace")
+        lines.append(line)
+        log.debug("llama.cpp: %s", line.rstrip())
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _buffer_type(name: str) -> int:
+    """The ggml buffer type called `name` ("CPU", "CUDA0", ...) on this build's devices."""
+    from llama_cpp._ggml import libggml  # noqa: PLC0415
+
+    for fn, res, args in (("ggml_backend_dev_count", ctypes.c_size_t, []),
+                          ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                          ("ggml_backend_dev_buffer_type", ctypes.c_void_p, [ctypes.c_void_p]),
+                          ("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p])):
+        getattr(libggml, fn).restype, getattr(libggml, fn).argtypes = res, args
+    names = []
+    for i in range(libggml.ggml_backend_dev_count()):
+        buft = libggml.ggml_backend_dev_buffer_type(libggml.ggml_backend_dev_get(i))
+        names.append(libggml.ggml_backend_buft_name(buft).decode())
+        if names[-1] == name:
+            return buft
+    raise StepGGUFError(f"this runtime has no {name} buffer type (it has {', '.join(names)})")
+
+
+@contextlib.contextmanager
 def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
          n_gpu_layers: int = 0, logits_all: bool = False, exact: bool = False,
+         plan: "Plan | None" = None, swa_full: bool = False,
          verbose: bool = False) -> Iterator[Model]:
     """Load a GGUF with the patched runtime.
 
+    `plan` (from `step_gguf.plan`) sets the context, GPU layers, KV cache type, batch sizes,
+    flash attention and the tensors kept in system memory (llama.cpp's tensor buffer-type
+    overrides). The sliding-window layers cache only their window unless `swa_full`.
     `exact` keeps the KV cache in F32 (parity tests): with the default F16 cache, logits of an
     F32 GGUF move by ~1e-4 relative (4e-7 with F32) on the tiny synthetic model.
     """
@@ -129,19 +202,27 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
     path = Path(gguf_path)
     if not path.is_file():
         raise StepGGUFError(f"{path} does not exist; convert a checkpoint first (step-gguf convert)")
+    import llama_cpp  # noqa: PLC0415
     from llama_cpp import Llama  # noqa: PLC0415
 
-    kv = {}
+    kwargs: dict = {"n_ctx": n_ctx, "n_batch": min(n_ctx, 512), "n_gpu_layers": n_gpu_layers}
+    if plan is not None:
+        kv = getattr(llama_cpp, f"GGML_TYPE_{plan.kv_type.upper()}")
+        kwargs = {"n_ctx": plan.ctx, "n_batch": plan.n_batch, "n_ubatch": plan.n_ubatch,
+                  "n_gpu_layers": plan.gpu_layers, "type_k": kv, "type_v": kv, "flash_attn": True}
+        if plan.gpu_layers and plan.cpu_tensors:
+            cpu = _buffer_type("CPU")
+            kwargs["tensor_buft_overrides"] = [(p, cpu) for p in plan.override_patterns()]
     if exact:
-        import llama_cpp  # noqa: PLC0415
-        kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+        kwargs |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     try:
-        llm = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads,
-                    n_gpu_layers=n_gpu_layers, logits_all=logits_all, verbose=verbose, **kv)
+        with _captured_log() as lines:
+            llm = Llama(str(path), n_threads=n_threads, logits_all=logits_all, verbose=verbose,
+                        swa_full=swa_full, **kwargs)
     except ValueError as exc:
         raise StepGGUFError(f"llama.cpp could not load {path}: {exc}") from exc
     try:
-        yield Model(llm)
+        yield Model(llm, lines)
     finally:
         llm.close()
 
