@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import tempfile
@@ -289,14 +290,38 @@ def recipes(name: str | None, as_toml: bool) -> None:
               "as the FP8 releases do.")
 @click.option("--step3p7", is_flag=True, help="Wrap the decoder the Step 3.7 way "
               "(text_config, model.language_model. prefixes, a vision tower to ignore).")
-def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool) -> None:
+@click.option("--chat-template", "template", type=click.Choice(["simple", "step35"]),
+              default="simple", show_default=True,
+              help="step35: Step 3.5 Flash's own template (reasoning block, XML tool calls), "
+                   "taken from the llama.cpp sources in the llama-cpp-python sdist.")
+@click.option("--script", "script_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A JSON list of distinct text pieces: greedy decoding then "
+                                 "emits them in order after any prompt, and the MTP heads "
+                                 "predict them (for testing parsers and drafting).")
+def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template: str,
+          script_file: Path | None) -> None:
     """Write a synthetic Step 3.5 checkpoint (hub layout, random weights) to the new folder OUT."""
+    import json
+
     from .synth import synth as run_synth
 
+    script: list = []
+    if script_file is not None:
+        try:
+            script = json.loads(script_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise StepGGUFError(f"{script_file} is not JSON ({exc})") from None
+        if not isinstance(script, list) or not all(isinstance(x, str) for x in script):
+            raise StepGGUFError(f"{script_file} must hold a JSON list of strings")
+    chat_template = None
+    if template == "step35":
+        from .runtime.build import STEP35_TEMPLATE, sdist_text
+
+        chat_template = sdist_text(STEP35_TEMPLATE)
     bar = _ByteBar(f"writing {preset} checkpoint")
     try:
         run_synth(out, preset, seed=seed, fp8=fp8, step3p7=step3p7, on_start=bar.start,
-                  on_bytes=bar.advance)
+                  on_bytes=bar.advance, script=script, chat_template=chat_template)
     finally:
         bar.close()
     click.echo(f"wrote {out}")
@@ -429,23 +454,132 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     click.echo("llama-server " + shlex.join(p.server_args(target)))
 
 
-@main.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", default="Hello! Who are you?", show_default=True,
-              help="User message, sent through the GGUF's chat template.")
-@click.option("-n", "--max-tokens", type=int, default=32, show_default=True)
-@click.option("-c", "--ctx", type=int, default=4096, show_default=True, help="Context length.")
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads [all cores].")
-def run(model: Path, prompt: str, max_tokens: int, ctx: int, threads: int | None) -> None:
-    """Generate a chat reply from the GGUF MODEL with the patched runtime."""
+def _planned(model: Path, profile: str | None, ctx: int, mtp: bool):
+    """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
+    or without one this machine's memory on the CPU (a GPU build needs --profile)."""
+    from . import plan as planner
     from .runtime import llama
 
-    with llama.load(model, n_ctx=ctx, n_threads=threads) as m:
-        result = m.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens)
-    click.echo(result.text)
-    click.echo(f"[{result.prompt_tokens} prompt + {result.completion_tokens} generated tokens in "
-               f"{result.seconds:.2f} s, {result.completion_tokens / max(result.seconds, 1e-9):.1f} tok/s]",
+    if profile is None:
+        if llama.check().backend != "cpu":
+            raise StepGGUFError("this runtime is built for a GPU: give --profile (see step-gguf "
+                                "plan --help) so that the plan knows its memory")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / planner.GiB
+        machine = planner.machine("cpu", ram_gb=ram)
+    else:
+        machine = planner.machine(profile)
+    return planner.plan(planner.facts(model), machine, ctx, mtp=mtp)
+
+
+def _stream(kind: str, text: str) -> None:
+    # reasoning goes to stderr, dimmed, so that stdout holds the answer alone
+    if kind == "reasoning":
+        click.secho(text, nl=False, err=True, dim=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _model_options(f):
+    for option in reversed([
+        click.option("-c", "--ctx", type=click.IntRange(1), default=4096, show_default=True,
+                     help="Context length."),
+        click.option("--profile", default=None, metavar="NAME",
+                     help="Machine profile for the placement plan (see step-gguf plan) "
+                          "[this machine's CPU]."),
+        click.option("--no-mtp", is_flag=True,
+                     help="Do not draft with the GGUF's MTP heads (on by default when it has them)."),
+    ]):
+        f = option(f)
+    return click.argument("model", type=click.Path(path_type=Path))(f)
+
+
+@main.command()
+@_model_options
+@click.option("-p", "--prompt", default="Hello! Who are you?", show_default=True,
+              help="User message, sent through the GGUF's chat template.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
+def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, prompt: str, max_tokens: int,
+        seed: int, as_json: bool) -> None:
+    """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
+    with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
+    import json
+
+    from .runtime import llama
+
+    p = _planned(model, profile, ctx, not no_mtp)
+    with llama.serve(model, n_ctx=None, extra_args=p.server_args(str(model))[2:]) as url:
+        reply = llama.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                           seed=seed, on_text=None if as_json else _stream)
+    if as_json:
+        click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp}, indent=1))
+        return
+    click.echo("")
+    accepted = f", MTP acceptance {reply.acceptance:.0%}" if reply.acceptance is not None else ""
+    click.echo(f"[{reply.prompt_tokens} prompt tokens at {reply.prompt_tps:.1f} tok/s, "
+               f"{reply.completion_tokens} generated at {reply.decode_tps:.1f} tok/s{accepted}]",
                err=True)
+
+
+@main.command()
+@_model_options
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--system", default=None, help="System message.")
+def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, max_tokens: int,
+         system: str | None) -> None:
+    """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
+    from .runtime import llama
+
+    p = _planned(model, profile, ctx, not no_mtp)
+    messages = [{"role": "system", "content": system}] if system else []
+    with llama.serve(model, n_ctx=None, extra_args=p.server_args(str(model))[2:]) as url:
+        while True:
+            try:
+                line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+            except (EOFError, click.Abort):
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = llama.chat(url, messages, max_tokens=max_tokens, on_text=_stream)
+            click.echo("")
+            messages.append({"role": "assistant", "content": reply.text})
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the server the way Ctrl-C does
+
+
+@main.command()
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--api-key", default=None, help="Key clients must send (Authorization: Bearer).")
+def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, host: str, port: int,
+          api_key: str | None) -> None:
+    """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
+    MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
+    import signal
+
+    from .runtime import llama
+
+    p = _planned(model, profile, ctx, not no_mtp)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with llama.serve(model, host=host, port=port, n_ctx=None, api_key=api_key,
+                         extra_args=p.server_args(str(model))[2:]) as url:
+            click.echo(f"serving {model.name} at {url}/v1 (OpenAI-compatible); Ctrl-C stops",
+                       err=True)
+            click.echo(f"{url}/v1")
+            sys.stdout.flush()
+            signal.pause()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
 
 
 @main.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -153,6 +154,7 @@ class ModelFacts:
     n_expert_used: int
     expert_ff: int
     max_heads: int
+    n_ctx_train: int
     tensors: tuple[Tensor, ...]
 
     def kind(self, t: Tensor) -> str:
@@ -205,7 +207,8 @@ def facts(src: str | os.PathLike, scheme: str | None = None) -> ModelFacts:
     tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in source.plans)
     return ModelFacts(src.name, cfg.n_layer, cfg.n_nextn, cfg.is_swa, cfg.n_head_kv, cfg.head_dim,
                       cfg.sliding_window, cfg.vocab_size, cfg.hidden_size, cfg.n_expert,
-                      cfg.n_expert_used, cfg.expert_ff, max(cfg.n_head), tensors)
+                      cfg.n_expert_used, cfg.expert_ff, max(cfg.n_head), cfg.context_length,
+                      tensors)
 
 
 def _config_of(path: Path):
@@ -255,7 +258,7 @@ def _gguf_facts(path: Path) -> ModelFacts:
         int(kv("attention.key_length")), int(kv("attention.sliding_window", 0)),
         int(embd.shape[1]), int(kv("embedding_length")), int(kv("expert_count", 1)),
         int(kv("expert_used_count", 1)), int(kv("expert_feed_forward_length", 0)),
-        max(int(h) for h in heads), tuple(tensors))
+        max(int(h) for h in heads), int(kv("context_length")), tuple(tensors))
 
 
 # ----------------------------------------------------------------------------- memory
@@ -423,6 +426,11 @@ def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: str | None = Non
     if kv_type is not None and kv_type not in KV_TYPES:
         raise StepGGUFError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
     mtp = mtp and any(m.kind(t) == "mtp" for t in m.tensors)
+    if ctx > m.n_ctx_train:  # llama-server would cap it the same way
+        return dataclasses.replace(
+            plan(m, profile, m.n_ctx_train, kv_type=kv_type, mtp=mtp, parallel=parallel,
+                 n_ubatch=n_ubatch, checkpoints=checkpoints),
+            notes=[f"context capped at the model's {m.n_ctx_train} tokens"])
     place = lambda kv, notes: _place(m, profile, ctx, kv, mtp, parallel, n_ubatch,  # noqa: E731
                                      checkpoints, notes)
     if kv_type is not None:

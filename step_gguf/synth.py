@@ -17,7 +17,7 @@ import shutil
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -202,7 +202,10 @@ def learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def tokenizer_files(vocab_rows: int) -> dict[str, dict]:
+def tokenizer_files(vocab_rows: int, script: Sequence[str] = (),
+                    chat_template: str | None = None) -> dict[str, dict]:
+    """tokenizer.json and tokenizer_config.json. Each `script` piece becomes one added token
+    that detokenizes as written (not special), so a scripted model emits it whole."""
     merges = learn_merges(CORPUS, n_merges=min(400, vocab_rows // 2))
     vocab = {s: i for i, s in enumerate(byte_symbols())}
     for a, b in merges:
@@ -210,6 +213,9 @@ def tokenizer_files(vocab_rows: int) -> dict[str, dict]:
     added = [{"id": len(vocab) + i, "content": t, "single_word": False, "lstrip": False,
               "rstrip": False, "normalized": False, "special": True}
              for i, t in enumerate(SPECIAL_TOKENS)]
+    added += [{"id": len(vocab) + len(added) + i, "content": t, "single_word": False,
+               "lstrip": False, "rstrip": False, "normalized": False, "special": False}
+              for i, t in enumerate(script)]
     if len(vocab) + len(added) > vocab_rows:
         raise StepGGUFError(f"vocab_size {vocab_rows} is too small for the synthetic tokenizer")
     split = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
@@ -228,7 +234,8 @@ def tokenizer_files(vocab_rows: int) -> dict[str, dict]:
     }
     config = {"add_bos_token": False, "add_eos_token": False, "bos_token": "<|startoftext|>",
               "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 1 << 18,
-              "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
+              "tokenizer_class": "PreTrainedTokenizerFast",
+              "chat_template": chat_template or CHAT_TEMPLATE,
               "clean_up_tokenization_spaces": False}
     return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
 
@@ -288,13 +295,16 @@ class _Spec:
         return math.prod(self.shape) * {"BF16": 2, "F32": 4, "F8_E4M3": 1}[self.dtype]
 
 
-def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: str) -> list[_Spec]:
+def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: str,
+                  script: dict[int, int] | None = None) -> list[_Spec]:
     specs = []
     for idx, (name, shape) in enumerate(cfg.expected_shapes().items()):
         stored = name.replace("model.", prefix, 1) if name.startswith("model.") else name
         std = _std(name, shape, p.hidden)
         rng_seed = (seed, idx)
-        if name.endswith("router_bias"):
+        if script is not None and (fixed := _scripted(name, shape, script)) is not None:
+            specs.append(_Spec(stored, "BF16", shape, fixed))
+        elif name.endswith("router_bias"):
             specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32")))
         elif p.outliers and name.endswith(_OUTLIER_NORMS):
             specs.append(_Spec(stored, "BF16", shape, _outlier_norm(rng_seed, shape, std, p, seed)))
@@ -307,6 +317,40 @@ def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: st
         else:
             specs.append(_Spec(stored, "BF16", shape, _gen(rng_seed, shape, std, "BF16")))
     return specs
+
+
+def _scripted(name: str, shape: tuple[int, ...], successor: dict[int, int]):
+    """Weights under which greedy decoding follows `successor` (token -> next token; every
+    token not in it -> successor[-1]), for the trunk and each MTP head alike.
+
+    Every layer's update of the residual stream is zero (o_proj and down projections), so the
+    final hidden state is the current token's embedding. Embeddings are one-hot: channel 0 for
+    any token outside the script, channel k for the script's k-th token. The head maps channel
+    k to its successor's logit; an MTP head reads only the embedding half of its input
+    ([enorm(embedding), hnorm(hidden)] in llama.cpp), so it predicts the same successor.
+    Other weights stay random: attention, routing and norms all run, with no effect on
+    the tokens. Zero-centred norms scale by 1 + w, positive for the random w used here."""
+    channel = {tok: k + 1 for k, tok in enumerate(t for t in successor if t >= 0)}
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        w = np.zeros(shape, np.float32)
+    elif name.endswith("embed_tokens.weight"):
+        w = np.zeros(shape, np.float32)
+        w[:, 0] = 1.0
+        for tok, k in channel.items():
+            w[tok] = 0.0
+            w[tok, k] = 1.0
+    elif name.endswith(("lm_head.weight", "shared_head.output.weight")):
+        w = np.zeros(shape, np.float32)
+        gain = 20.0 / math.sqrt(shape[1])   # a clear winner: logit ~20 against 0
+        w[successor[-1], 0] = gain
+        for tok, k in channel.items():
+            w[successor[tok], k] = gain
+    elif name.endswith("eh_proj.weight"):
+        w = np.zeros(shape, np.float32)
+        w[:, : shape[0]] = np.eye(shape[0], dtype=np.float32)
+    else:
+        return None
+    return lambda: iter([gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16).tobytes()])
 
 
 _ELEMS_PER_CHUNK = 2**22  # generated at a time: bounded memory on `wide`
@@ -384,14 +428,24 @@ def _write_safetensors(path: Path, specs: list[_Spec], on_bytes: Callable[[int],
 
 def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool = False,
           step3p7: bool = False, on_start: Callable[[int], None] = lambda total: None,
-          on_bytes: Callable[[int], None] = lambda n: None, **overrides) -> Path:
+          on_bytes: Callable[[int], None] = lambda n: None, script: Sequence[str] = (),
+          chat_template: str | None = None, **overrides) -> Path:
     """Write a synthetic checkpoint folder at `out` (built aside, renamed when complete).
 
-    `overrides` replace preset fields (e.g. n_layer=4) for tests that need other shapes.
+    `script`: pieces of text, each made one token, that greedy decoding emits in order after
+    any prompt, then end of turn; the MTP heads predict the same. `chat_template` replaces the
+    simple built-in one (e.g. the model's own, from the llama.cpp sources). `overrides` replace
+    preset fields (e.g. n_layer=4) for tests that need other shapes.
     """
     if preset not in PRESETS:
         raise StepGGUFError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = replace(PRESETS[preset], **overrides)
+    if len(set(script)) != len(script) or any(not piece for piece in script):
+        raise StepGGUFError("script pieces must be distinct and non-empty: each is one token "
+                            "whose successor is fixed")
+    if len(script) >= p.hidden:
+        raise StepGGUFError(f"a script of {len(script)} pieces needs a hidden size above that; "
+                            f"{preset} has {p.hidden}")
     out = Path(out)
     if out.exists():
         raise StepGGUFError(f"{out} already exists; choose a new folder")
@@ -402,7 +456,13 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
                                          "weight_block_size": [p.fp8_block, p.fp8_block]}
     cfg = Step35Config.from_dict(config)
     prefix = "model.language_model." if step3p7 else "model."
-    specs = _tensor_specs(cfg, p, seed, fp8, prefix)
+    tokenizer = tokenizer_files(p.vocab, script, chat_template)
+    successor = None
+    if script:
+        ids = {t["content"]: t["id"] for t in tokenizer["tokenizer.json"]["added_tokens"]}
+        chain = [ids[piece] for piece in script] + [ids["<|im_end|>"]]
+        successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}
+    specs = _tensor_specs(cfg, p, seed, fp8, prefix, successor)
     if step3p7:  # a token vision tower: present in 3.7 checkpoints, ignored by the converter
         specs.append(_Spec("model.vision_tower.patch_embed.weight", "BF16", (16, 3 * 4 * 4),
                            _gen((seed, 1 << 20), (16, 48), 0.02, "BF16")))
@@ -428,7 +488,7 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
                 total += s.nbytes
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        for fname, content in tokenizer_files(p.vocab).items():
+        for fname, content in tokenizer.items():
             (tmp / fname).write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
         os.replace(tmp, out)
     except BaseException:

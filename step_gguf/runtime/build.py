@@ -131,6 +131,23 @@ def fetch_sdist() -> Path:
     return dest / name
 
 
+STEP35_TEMPLATE = "vendor/llama.cpp/models/templates/StepFun3.5-Flash.jinja"
+
+
+def sdist_text(member: str) -> str:
+    """A text file of the llama-cpp-python sdist (path below its top folder), e.g. the Step 3.5
+    Flash chat template llama.cpp carries (STEP35_TEMPLATE)."""
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/{member}"
+    with tarfile.open(fetch_sdist()) as tar:
+        try:
+            f = tar.extractfile(name)
+        except KeyError:
+            f = None
+        if f is None:
+            raise StepGGUFError(f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s sdist has no {member}")
+        return f.read().decode()
+
+
 def extract_sdist(sdist: Path, dest: Path) -> Path:
     """Unpack the sdist into `dest` (its top folder stripped) and return `dest`."""
     dest.mkdir(parents=True)

@@ -15,11 +15,12 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -227,24 +228,36 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
         llm.close()
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @contextlib.contextmanager
-def serve(gguf_path: str | os.PathLike, *, port: int | None = None, n_ctx: int = 4096,
-          extra_args: Sequence[str] = (), startup_timeout: float = 120.0,
-          log_path: Path | None = None) -> Iterator[str]:
-    """Run our `llama-server` on loopback for the block's duration; yields its base URL."""
+def serve(gguf_path: str | os.PathLike, *, port: int | None = None, host: str = "127.0.0.1",
+          n_ctx: int | None = 4096, extra_args: Sequence[str] = (), api_key: str | None = None,
+          startup_timeout: float = 120.0, log_path: Path | None = None) -> Iterator[str]:
+    """Run our `llama-server` for the block's duration; yields its base URL. It binds to
+    loopback unless `host` says otherwise, which needs an `api_key`."""
+    if host not in LOOPBACK and not api_key:
+        raise StepGGUFError(f"serving on {host} exposes the model to the network; give --api-key "
+                            "(or serve on 127.0.0.1)")
     server = check().tool("llama-server")
+    if not Path(gguf_path).is_file():
+        raise StepGGUFError(f"{gguf_path} does not exist; give a GGUF file")
     port = port or _free_port()
-    args = [str(server), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(n_ctx), *extra_args]
+    args = [str(server), "-m", str(gguf_path), "--host", host, "--port", str(port), *extra_args]
+    if n_ctx is not None:
+        args += ["-c", str(n_ctx)]
+    if api_key:
+        args += ["--api-key", api_key]
     sink = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', 'localhost') else host}:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
@@ -270,3 +283,99 @@ def serve(gguf_path: str | os.PathLike, *, port: int | None = None, n_ctx: int =
             proc.wait()
         if log_path:
             sink.close()
+
+
+@dataclass
+class Reply:
+    """One chat turn as llama-server returned it: the answer apart from the reasoning, parsed
+    tool calls, token counts, speeds and what MTP drafting achieved."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tps: float = 0.0
+    decode_tps: float = 0.0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "reasoning": self.reasoning, "tool_calls": self.tool_calls,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2),
+                "mtp": {"drafted": self.draft_tokens, "accepted": self.draft_accepted,
+                        "acceptance": None if self.acceptance is None else round(self.acceptance, 4)}}
+
+
+def chat(url: str, messages: list[dict], *, max_tokens: int = 256, seed: int = 0,
+         temperature: float = 0.0, tools: list[dict] | None = None, api_key: str | None = None,
+         on_text: Callable[[str, str], None] | None = None, timeout: float = 600) -> Reply:
+    """One chat completion from a running server. With `on_text`, the reply streams and each
+    piece is passed on as (kind, text), kind being "reasoning" or "text"."""
+    body = {"messages": messages, "max_tokens": max_tokens, "seed": seed,
+            "temperature": temperature, "stream": on_text is not None}
+    if tools:
+        body["tools"] = tools
+    if on_text is not None:
+        body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json",
+                                  **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    reply = Reply()
+    calls: dict[int, dict] = {}
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if on_text is None:
+                out = json.load(resp)
+                msg = out["choices"][0]["message"]
+                reply.text, reply.reasoning = msg.get("content") or "", msg.get("reasoning_content") or ""
+                reply.tool_calls = msg.get("tool_calls") or []
+                _usage(reply, out)
+                return reply
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                _usage(reply, chunk)
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    for kind, key in (("reasoning", "reasoning_content"), ("text", "content")):
+                        if piece := delta.get(key):
+                            setattr(reply, kind, getattr(reply, kind) + piece)
+                            on_text(kind, piece)
+                    for call in delta.get("tool_calls") or []:
+                        _merge_call(calls.setdefault(call.get("index", 0), {}), call)
+    except urllib.error.HTTPError as exc:
+        raise StepGGUFError(f"llama-server refused the request: {exc.code} "
+                            f"{exc.read().decode(errors='replace')[:200]}") from None
+    except (OSError, ValueError) as exc:
+        raise StepGGUFError(f"talking to llama-server at {url} failed: {exc}") from None
+    reply.tool_calls = [calls[i] for i in sorted(calls)]
+    return reply
+
+
+def _merge_call(into: dict, delta: dict) -> None:
+    """Streamed tool calls arrive as pieces of one call; join them."""
+    into.setdefault("type", "function")
+    if "id" in delta:
+        into["id"] = delta["id"]
+    fn = into.setdefault("function", {"name": "", "arguments": ""})
+    for key in ("name", "arguments"):
+        fn[key] += (delta.get("function") or {}).get(key) or ""
+
+
+def _usage(reply: Reply, out: dict) -> None:
+    if usage := out.get("usage"):
+        reply.prompt_tokens = usage.get("prompt_tokens", reply.prompt_tokens)
+        reply.completion_tokens = usage.get("completion_tokens", reply.completion_tokens)
+    if t := out.get("timings"):
+        reply.prompt_tps = t.get("prompt_per_second", reply.prompt_tps) or 0.0
+        reply.decode_tps = t.get("predicted_per_second", reply.decode_tps) or 0.0
+        reply.draft_tokens = t.get("draft_n", reply.draft_tokens)
+        reply.draft_accepted = t.get("draft_n_accepted", reply.draft_accepted)

@@ -1,0 +1,141 @@
+"""`step-gguf serve` and `run` on a scripted model with Step 3.5 Flash's own chat template:
+reasoning, tool calls and MTP drafting checked on real runtime output, over HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from click.testing import CliRunner
+
+from step_gguf.cli import main
+
+REASONING = ["The user", " wants", " the weather", " in Paris."]
+CALL = ["\n</think>\n", "<tool_call>\n<function=get_weather>\n",
+        "<parameter=city>\nParis\n</parameter>\n", "</function>\n</tool_call>"]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def scripted(workdir, runtime):
+    from step_gguf.convert import convert
+    from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
+    from step_gguf.synth import synth
+
+    out = workdir / "scripted.gguf"
+    if not out.exists():
+        # a 4096-token context: the template's tool prompt alone is ~700 tokens
+        ckpt = synth(workdir / "scripted", "tiny", script=REASONING + CALL,
+                     chat_template=sdist_text(STEP35_TEMPLATE), rope_orig_ctx=1024)
+        convert(ckpt, out, outtype="bf16")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(scripted):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(scripted),
+                             "--port", str(port), "-c", "2048"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = proc.stdout.readline().strip()   # printed once the server is healthy
+    assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not url else url
+    yield proc, url.removesuffix("/v1"), port
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_reasoning_and_tool_call_are_parsed(served):
+    from step_gguf.runtime import llama
+
+    _, url, _ = served
+    reply = llama.chat(url, ASK, tools=TOOLS, max_tokens=64)
+    assert reply.reasoning.strip() == "".join(REASONING)
+    assert reply.text.strip() == ""
+    [call] = reply.tool_calls
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_streaming_gives_the_same_reply(served):
+    from step_gguf.runtime import llama
+
+    _, url, _ = served
+    pieces: list[tuple[str, str]] = []
+    reply = llama.chat(url, ASK, tools=TOOLS, max_tokens=64, on_text=lambda k, t: pieces.append((k, t)))
+    assert len(pieces) > 1   # really streamed
+    assert "".join(t for k, t in pieces if k == "reasoning").strip() == "".join(REASONING)
+    [call] = reply.tool_calls
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_sixteen_concurrent_clients(served):
+    from step_gguf.runtime import llama
+
+    _, url, _ = served
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda i: llama.chat(url, ASK, tools=TOOLS, max_tokens=64,
+                                                     seed=i), range(16)))
+    assert all(r.tool_calls and r.tool_calls[0]["function"]["name"] == "get_weather"
+               for r in replies)
+
+
+def test_ctrl_c_exits_zero_and_frees_the_port(served):
+    proc, _, port = served
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))   # nobody listens any more
+    with socket.socket() as s:
+        # a new server can take the port (closed client connections may linger in TIME_WAIT,
+        # which servers, llama-server included, bind through with SO_REUSEADDR)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_run_json_reports_mtp_acceptance_and_keeps_greedy_tokens(scripted):
+    runner = CliRunner()
+    outs = {}
+    for flag in ([], ["--no-mtp"]):
+        r = runner.invoke(main, ["run", str(scripted), "-p", "weather?", "-n", "32", "--json", *flag])
+        assert r.exit_code == 0, r.output
+        outs[bool(flag)] = json.loads(r.output)
+    drafted, plain = outs[False], outs[True]
+    assert (drafted["text"], drafted["reasoning"]) == (plain["text"], plain["reasoning"])
+    assert drafted["reasoning"].strip() == "".join(REASONING)
+    assert drafted["mtp"]["drafted"] > 0 and drafted["mtp"]["acceptance"] >= 0.9
+    assert plain["mtp"]["drafted"] == 0
+
+
+def test_serving_beyond_loopback_needs_a_key(scripted):
+    r = CliRunner().invoke(main, ["serve", str(scripted), "--host", "0.0.0.0"])
+    assert r.exit_code == 1 and "--api-key" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_api_key_is_enforced(scripted):
+    from step_gguf.errors import StepGGUFError
+    from step_gguf.runtime import llama
+
+    with llama.serve(scripted, n_ctx=512, api_key="sesame") as url:
+        with pytest.raises(StepGGUFError, match="401"):
+            llama.chat(url, ASK, max_tokens=4)
+        assert llama.chat(url, ASK, max_tokens=4, api_key="sesame").completion_tokens > 0
