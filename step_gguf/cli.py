@@ -464,8 +464,9 @@ def _planned(model: Path, profile: str | None, ctx: int, mtp: bool):
         if llama.check().backend != "cpu":
             raise StepGGUFError("this runtime is built for a GPU: give --profile (see step-gguf "
                                 "plan --help) so that the plan knows its memory")
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / planner.GiB
-        machine = planner.machine("cpu", ram_gb=ram)
+        from .probe import ram_bytes
+
+        machine = planner.machine("cpu", ram_gb=ram_bytes() / planner.GiB)
     else:
         machine = planner.machine(profile)
     return planner.plan(planner.facts(model), machine, ctx, mtp=mtp)

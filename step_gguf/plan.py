@@ -21,6 +21,7 @@ import gguf
 
 from .errors import SourceError, StepGGUFError, malformed
 from .model import ARCH
+from .recipe import layer_of_gguf
 
 
 GiB = 1 << 30
@@ -74,8 +75,9 @@ GPU_RESERVE = 512 << 20
 GPU_MARGIN = 0.05
 RAM_RESERVE = 4 * GiB
 RAM_MARGIN = 0.05
-# share of the read bandwidth a CPU decode step reaches (llama.cpp: 65-80% measured here)
-CPU_EFFICIENCY = 0.7
+# share of the read bandwidth a CPU decode step reaches: llama.cpp decoded `wide` int4-mixed
+# at 88% of probe.read_bandwidth() here (bench/decode.py)
+CPU_EFFICIENCY = 0.85
 # a CPU-only decode step also pays thread synchronisation on every op of every layer
 CPU_LAYER_S = 50e-6
 # a layer whose experts sit in system RAM while the rest is on the GPU costs two small copies
@@ -121,7 +123,6 @@ def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: floa
 KV_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
             "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
 
-_LAYER = re.compile(r"^blk\.(\d+)\.")
 _EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.")
 
 
@@ -133,8 +134,7 @@ class Tensor:
 
     @property
     def layer(self) -> int | None:
-        m = _LAYER.match(self.name)
-        return int(m.group(1)) if m else None
+        return layer_of_gguf(self.name)
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,37 @@ def test_sliding_window_cache_is_window_sized(runtime, gguf_file, swa_full):
         # and the planner's arithmetic is what llama.cpp allocated (its log rounds to 0.01 MiB)
         assert sum(c.bytes for c in caches) == pytest.approx(
             P.kv_bytes(m, range(m.n_layer), ctx, "f16", 512), abs=2 * 0.005 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def beyond_cache(workdir):
+    """A model whose decode step reads ~60 MB, more than the CPU caches hold, so that memory
+    bandwidth, not cache, sets its speed as it does on real models."""
+    from step_gguf.convert import convert
+    from step_gguf.synth import synth
+
+    out = workdir / "beyond-cache.gguf"
+    if not out.exists():
+        ckpt = synth(workdir / "beyond-cache", "small", n_layer=6, n_dense=2, hidden=1024,
+                     n_expert=16, top_k=4, expert_ff=512, shexp_ff=512, ff=1024)
+        convert(ckpt, out, outtype="bf16")
+    return out
+
+
+def test_predicted_decode_speed_is_near_the_measured(runtime, beyond_cache):
+    """The planner's bandwidth model on this machine's CPU against llama-bench, with a wide
+    tolerance (a shared CI machine; bench/decode.py measures `wide` within 30%)."""
+    import json
+    import os
+    import subprocess
+
+    from step_gguf.probe import read_bandwidth
+
+    bw = read_bandwidth(repeat=3)
+    p = P.plan(P.facts(beyond_cache), P.machine("custom", ram_gb=8, mem_bw_gbs=bw / 1e9), 512,
+               mtp=False)
+    out = subprocess.run([str(runtime.tool("llama-bench")), "-m", str(beyond_cache), "-p", "0",
+                          "-n", "32", "-r", "2", "-t", str(os.cpu_count()), "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    measured = json.loads(out.stdout)[0]["avg_ts"]
+    assert 0.5 < p.predicted_decode_tps / measured < 2.0, (p.predicted_decode_tps, measured)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +59,8 @@ def served(scripted):
     assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not url else url
     yield proc, url.removesuffix("/v1"), port
     if proc.poll() is None:
-        proc.kill()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
 
 
 def test_reasoning_and_tool_call_are_parsed(served):
@@ -123,6 +125,22 @@ def test_run_json_reports_mtp_acceptance_and_keeps_greedy_tokens(scripted):
     assert drafted["reasoning"].strip() == "".join(REASONING)
     assert drafted["mtp"]["drafted"] > 0 and drafted["mtp"]["acceptance"] >= 0.9
     assert plain["mtp"]["drafted"] == 0
+
+
+def test_a_killed_serve_takes_its_server_with_it(scripted):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(scripted),
+                             "--port", str(port), "-c", "512"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip().endswith(f":{port}/v1")
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.1)
+    pytest.fail("llama-server outlived a SIGKILLed step-gguf serve")
 
 
 def test_serving_beyond_loopback_needs_a_key(scripted):

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -123,6 +125,17 @@ class Model:
         self._llm.reset()
         self._llm.eval(list(tokens))
         return np.array(self._llm.scores[: len(tokens)], dtype=np.float32)
+
+    def time_greedy(self, prompt: Sequence[int], n: int) -> tuple[float, float]:
+        """Seconds to evaluate `prompt`, then to decode `n` greedy tokens one step each."""
+        llm = self._llm
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(list(prompt))
+        mid = time.perf_counter()
+        for _ in range(n):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return mid - start, time.perf_counter() - mid
 
     def chat(self, messages: list[dict], max_tokens: int = 32, temperature: float = 0.0,
              seed: int = 0) -> "ChatResult":
@@ -237,6 +250,13 @@ def _free_port(host: str = "127.0.0.1") -> int:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _die_with_parent() -> None:
+    """In the server's child process: have Linux end it when its parent dies, even by
+    SIGKILL, so that a killed `step-gguf serve` leaves no server holding the model and port."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def serve(gguf_path: str | os.PathLike, *, port: int | None = None, host: str = "127.0.0.1",
           n_ctx: int | None = 4096, extra_args: Sequence[str] = (), api_key: str | None = None,
@@ -256,7 +276,7 @@ def serve(gguf_path: str | os.PathLike, *, port: int | None = None, host: str = 
     if api_key:
         args += ["--api-key", api_key]
     sink = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', 'localhost') else host}:{port}"
     try:
         deadline = time.monotonic() + startup_timeout

@@ -1,0 +1,113 @@
+"""Decode and prompt speed on this machine's CPU: the planner's prediction against what runs,
+the wrapper against llama-bench from the same build, and MTP drafting on against off.
+
+    python bench/decode.py [--work DIR] [--preset wide] [--threads N] [--tokens 64]
+
+One process measures everything in turn, on the `wide` checkpoint quantized with int4-mixed
+(made once under --work and reused):
+  - read bandwidth: all threads summing a 1 GiB array, fastest of 5 (the planner's --mem-bw);
+  - llama-bench: decode (-n --tokens) and prompt (-p 512) tok/s, mean of its 3 repetitions;
+  - the wrapper: the same GGUF loaded through llama-cpp-python with the plan applied, greedy
+    decode of --tokens tokens one at a time, fastest of 3;
+  - llama-server via `step-gguf run`'s path, MTP drafting off and on (acceptance printed);
+    random weights make drafts wrong, so on this model MTP can only cost;
+  - the planner: a custom profile with this machine's RAM and the bandwidth just measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# run as a script, bench/ is on sys.path
+from _common import checkpoint
+
+from step_gguf import plan as planner
+from step_gguf.probe import ram_bytes, read_bandwidth
+from step_gguf.quantize import quantize
+from step_gguf.recipe import load_recipe
+from step_gguf.runtime import llama
+
+
+def llama_bench(gguf: Path, threads: int, tokens: int) -> tuple[float, float]:
+    """(decode, prompt-512) tok/s from llama-bench."""
+    tool = llama.check().tool("llama-bench")
+    out = subprocess.run([str(tool), "-m", str(gguf), "-t", str(threads), "-p", "512", "-n",
+                          str(tokens), "-r", "3", "-o", "json"], capture_output=True, text=True,
+                         check=True)
+    rows = json.loads(out.stdout)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    return tg, pp
+
+
+def wrapper_decode(gguf: Path, plan: planner.Plan, threads: int, tokens: int) -> float:
+    """Greedy decode tok/s through the wrapper, one token per step, fastest of 3."""
+    best = float("inf")
+    with llama.load(gguf, plan=plan, n_threads=threads) as model:
+        for _ in range(3):
+            best = min(best, model.time_greedy(list(range(16, 48)), tokens)[1])
+    return tokens / best
+
+
+def server_decode(gguf: Path, plan: planner.Plan, tokens: int) -> llama.Reply:
+    with llama.serve(gguf, n_ctx=None, extra_args=plan.server_args(str(gguf))[2:]) as url:
+        llama.chat(url, [{"role": "user", "content": "warm up"}], max_tokens=4)
+        return llama.chat(url, [{"role": "user", "content": "Tell me a story."}],
+                          max_tokens=tokens)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoint and GGUF "
+                    "(reused if there) [a temporary one]")
+    ap.add_argument("--preset", default="wide")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
+    a = ap.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="step-gguf-dbench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = work / f"{a.preset}-int4-mixed.gguf"
+    if not gguf.exists():
+        src, _ = checkpoint(work, a.preset)
+        print(f"quantizing {src} to {gguf} ...", flush=True)
+        quantize(src, gguf, load_recipe("int4-mixed"))
+
+    bw = read_bandwidth(a.threads)
+    machine = planner.machine("custom", ram_gb=ram_bytes() / planner.GiB, mem_bw_gbs=bw / 1e9)
+    facts = planner.facts(gguf)
+    plan_on = planner.plan(facts, machine, 4096)
+    plan_off = planner.plan(facts, machine, 4096, mtp=False)
+    tg, pp = llama_bench(gguf, a.threads, a.tokens)
+    wrapped = wrapper_decode(gguf, plan_off, a.threads, a.tokens)
+    off, on = server_decode(gguf, plan_off, a.tokens), server_decode(gguf, plan_on, a.tokens)
+
+    print(f"\n{gguf.name}: {gguf.stat().st_size / 2**30:.2f} GiB, {a.threads} threads, "
+          f"read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{'':<34}{'tok/s':>10}{'ratio':>10}")
+    rows = [("llama-bench decode", tg, 1.0),
+            ("wrapper decode (llama-cpp-python)", wrapped, wrapped / tg),
+            ("llama-server decode, MTP off", off.decode_tps, off.decode_tps / tg),
+            ("llama-server decode, MTP on", on.decode_tps, on.decode_tps / tg),
+            ("planner's predicted decode", plan_off.predicted_decode_tps,
+             plan_off.predicted_decode_tps / tg),
+            ("llama-bench prompt (512)", pp, 1.0),
+            ("planner's predicted prompt", plan_off.predicted_prompt_tps,
+             plan_off.predicted_prompt_tps / pp)]
+    for label, value, ratio in rows:
+        print(f"{label:<34}{value:>10.1f}{ratio:>10.3f}")
+    if on.acceptance is not None:
+        print(f"MTP: {on.draft_accepted}/{on.draft_tokens} drafts accepted "
+              f"({on.acceptance:.0%}); MTP on / off = {on.decode_tps / off.decode_tps:.3f}")
+    error = plan_off.predicted_decode_tps / tg - 1
+    print(f"predicted vs measured decode: {error:+.1%} (target: within 30%)")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
