@@ -56,7 +56,7 @@ def wrapper_decode(gguf: Path, plan: planner.Plan, threads: int, tokens: int) ->
 
 
 def server_decode(gguf: Path, plan: planner.Plan, tokens: int) -> llama.Reply:
-    with llama.serve(gguf, n_ctx=None, extra_args=plan.server_args(str(gguf))[2:]) as url:
+    with llama.serve(gguf, plan=plan) as url:
         llama.chat(url, [{"role": "user", "content": "warm up"}], max_tokens=4)
         return llama.chat(url, [{"role": "user", "content": "Tell me a story."}],
                           max_tokens=tokens)

@@ -511,7 +511,7 @@ def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, prompt: str, m
     from .runtime import llama
 
     p = _planned(model, profile, ctx, not no_mtp)
-    with llama.serve(model, n_ctx=None, extra_args=p.server_args(str(model))[2:]) as url:
+    with llama.serve(model, plan=p) as url:
         reply = llama.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
                            seed=seed, on_text=None if as_json else _stream)
     if as_json:
@@ -535,7 +535,7 @@ def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, max_tokens: i
 
     p = _planned(model, profile, ctx, not no_mtp)
     messages = [{"role": "system", "content": system}] if system else []
-    with llama.serve(model, n_ctx=None, extra_args=p.server_args(str(model))[2:]) as url:
+    with llama.serve(model, plan=p) as url:
         while True:
             try:
                 line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
@@ -572,8 +572,7 @@ def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, host: str, p
     p = _planned(model, profile, ctx, not no_mtp)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with llama.serve(model, host=host, port=port, n_ctx=None, api_key=api_key,
-                         extra_args=p.server_args(str(model))[2:]) as url:
+        with llama.serve(model, plan=p, host=host, port=port, api_key=api_key) as url:
             click.echo(f"serving {model.name} at {url}/v1 (OpenAI-compatible); Ctrl-C stops",
                        err=True)
             click.echo(f"{url}/v1")

@@ -13,14 +13,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import gguf
-
 from .errors import SourceError, StepGGUFError, malformed
-from .model import ARCH
 from .recipe import layer_of_gguf
 
 
@@ -193,17 +189,17 @@ class ModelFacts:
 def facts(src: str | os.PathLike, scheme: str | None = None) -> ModelFacts:
     """Sizes and shapes of a GGUF as it is, or of a checkpoint folder / config.json under a
     quantization scheme (default int4-mixed), priced by the quantizer's dry run."""
+    from .quantize import open_source  # noqa: PLC0415 (headers only, no runtime)
+    from .recipe import load_recipe  # noqa: PLC0415
+
     src = Path(src)
     if src.is_file() and src.suffix != ".json":
         if scheme:
             raise StepGGUFError(f"{src} is already a GGUF; --scheme prices a checkpoint or config")
         with malformed(src, SourceError, "is not a readable GGUF"):
             return _gguf_facts(src)
-    from .quantize import open_source  # noqa: PLC0415 (headers only, no runtime)
-    from .recipe import load_recipe  # noqa: PLC0415
-
     source = open_source(src, load_recipe(scheme or "int4-mixed"))
-    cfg = (source.opened.cfg if source.opened else _config_of(source.path))
+    cfg = source.cfg
     tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in source.plans)
     return ModelFacts(src.name, cfg.n_layer, cfg.n_nextn, cfg.is_swa, cfg.n_head_kv, cfg.head_dim,
                       cfg.sliding_window, cfg.vocab_size, cfg.hidden_size, cfg.n_expert,
@@ -211,27 +207,10 @@ def facts(src: str | os.PathLike, scheme: str | None = None) -> ModelFacts:
                       tensors)
 
 
-def _config_of(path: Path):
-    from .quantize import _config  # noqa: PLC0415
-
-    return _config(path)
-
-
 def _gguf_facts(path: Path) -> ModelFacts:
-    reader = gguf.GGUFReader(path)
-    arch = reader.get_field("general.architecture")
-    if arch is None or arch.contents() != ARCH:
-        raise SourceError(f"{path} is not a Step 3.5 GGUF (architecture "
-                          f"{arch.contents() if arch else 'missing'}, expected {ARCH})")
+    from .quantize import read_step35_gguf  # noqa: PLC0415
 
-    def kv(key: str, default=None):
-        f = reader.get_field(f"{ARCH}.{key}")
-        if f is None:
-            if default is None:
-                raise SourceError(f"{path} lacks the key {ARCH}.{key}")
-            return default
-        return f.contents()
-
+    reader, kv = read_step35_gguf(path)
     n_all = int(kv("block_count"))
     n_nextn = int(kv("nextn_predict_layers", 0))
 
@@ -241,13 +220,7 @@ def _gguf_facts(path: Path) -> ModelFacts:
             raise SourceError(f"{path} has a per-layer array shorter than block_count {n_all}")
         return values[:n_all]
 
-    heads = per_layer(kv("attention.head_count"))
-    size = path.stat().st_size
-    tensors = []
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise SourceError(f"{path} is truncated: {t.name} ends past the end of the file")
-        tensors.append(Tensor(t.name, int(t.n_bytes), int(t.n_elements)))
+    tensors = tuple(Tensor(t.name, int(t.n_bytes), int(t.n_elements)) for t in reader.tensors)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise SourceError(f"{path} has no token_embd.weight")
@@ -258,7 +231,8 @@ def _gguf_facts(path: Path) -> ModelFacts:
         int(kv("attention.key_length")), int(kv("attention.sliding_window", 0)),
         int(embd.shape[1]), int(kv("embedding_length")), int(kv("expert_count", 1)),
         int(kv("expert_used_count", 1)), int(kv("expert_feed_forward_length", 0)),
-        max(int(h) for h in heads), int(kv("context_length")), tuple(tensors))
+        max(int(h) for h in per_layer(kv("attention.head_count"))), int(kv("context_length")),
+        tensors)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -276,10 +250,14 @@ def kv_positions(m: ModelFacts, layer: int, ctx: int, n_ubatch: int, n_seq: int 
     return pad256(ctx)
 
 
+def _position_bytes(m: ModelFacts, layer: int, kv_type: str) -> float:
+    """K and V of one cached position of `layer`."""
+    return m.n_head_kv[layer] * m.head_dim * 2 * KV_TYPES[kv_type]
+
+
 def kv_bytes(m: ModelFacts, layers: range, ctx: int, kv_type: str, n_ubatch: int,
              n_seq: int = 1) -> int:
-    per_elem = KV_TYPES[kv_type]
-    return int(sum(kv_positions(m, i, ctx, n_ubatch, n_seq) * m.n_head_kv[i] * m.head_dim * 2 * per_elem
+    return int(sum(kv_positions(m, i, ctx, n_ubatch, n_seq) * _position_bytes(m, i, kv_type)
                    for i in layers))
 
 
@@ -294,15 +272,15 @@ def compute_buffer(m: ModelFacts, n_ubatch: int) -> int:
 def checkpoint_bytes(m: ModelFacts, kv_type: str, n_ubatch: int) -> int:
     """One llama-server context checkpoint: the sliding layers' cache of one sequence, at most
     a window plus a micro-batch of positions."""
-    return int(sum((m.window + n_ubatch) * m.n_head_kv[i] * m.head_dim * 2 * KV_TYPES[kv_type]
+    return int(sum((m.window + n_ubatch) * _position_bytes(m, i, kv_type)
                    for i in range(m.n_layer) if m.is_swa[i]))
 
 
 def kv_read(m: ModelFacts, pos: int, kv_type: str) -> float:
     """Cache bytes one decode step at position `pos` reads: every past position of a full
     layer, at most a window of a sliding one."""
-    return sum(min(pos, m.window if m.is_swa[i] and m.window else pos) * m.n_head_kv[i]
-               * m.head_dim * 2 * KV_TYPES[kv_type] for i in range(m.n_layer))
+    return sum(min(pos, m.window if m.is_swa[i] and m.window else pos) * _position_bytes(m, i, kv_type)
+               for i in range(m.n_layer))
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -377,7 +355,12 @@ class Plan:
                 for layers, tails in by_layers.items()]
 
     def server_args(self, model_path: str) -> list[str]:
-        args = ["-m", model_path, "-c", str(self.ctx), "-b", str(self.n_batch),
+        """The llama-server command line that runs the plan."""
+        return ["-m", model_path, *self.server_flags()]
+
+    def server_flags(self) -> list[str]:
+        """llama-server's flags for the plan, all but the model."""
+        args = ["-c", str(self.ctx), "-b", str(self.n_batch),
                 "-ub", str(self.n_ubatch), "-np", str(self.parallel),
                 "--ctx-checkpoints", str(self.checkpoints), "-ctk", self.kv_type,
                 "-ctv", self.kv_type, "-fa", "on", "-ngl", str(self.gpu_layers)]
@@ -390,6 +373,7 @@ class Plan:
         return args + ["--jinja", "--reasoning-format", "deepseek"]
 
     def to_json(self, model_path: str) -> dict:
+        classes = self.classes()
         return {
             "model": self.model.name, "profile": self.profile.name, "ctx": self.ctx,
             "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
@@ -397,7 +381,7 @@ class Plan:
             "ctx_checkpoints": self.checkpoints, "mtp": self.mtp, "gpu_layers": self.gpu_layers,
             "devices": [{"name": d.name, "capacity": d.capacity, "bytes": d.bytes,
                          "weights": d.weights, "buffers": dict(d.extra),
-                         "classes": self.classes().get(d.name, {}),
+                         "classes": classes.get(d.name, {}),
                          "tensors": [t.name for t in d.tensors]} for d in self.devices],
             "cpu_overrides": self.override_patterns() if self.gpu_layers else [],
             "predicted_decode_tps": round(self.predicted_decode_tps, 3),
@@ -427,7 +411,7 @@ def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: str | None = Non
         raise StepGGUFError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
     mtp = mtp and any(m.kind(t) == "mtp" for t in m.tensors)
     if ctx > m.n_ctx_train:  # llama-server would cap it the same way
-        return dataclasses.replace(
+        return replace(
             plan(m, profile, m.n_ctx_train, kv_type=kv_type, mtp=mtp, parallel=parallel,
                  n_ubatch=n_ubatch, checkpoints=checkpoints),
             notes=[f"context capped at the model's {m.n_ctx_train} tokens"])

@@ -47,6 +47,7 @@ class Source:
     top_k: int                    # experts each token uses
     fp8_block: tuple[int, int] = (128, 128)
     opened: OpenedCheckpoint | None = None   # checkpoint sources: config, vocab
+    cfg: Step35Config | None = None          # checkpoint and config sources
 
     @property
     def readable(self) -> bool:
@@ -69,7 +70,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre)
         return Source("checkpoint", src, opened.cfg.n_layer, opened.plans,
                       lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", src.name),
-                      opened.cfg.n_expert_used, opened.cfg.fp8_block, opened)
+                      opened.cfg.n_expert_used, opened.cfg.fp8_block, opened, opened.cfg)
     if not src.is_file():
         raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
     if src.suffix == ".json":
@@ -78,7 +79,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         plans = plan_shapes(cfg, recipe, with_mtp=mtp != "drop")
         return Source("config", src, cfg.n_layer, plans,
                       lambda w: write_metadata(w, cfg, vocab, mtp != "drop", src.parent.name),
-                      cfg.n_expert_used, cfg.fp8_block)
+                      cfg.n_expert_used, cfg.fp8_block, cfg=cfg)
     return _open_gguf(src, recipe)
 
 
@@ -103,23 +104,36 @@ def _open_gguf(path: Path, recipe: Recipe) -> Source:
         return _read_gguf(path, recipe)
 
 
-def _read_gguf(path: Path, recipe: Recipe) -> Source:
+def read_step35_gguf(path: Path) -> tuple[gguf.GGUFReader, Callable]:
+    """The reader of a Step 3.5 GGUF whose tensors all lie inside the file, and a getter of its
+    `step35.` keys: kv(key, default) gives the default for a missing key, kv(key) refuses it.
+    Callers run it under `malformed` so that a corrupt header is a one-line error."""
     reader = gguf.GGUFReader(path)
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() != ARCH:
         raise SourceError(f"{path} is not a Step 3.5 GGUF (architecture "
                           f"{arch.contents() if arch else 'missing'}, expected {ARCH})")
-
-    def kv(key: str, default=0):
-        field = reader.get_field(f"{ARCH}.{key}")
-        return field.contents() if field is not None else default
-
-    n_layer = int(kv("block_count")) - int(kv("nextn_predict_layers"))
-    plans = []
     size = path.stat().st_size
     for t in reader.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
             raise SourceError(f"{path} is truncated: {t.name} ends past the end of the file")
+    missing = object()
+
+    def kv(key: str, default=missing):
+        field = reader.get_field(f"{ARCH}.{key}")
+        if field is not None:
+            return field.contents()
+        if default is missing:
+            raise SourceError(f"{path} lacks the key {ARCH}.{key}")
+        return default
+    return reader, kv
+
+
+def _read_gguf(path: Path, recipe: Recipe) -> Source:
+    reader, kv = read_step35_gguf(path)
+    n_layer = int(kv("block_count", 0)) - int(kv("nextn_predict_layers", 0))
+    plans = []
+    for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         ref = TensorRef(t.name, t.name, path, Q(t.tensor_type).name, shape, int(t.data_offset),
                         int(t.n_bytes))

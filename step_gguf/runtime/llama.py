@@ -241,9 +241,9 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
         llm.close()
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def _free_port() -> int:
     with socket.socket() as s:
-        s.bind((host, 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -258,10 +258,12 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def serve(gguf_path: str | os.PathLike, *, port: int | None = None, host: str = "127.0.0.1",
-          n_ctx: int | None = 4096, extra_args: Sequence[str] = (), api_key: str | None = None,
-          startup_timeout: float = 120.0, log_path: Path | None = None) -> Iterator[str]:
-    """Run our `llama-server` for the block's duration; yields its base URL. It binds to
+def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int | None = None,
+          host: str = "127.0.0.1", n_ctx: int = 4096, extra_args: Sequence[str] = (),
+          api_key: str | None = None, startup_timeout: float = 120.0,
+          log_path: Path | None = None) -> Iterator[str]:
+    """Run our `llama-server` for the block's duration; yields its base URL. `plan` gives its
+    context, placement, cache, batch and MTP flags (then `n_ctx` is the plan's). It binds to
     loopback unless `host` says otherwise, which needs an `api_key`."""
     if host not in LOOPBACK and not api_key:
         raise StepGGUFError(f"serving on {host} exposes the model to the network; give --api-key "
@@ -270,9 +272,8 @@ def serve(gguf_path: str | os.PathLike, *, port: int | None = None, host: str = 
     if not Path(gguf_path).is_file():
         raise StepGGUFError(f"{gguf_path} does not exist; give a GGUF file")
     port = port or _free_port()
-    args = [str(server), "-m", str(gguf_path), "--host", host, "--port", str(port), *extra_args]
-    if n_ctx is not None:
-        args += ["-c", str(n_ctx)]
+    args = [str(server), "-m", str(gguf_path), "--host", host, "--port", str(port),
+            *(plan.server_flags() if plan is not None else ["-c", str(n_ctx)]), *extra_args]
     if api_key:
         args += ["--api-key", api_key]
     sink = open(log_path, "w") if log_path else subprocess.DEVNULL

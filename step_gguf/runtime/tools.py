@@ -1,6 +1,6 @@
 """llama.cpp's command-line tools, run as child processes: importance matrices and KL divergence.
 
-`run()` is the one way step-gguf starts a child process (the runtime build uses it too): output
+`run()` is the one way step-gguf runs a tool to completion (the runtime build uses it too): output
 goes to a log file, and a failure becomes a one-line StepGGUFError naming the step and the
 tool's last meaningful line. `imatrix()` and `kld()` wrap `llama-imatrix` and
 `llama-perplexity` from our runtime build.
