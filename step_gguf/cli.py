@@ -394,6 +394,19 @@ def _profiles_help() -> str:
         f"; {CUSTOM}: give --ram and --mem-bw (and --vram, --gpu-bw)"
 
 
+_RPC_HELP = ("ggml RPC hosts (`step-gguf rpc-server` on each) that take whole layers this "
+             "machine cannot hold; each host's free memory is asked unless given as =GiB. "
+             "Hosts are taken to read memory as fast as this machine.")
+
+
+def _rpc_hosts(spec: str | None, machine) -> tuple:
+    if not spec:
+        return ()
+    from .runtime import rpc
+
+    return tuple(rpc.hosts(spec, machine.mem_bw))
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", required=True, metavar="NAME",
@@ -411,16 +424,18 @@ def _profiles_help() -> str:
 @click.option("--ram", type=float, default=None, help="System memory, GiB.")
 @click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s.")
 @click.option("--gpu-bw", type=float, default=None, help="GPU memory read bandwidth, GB/s.")
+@click.option("--rpc", default=None, metavar="HOST:PORT[=GiB],...", help=_RPC_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
          parallel: int, no_mtp: bool, vram: float | None, ram: float | None,
-         mem_bw: float | None, gpu_bw: float | None, as_json: bool) -> None:
+         mem_bw: float | None, gpu_bw: float | None, rpc: str | None, as_json: bool) -> None:
     """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
     predicted prompt and decode speed, and the llama-server command that runs it so.
 
     MODEL is a GGUF, a checkpoint folder or a bare config.json (priced under --scheme, so the
     real 196B model can be planned without its weights). Everything that runs for every token
-    goes on the GPU first, MTP heads included; then as many routed experts as fit.
+    goes on the GPU first, MTP heads included; then as many routed experts as fit. With
+    --rpc, RPC hosts take whole layers, only those this machine cannot hold.
     """
     import json
 
@@ -429,7 +444,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     machine = planner.machine(profile, vram_gb=vram, ram_gb=ram, mem_bw_gbs=mem_bw,
                               gpu_bw_gbs=gpu_bw)
     p = planner.plan(planner.facts(model, scheme), machine, ctx, kv_type=kv_type,
-                     mtp=not no_mtp, parallel=parallel)
+                     mtp=not no_mtp, parallel=parallel, rpc=_rpc_hosts(rpc, machine))
     # a config or checkpoint is planned as the GGUF it would become
     target = str(model) if model.is_file() and model.suffix == ".gguf" else "MODEL.gguf"
     if as_json:
@@ -439,6 +454,9 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
                f"batch {p.n_batch}/{p.n_ubatch}, MTP {'on' if p.mtp else 'off'}")
     classes = p.classes()
     kinds = sorted({k for per in classes.values() for k in per})
+    for d in p.devices:
+        if d.endpoint:
+            click.echo(f"{d.name} is the RPC host {d.endpoint}")
     click.echo(f"{'':<22}" + "".join(f"{d.name:>12}" for d in p.devices))
     for k in kinds:
         click.echo(f"{k:<22}" + "".join(f"{_human(classes[d.name].get(k, 0)):>12}" for d in p.devices))
@@ -454,7 +472,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     click.echo("llama-server " + shlex.join(p.server_args(target)))
 
 
-def _planned(model: Path, profile: str | None, ctx: int, mtp: bool):
+def _planned(model: Path, profile: str | None, ctx: int, mtp: bool, rpc: str | None = None):
     """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
     or without one this machine's memory on the CPU (a GPU build needs --profile)."""
     from . import plan as planner
@@ -469,7 +487,7 @@ def _planned(model: Path, profile: str | None, ctx: int, mtp: bool):
         machine = planner.machine("cpu", ram_gb=ram_bytes() / planner.GiB)
     else:
         machine = planner.machine(profile)
-    return planner.plan(planner.facts(model), machine, ctx, mtp=mtp)
+    return planner.plan(planner.facts(model), machine, ctx, mtp=mtp, rpc=_rpc_hosts(rpc, machine))
 
 
 def _stream(kind: str, text: str) -> None:
@@ -489,6 +507,7 @@ def _model_options(f):
                           "[this machine's CPU]."),
         click.option("--no-mtp", is_flag=True,
                      help="Do not draft with the GGUF's MTP heads (on by default when it has them)."),
+        click.option("--rpc", default=None, metavar="HOST:PORT[=GiB],...", help=_RPC_HELP),
     ]):
         f = option(f)
     return click.argument("model", type=click.Path(path_type=Path))(f)
@@ -502,15 +521,15 @@ def _model_options(f):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
-def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, prompt: str, max_tokens: int,
-        seed: int, as_json: bool) -> None:
+def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | None, prompt: str,
+        max_tokens: int, seed: int, as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
     import json
 
     from .runtime import llama
 
-    p = _planned(model, profile, ctx, not no_mtp)
+    p = _planned(model, profile, ctx, not no_mtp, rpc)
     with llama.serve(model, plan=p) as url:
         reply = llama.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
                            seed=seed, on_text=None if as_json else _stream)
@@ -528,12 +547,12 @@ def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, prompt: str, m
 @_model_options
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--system", default=None, help="System message.")
-def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, max_tokens: int,
-         system: str | None) -> None:
+def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | None,
+         max_tokens: int, system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from .runtime import llama
 
-    p = _planned(model, profile, ctx, not no_mtp)
+    p = _planned(model, profile, ctx, not no_mtp, rpc)
     messages = [{"role": "system", "content": system}] if system else []
     with llama.serve(model, plan=p) as url:
         while True:
@@ -561,21 +580,49 @@ def _interrupt(signum, frame):
               help="Address to bind; anything but loopback needs --api-key.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Key clients must send (Authorization: Bearer).")
-def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, host: str, port: int,
-          api_key: str | None) -> None:
+def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | None, host: str,
+          port: int, api_key: str | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
     import signal
 
     from .runtime import llama
 
-    p = _planned(model, profile, ctx, not no_mtp)
+    p = _planned(model, profile, ctx, not no_mtp, rpc)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with llama.serve(model, plan=p, host=host, port=port, api_key=api_key) as url:
             click.echo(f"serving {model.name} at {url}/v1 (OpenAI-compatible); Ctrl-C stops",
                        err=True)
             click.echo(f"{url}/v1")
+            sys.stdout.flush()
+            signal.pause()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+
+
+@main.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. ggml's RPC protocol has no authentication: bind a LAN "
+                   "address only on a network you trust.")
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True)
+@click.option("-t", "--threads", type=click.IntRange(1), default=None, help="CPU threads [all cores].")
+def rpc_server(host: str, port: int, threads: int | None) -> None:
+    """Lend this machine's memory to another's `step-gguf run/serve --rpc HOST:PORT`: runs
+    our ggml-rpc-server (same build, same protocol) until Ctrl-C."""
+    import signal
+
+    from .runtime import llama, rpc
+
+    if host not in llama.LOOPBACK:
+        click.echo(f"warning: {host}:{port} accepts unauthenticated RPC from anyone who can "
+                   "reach it", err=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with rpc.start(port, host, threads) as endpoint:
+            click.echo(f"ggml RPC host at {endpoint}; use --rpc {endpoint} on the machine that "
+                       "runs the model; Ctrl-C stops", err=True)
+            click.echo(endpoint)
             sys.stdout.flush()
             signal.pause()
     except KeyboardInterrupt:

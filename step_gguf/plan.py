@@ -81,6 +81,18 @@ CPU_LAYER_S = 50e-6
 SPLIT_LAYER_S = 40e-6
 # quantized KV when f16 would take more than this share of the usable VRAM
 KV_SHARE = 1 / 6
+# an RPC host costs each token a few messages (inputs, graph, outputs): ~3 LAN round trips
+RPC_ROUND_TRIP_S = 300e-6
+
+
+@dataclass(frozen=True)
+class RpcHost:
+    """A ggml-rpc-server the plan may give whole layers to (`--rpc`)."""
+
+    endpoint: str               # host:port
+    memory: int                 # bytes its device reports free
+    bandwidth: float            # bytes/s its backend reads memory at
+    link_bw: float = 117e6      # bytes/s of the network to it (gigabit Ethernet)
 
 
 def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: float | None = None,
@@ -120,6 +132,7 @@ KV_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 3
             "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
 
 _EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.")
+_MTP_SKIPPED = re.compile(r"\.(nextn\.(eh_proj|enorm|hnorm)|attn_(norm|q|k|v|qkv|output)|ffn_norm)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -276,11 +289,11 @@ def checkpoint_bytes(m: ModelFacts, kv_type: str, n_ubatch: int) -> int:
                    for i in range(m.n_layer) if m.is_swa[i]))
 
 
-def kv_read(m: ModelFacts, pos: int, kv_type: str) -> float:
-    """Cache bytes one decode step at position `pos` reads: every past position of a full
-    layer, at most a window of a sliding one."""
+def kv_read(m: ModelFacts, pos: int, kv_type: str, layers: range | set[int] | None = None) -> float:
+    """Cache bytes one decode step at position `pos` reads in `layers` (default: the trunk):
+    every past position of a full layer, at most a window of a sliding one."""
     return sum(min(pos, m.window if m.is_swa[i] and m.window else pos) * _position_bytes(m, i, kv_type)
-               for i in range(m.n_layer))
+               for i in (range(m.n_layer) if layers is None else layers) if i < m.n_layer)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -293,6 +306,9 @@ class Device:
     bandwidth: float            # bytes/s a decode step reads at
     tensors: list[Tensor] = field(default_factory=list)
     extra: dict[str, int] = field(default_factory=dict)   # KV, compute buffers, checkpoints
+    kv_layers: set[int] = field(default_factory=set)      # layers whose cache lives here
+    endpoint: str | None = None                           # an RPC host's host:port
+    link_bw: float = 0.0                                  # bytes/s of the network to it
 
     @property
     def weights(self) -> int:
@@ -319,12 +335,14 @@ class Plan:
     checkpoints: int
     mtp: bool
     devices: list[Device]
-    gpu_layers: int
+    gpu_layers: int                 # llama.cpp's -ngl: layers (the output counts as one) off the CPU
     cpu_tensors: list[str]          # tensors overridden to the CPU while the layers are on the GPU
     predicted_decode_tps: float
     predicted_decode_tps_full: float
     predicted_prompt_tps: float
     notes: list[str]
+    rpc: list[str] = field(default_factory=list)          # every --rpc endpoint, in order
+    tensor_split: list[int] = field(default_factory=list)  # layers per RPC host, then the GPU
 
     @property
     def kv_bytes(self) -> int:
@@ -364,6 +382,9 @@ class Plan:
                 "-ub", str(self.n_ubatch), "-np", str(self.parallel),
                 "--ctx-checkpoints", str(self.checkpoints), "-ctk", self.kv_type,
                 "-ctv", self.kv_type, "-fa", "on", "-ngl", str(self.gpu_layers)]
+        if self.rpc:
+            args += ["--rpc", ",".join(self.rpc),
+                     "--tensor-split", ",".join(map(str, self.tensor_split))]
         if self.gpu_layers:
             args += [a for p in self.override_patterns() for a in ("-ot", f"{p}=CPU")]
         if self.profile.unified:
@@ -379,8 +400,9 @@ class Plan:
             "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch, "parallel": self.parallel,
             "ctx_checkpoints": self.checkpoints, "mtp": self.mtp, "gpu_layers": self.gpu_layers,
-            "devices": [{"name": d.name, "capacity": d.capacity, "bytes": d.bytes,
-                         "weights": d.weights, "buffers": dict(d.extra),
+            "rpc": self.rpc, "tensor_split": self.tensor_split,
+            "devices": [{"name": d.name, "endpoint": d.endpoint, "capacity": d.capacity,
+                         "bytes": d.bytes, "weights": d.weights, "buffers": dict(d.extra),
                          "classes": classes.get(d.name, {}),
                          "tensors": [t.name for t in d.tensors]} for d in self.devices],
             "cpu_overrides": self.override_patterns() if self.gpu_layers else [],
@@ -393,17 +415,22 @@ class Plan:
 
 def _usable(profile: Profile) -> tuple[int, int]:
     """(GPU bytes, system bytes) the plan may fill; small machines keep proportionally less."""
-    ram = int(profile.ram * (1 - RAM_MARGIN)) - min(RAM_RESERVE, profile.ram // 8)
-    gpu = int(profile.vram * (1 - GPU_MARGIN)) - min(GPU_RESERVE, profile.vram // 8)
-    return max(gpu, 0), max(ram, 0)
+    return (_usable_memory(profile.vram, GPU_MARGIN, GPU_RESERVE),
+            _usable_memory(profile.ram, RAM_MARGIN, RAM_RESERVE))
+
+
+def _usable_memory(total: int, margin: float, reserve: int) -> int:
+    return max(int(total * (1 - margin)) - min(reserve, total // 8), 0)
 
 
 def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: str | None = None,
-         mtp: bool = True, parallel: int = 1, n_ubatch: int = 512, checkpoints: int = 8) -> Plan:
+         mtp: bool = True, parallel: int = 1, n_ubatch: int = 512, checkpoints: int = 8,
+         rpc: tuple[RpcHost, ...] = ()) -> Plan:
     """Place `m` on `profile` for a context of `ctx` tokens; raises when it cannot fit.
 
     Without `kv_type` the cache is f16, or q8_0 where f16 would take more than KV_SHARE of a
-    discrete GPU or would not fit at all.
+    discrete GPU or would not fit at all. `rpc` hosts take whole layers, only what this machine
+    cannot hold.
     """
     if ctx < 1 or parallel < 1 or n_ubatch < 1 or checkpoints < 0:
         raise StepGGUFError("--ctx, --parallel and the batch size must be at least 1")
@@ -413,55 +440,155 @@ def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: str | None = Non
     if ctx > m.n_ctx_train:  # llama-server would cap it the same way
         return replace(
             plan(m, profile, m.n_ctx_train, kv_type=kv_type, mtp=mtp, parallel=parallel,
-                 n_ubatch=n_ubatch, checkpoints=checkpoints),
+                 n_ubatch=n_ubatch, checkpoints=checkpoints, rpc=rpc),
             notes=[f"context capped at the model's {m.n_ctx_train} tokens"])
-    place = lambda kv, notes: _place(m, profile, ctx, kv, mtp, parallel, n_ubatch,  # noqa: E731
-                                     checkpoints, notes)
+    setup = _Setup(m, profile, ctx, "f16", mtp, parallel, n_ubatch, checkpoints, tuple(rpc))
     if kv_type is not None:
-        return place(kv_type, [])
+        return _place(replace(setup, kv_type=kv_type), [])
     gpu_cap, _ = _usable(profile)
     if profile.has_gpu and not profile.unified and \
             kv_bytes(m, range(m.n_layer), ctx, "f16", n_ubatch, parallel) > KV_SHARE * gpu_cap:
-        return place("q8_0", [f"KV cache in q8_0: in f16 it would take over {KV_SHARE:.0%} of "
-                              "the GPU's memory"])
+        return _place(replace(setup, kv_type="q8_0"),
+                      [f"KV cache in q8_0: in f16 it would take over {KV_SHARE:.0%} of the "
+                       "GPU's memory"])
     try:
-        return place("f16", [])
+        return _place(setup, [])
     except StepGGUFError:
-        return place("q8_0", ["KV cache in q8_0: in f16 the model and cache do not fit"])
+        return _place(replace(setup, kv_type="q8_0"),
+                      ["KV cache in q8_0: in f16 the model and cache do not fit"])
 
 
-def _place(m: ModelFacts, profile: Profile, ctx: int, kv_type: str, mtp: bool, parallel: int,
-           n_ubatch: int, checkpoints: int, notes: list[str]) -> Plan:
+@dataclass(frozen=True)
+class _Setup:
+    m: ModelFacts
+    profile: Profile
+    ctx: int
+    kv_type: str
+    mtp: bool
+    parallel: int
+    n_ubatch: int
+    checkpoints: int
+    rpc: tuple[RpcHost, ...]
+
+    @property
+    def n_all(self) -> int:
+        return self.m.n_layer + self.m.n_nextn
+
+    def used(self, t: Tensor) -> bool:
+        """Whether llama.cpp loads `t`: without drafting it skips the MTP blocks' required
+        tensors (input projection, norms, attention) but still loads their optional ones,
+        the routed and shared experts among them (src/models/step35.cpp)."""
+        return self.mtp or self.m.kind(t) != "mtp" or not _MTP_SKIPPED.search(t.name)
+
+    def kv(self, layers: range) -> int:
+        """Cache bytes of `layers` (trunk and, with drafting, MTP heads)."""
+        n_layer = self.m.n_layer
+        if not self.mtp:
+            layers = range(layers.start, min(layers.stop, n_layer))
+        return kv_bytes(self.m, layers, self.ctx, self.kv_type, self.n_ubatch, self.parallel)
+
+
+class _NoFit(StepGGUFError):
+    def __init__(self, needed: int, room: int):
+        self.needed, self.room = needed, room
+        super().__init__(f"needs {_gib(needed)}, has {_gib(room)}")
+
+
+def _place(s: _Setup, notes: list[str]) -> Plan:
+    """This machine alone when it can hold the model; otherwise the RPC hosts take whole
+    layers, as few as possible. llama.cpp orders the layers CPU, RPC hosts, GPU: a CPU machine
+    keeps the first layers and the hosts the last; with a GPU the hosts take the first."""
+    try:
+        devices, rest, gpu_used = _local(s, 0, s.n_all, True, notes)
+        if s.rpc:
+            notes.append("the model fits this machine: the RPC hosts are left unused (each "
+                         "would cost a network round trip per token)")
+        return _finish(s, devices, rest, [], notes,
+                       gpu_layers=s.n_all + 1 if gpu_used else 0, split=[])
+    except _NoFit as exc:
+        if not s.rpc:
+            raise _refusal(s, exc.needed, exc.room) from None
+        needed, room = exc.needed, exc.room
+    room += sum(_usable_memory(h.memory, RAM_MARGIN, RAM_RESERVE) for h in s.rpc)
+    if s.profile.has_gpu:  # hosts take layers [0, k); the GPU plan runs the rest
+        for k in range(1, s.n_all + 1):
+            hosts = _fill_hosts(s, range(0, k), output=False)
+            if hosts is None:
+                break
+            try:
+                devices, rest, gpu_used = _local(s, k, s.n_all, True, [])
+            except _NoFit:
+                continue
+            if gpu_used:
+                counts = [len(h.kv_layers) for h in hosts]
+                return _finish(s, devices, rest, hosts, notes, gpu_layers=s.n_all + 1,
+                               split=counts + [s.n_all + 1 - k])
+    else:  # this machine keeps layers [0, k); the hosts take the rest and the output
+        for k in range(s.n_all, -1, -1):
+            try:
+                devices, rest, _ = _local(s, 0, k, False, [])
+            except _NoFit:
+                continue
+            hosts = _fill_hosts(s, range(k, s.n_all), output=True)
+            if hosts is not None:
+                counts = [len(h.kv_layers) + any(t.name.startswith("output") for t in h.tensors)
+                          for h in hosts]
+                return _finish(s, devices, rest, hosts, notes, gpu_layers=s.n_all + 1 - k,
+                               split=counts)
+            break  # keeping fewer layers here only gives the hosts more
+    raise _refusal(s, needed, room, f" with {len(s.rpc)} RPC host(s)")
+
+
+def _refusal(s: _Setup, needed: int, room: int, where: str = "") -> StepGGUFError:
+    return StepGGUFError(
+        f"{s.m.name} does not fit {s.profile.name}{where}: it needs {_gib(needed)} (weights, "
+        f"{s.kv_type} KV cache and buffers at ctx {s.ctx}) but there is {_gib(room)} usable; "
+        "use a smaller scheme or context, or a larger machine")
+
+
+def _local(s: _Setup, lo: int, hi: int, output: bool,
+           notes: list[str]) -> tuple[list[Device], list[Tensor], bool]:
+    """Layers [lo, hi) (and the output layer when `output`) on this machine: (devices,
+    experts overridden to the CPU, whether a GPU is used). Raises _NoFit."""
+    m, profile = s.m, s.profile
     gpu_cap, ram_cap = _usable(profile)
-    buffers = {"kv": kv_bytes(m, range(m.n_layer), ctx, kv_type, n_ubatch, parallel),
-               "compute": compute_buffer(m, n_ubatch)}
-    if mtp:  # the draft context: its heads' cache and its own graph
-        buffers["kv_mtp"] = kv_bytes(m, range(m.n_layer, m.n_layer + m.n_nextn), ctx, kv_type,
-                                     n_ubatch, parallel)
-        buffers["compute_mtp"] = compute_buffer(m, n_ubatch)
-    used = [t for t in m.tensors if mtp or m.kind(t) != "mtp"]
+
+    def here(t: Tensor) -> bool:
+        if t.layer is not None:
+            return lo <= t.layer < hi
+        return output or m.kind(t) != "output"  # embeddings and shared tables stay here
+
+    used = [t for t in m.tensors if s.used(t) and here(t)]
+    buffers = {"kv": s.kv(range(lo, min(hi, m.n_layer))), "compute": compute_buffer(m, s.n_ubatch)}
+    heads = range(max(lo, m.n_layer), hi)
+    if s.mtp and heads:  # the draft context: its heads' cache and its own graph
+        buffers["kv_mtp"] = s.kv(heads)
+        buffers["compute_mtp"] = compute_buffer(m, s.n_ubatch)
     embd = [t for t in used if m.kind(t) == "embeddings"]  # llama.cpp keeps the input layer on the CPU
     # MTP experts before the trunk's: a draft step runs one head alone, so a head in system
     # memory pays a GPU->CPU round trip for every drafted token
-    experts = [t for t in used if _EXPERTS.match(t.name) and m.kind(t) == "mtp"] + \
-              [t for t in used if m.kind(t) == "experts"]
+    heads_experts = [t for t in used if _EXPERTS.match(t.name) and m.kind(t) == "mtp"]
+    trunk_experts = [t for t in used if m.kind(t) == "experts"]
+    experts = heads_experts + trunk_experts if s.mtp else trunk_experts + heads_experts
     first = [t for t in used if t not in embd and t not in experts]
-    ckpt = checkpoint_bytes(m, kv_type, n_ubatch) * checkpoints * parallel
+    ckpt = checkpoint_bytes(m, s.kv_type, s.n_ubatch) * s.checkpoints * s.parallel
     cpu = Device("CPU", ram_cap, profile.mem_bw * CPU_EFFICIENCY, list(embd),
                  {"context_checkpoints": ckpt})
+    layers = set(range(lo, hi))
     gpu = None
     if profile.has_gpu:
         gpu = Device("GPU", min(gpu_cap, ram_cap) if profile.unified else gpu_cap,
-                     profile.gpu_bw * profile.gpu_efficiency, list(first), dict(buffers))
+                     profile.gpu_bw * profile.gpu_efficiency, list(first), dict(buffers), layers)
         if gpu.free < 0:
             notes.append(f"the GPU cannot hold the non-expert weights, KV cache and buffers "
                          f"({_gib(gpu.bytes)} > {_gib(gpu.capacity)}): everything runs on the CPU")
             gpu = None
+    rest: list[Tensor] = []
     if gpu is None:
-        cpu.tensors, devices, rest = list(used), [cpu], []
+        cpu.tensors, devices = list(used), [cpu]
         cpu.extra.update(buffers)
+        cpu.kv_layers = layers
     else:
-        rest = []
         for t in experts:
             room = gpu.free
             if profile.unified:  # one pool: what the CPU holds is gone for the GPU too
@@ -469,50 +596,102 @@ def _place(m: ModelFacts, profile: Profile, ctx: int, kv_type: str, mtp: bool, p
             (gpu.tensors if t.bytes <= room else rest).append(t)
         cpu.tensors += rest
         if rest:
-            cpu.extra["compute_host"] = compute_buffer(m, n_ubatch)
+            cpu.extra["compute_host"] = compute_buffer(m, s.n_ubatch)
         if profile.unified:
             cpu.capacity = ram_cap - gpu.bytes
         devices = [gpu, cpu]
     if cpu.bytes > cpu.capacity:
         room = gpu_cap + ram_cap if gpu is not None and not profile.unified else ram_cap
-        raise StepGGUFError(
-            f"{m.name} does not fit {profile.name}: it needs {_gib(sum(d.bytes for d in devices))} "
-            f"(weights, {kv_type} KV cache and buffers at ctx {ctx}) but the machine has "
-            f"{_gib(room)} usable; use a smaller scheme or context, or a larger machine")
-    return Plan(m, profile, ctx, kv_type, max(n_ubatch, 2048) if gpu else n_ubatch, n_ubatch,
-                parallel, checkpoints, mtp, devices,
-                m.n_layer + m.n_nextn + 1 if gpu is not None else 0, [t.name for t in rest],
-                *(_decode_tps(m, devices, kv_type, pos) for pos in (0, ctx)),
-                _prompt_tps(m, devices, profile, n_ubatch), notes)
+        raise _NoFit(sum(d.bytes for d in devices), room)
+    return devices, rest, gpu is not None
+
+
+def _fill_hosts(s: _Setup, layers: range, output: bool) -> list[Device] | None:
+    """The RPC hosts holding `layers` in order (and then the output layer), each filled
+    before the next; None when they cannot hold them all."""
+    m = s.m
+    hosts = [Device(f"RPC{i}", _usable_memory(h.memory, RAM_MARGIN, RAM_RESERVE),
+                    h.bandwidth * CPU_EFFICIENCY, endpoint=h.endpoint, link_bw=h.link_bw)
+             for i, h in enumerate(s.rpc)]
+    items: list[tuple[int | None, list[Tensor]]] = [
+        (i, [t for t in m.tensors if t.layer == i and s.used(t)]) for i in layers]
+    if output:
+        items.append((None, [t for t in m.tensors if t.layer is None and m.kind(t) == "output"]))
+    j = 0
+    for layer, tensors in items:
+        while True:
+            if j == len(hosts):
+                return None
+            h = hosts[j]
+            add = {"compute": compute_buffer(m, s.n_ubatch)} if not h.extra else {}
+            if layer is not None:
+                add["kv"] = s.kv(range(layer, layer + 1))
+                if layer >= m.n_layer and s.mtp and "compute_mtp" not in h.extra:
+                    add["compute_mtp"] = compute_buffer(m, s.n_ubatch)
+            if sum(t.bytes for t in tensors) + sum(add.values()) <= h.free:
+                break
+            j += 1
+        h.tensors += tensors
+        for k, v in add.items():
+            h.extra[k] = h.extra.get(k, 0) + v
+        if layer is not None:
+            h.kv_layers.add(layer)
+    return hosts
+
+
+def _finish(s: _Setup, devices: list[Device], rest: list[Tensor], hosts: list[Device],
+            notes: list[str], *, gpu_layers: int, split: list[int]) -> Plan:
+    gpu_used = any(d.name == "GPU" for d in devices)
+    if hosts and s.mtp and any(t.layer is not None and t.layer >= s.m.n_layer
+                               for h in hosts for t in h.tensors):
+        notes.append("the MTP heads sit on an RPC host: each drafted token crosses the network")
+    devices = devices + [h for h in hosts if h.tensors]
+    return Plan(s.m, s.profile, s.ctx, s.kv_type, max(s.n_ubatch, 2048) if gpu_used else s.n_ubatch,
+                s.n_ubatch, s.parallel, s.checkpoints, s.mtp, devices, gpu_layers,
+                [t.name for t in rest],
+                *(_decode_tps(s.m, devices, s.kv_type, pos) for pos in (0, s.ctx)),
+                _prompt_tps(s.m, devices, s.profile, s.n_ubatch), notes,
+                [h.endpoint for h in hosts] if hosts else [], split if hosts else [])
 
 
 def _decode_tps(m: ModelFacts, devices: list[Device], kv_type: str, pos: int) -> float:
-    """Tokens/s of plain decoding at position `pos`: bytes read on each device over its rate."""
+    """Tokens/s of plain decoding at position `pos`: bytes read on each device over its rate,
+    the synchronisation of CPU-computed layers, and the network hops to RPC hosts."""
     seconds = 0.0
+    gpu = any(d.name == "GPU" for d in devices)
     for d in devices:
         read = sum(m.read_per_token(t) for t in d.tensors if t.layer is None or t.layer < m.n_layer)
-        if "kv" in d.extra:
-            read += kv_read(m, pos, kv_type)
-        seconds += read / d.bandwidth
-    if len(devices) > 1:
-        split = {t.layer for t in devices[1].tensors if m.kind(t) == "experts"}
+        seconds += (read + kv_read(m, pos, kv_type, d.kv_layers)) / d.bandwidth
+        if d.endpoint is not None:
+            moved = 2 * 4 * m.n_embd + 4 * m.n_vocab * any(t.name.startswith("output.")
+                                                           for t in d.tensors)
+            seconds += RPC_ROUND_TRIP_S + moved / d.link_bw
+        if d.endpoint is not None or (d.name == "CPU" and not gpu):
+            seconds += CPU_LAYER_S * sum(1 for i in d.kv_layers if i < m.n_layer)
+    if gpu:
+        split = {t.layer for d in devices if d.name == "CPU" for t in d.tensors
+                 if m.kind(t) == "experts"}
         seconds += SPLIT_LAYER_S * len(split)
-    else:
-        seconds += CPU_LAYER_S * m.n_layer
     return 1 / seconds if seconds else 0.0
 
 
 def _prompt_tps(m: ModelFacts, devices: list[Device], profile: Profile, n_ubatch: int) -> float:
-    """Tokens/s of prompt processing: compute-bound on the device doing the matmuls; with a GPU,
-    llama.cpp also copies system-memory experts to it once per micro-batch."""
-    flops = 2 * sum(m.active_params(t) for d in devices for t in d.tensors
-                    if t.layer is None or t.layer < m.n_layer)
-    if len(devices) == 1:
-        return profile.cpu_flops / flops if flops else 0.0
-    seconds = flops / profile.gpu_flops
-    if not profile.unified:
-        seconds += sum(t.bytes for t in devices[1].tensors if _EXPERTS.match(t.name)) \
-            / (profile.link_bw * n_ubatch)
+    """Tokens/s of prompt processing: compute-bound on the device doing the matmuls (RPC hosts
+    are taken as CPUs like this one); with a GPU, llama.cpp also copies system-memory experts
+    to it once per micro-batch."""
+    def flops(ds) -> float:
+        return 2 * sum(m.active_params(t) for d in ds for t in d.tensors
+                       if t.layer is None or t.layer < m.n_layer)
+
+    local = [d for d in devices if d.endpoint is None]
+    seconds = flops([d for d in devices if d.endpoint is not None]) / profile.cpu_flops
+    if any(d.name == "GPU" for d in local):
+        seconds += flops(local) / profile.gpu_flops
+        if not profile.unified:
+            seconds += sum(t.bytes for d in local if d.name == "CPU" for t in d.tensors
+                           if _EXPERTS.match(t.name)) / (profile.link_bw * n_ubatch)
+    else:
+        seconds += flops(local) / profile.cpu_flops
     return 1 / seconds if seconds else 0.0
 
 

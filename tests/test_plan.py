@@ -146,3 +146,54 @@ def test_plan_json_from_a_gguf(gguf_file):
     assert out["server_args"][:2] == ["-m", str(gguf_file("tiny", "bf16"))]
     names = [n for d in out["devices"] for n in d["tensors"]]
     assert len(names) == len(set(names))   # each tensor placed once
+
+
+def _hosts(*gib: float) -> tuple[P.RpcHost, ...]:
+    return tuple(P.RpcHost(f"10.0.0.{i + 2}:50052", int(g * GiB), 75e9) for i, g in enumerate(gib))
+
+
+def test_rpc_hosts_take_the_layers_a_cpu_machine_cannot_hold(real):
+    n_all = 45 + 3
+    machine = P.machine("cpu", ram_gb=64)
+    with pytest.raises(StepGGUFError, match="does not fit cpu"):
+        P.plan(real, machine, 32768)
+    p = P.plan(real, machine, 32768, rpc=_hosts(64, 64))
+    cpu, *hosts = p.devices
+    # this machine keeps the first layers, filled up; the hosts take the rest in order, the
+    # second only what the first cannot hold, and the last one the output layer too
+    assert all(d.bytes <= d.capacity for d in p.devices)
+    assert sorted(cpu.kv_layers) == list(range(len(cpu.kv_layers))) and cpu.free < 3 * GiB
+    assert [h.endpoint for h in hosts] == p.rpc == ["10.0.0.2:50052", "10.0.0.3:50052"]
+    assert min(hosts[0].kv_layers) == len(cpu.kv_layers) and max(hosts[1].kv_layers) == n_all - 1
+    assert any(t.name == "output.weight" for t in hosts[1].tensors)
+    assert p.tensor_split == [len(hosts[0].kv_layers), len(hosts[1].kv_layers) + 1]
+    assert p.gpu_layers == sum(p.tensor_split) == n_all + 1 - len(cpu.kv_layers)
+    placed = [t.name for d in p.devices for t in d.tensors]
+    assert sorted(placed) == sorted(t.name for t in real.tensors)
+    args = p.server_args("m.gguf")
+    assert args[args.index("--rpc") + 1] == "10.0.0.2:50052,10.0.0.3:50052"
+    assert args[args.index("--tensor-split") + 1] == ",".join(map(str, p.tensor_split))
+    # the network costs every token a round trip per host and the logits from the last
+    alone = P.plan(real, P.machine("cpu", ram_gb=256), 32768)
+    assert p.predicted_decode_tps < alone.predicted_decode_tps
+    with pytest.raises(StepGGUFError, match=r"with 2 RPC host\(s\)"):
+        P.plan(real, machine, 32768, rpc=_hosts(8, 8))
+
+
+def test_rpc_hosts_take_the_first_layers_before_a_gpu(real):
+    p = P.plan(real, P.machine("gpu-24gb", ram_gb=64), 32768, rpc=_hosts(48))
+    gpu, cpu, host = p.devices
+    n_all = 45 + 3
+    # llama.cpp orders layers: CPU, RPC hosts, GPU; with a GPU every layer is offloaded and the
+    # host holds the first ones whole, experts and all
+    assert p.gpu_layers == n_all + 1 and sorted(host.kv_layers) == list(range(len(host.kv_layers)))
+    assert p.tensor_split == [len(host.kv_layers), n_all + 1 - len(host.kv_layers)]
+    assert not cpu.kv_layers and p.cpu_tensors
+    assert all(real.kind(t) == "experts" and t.layer >= len(host.kv_layers) for t in cpu.tensors
+               if not t.name.startswith("token_embd"))
+    assert all(d.bytes <= d.capacity for d in p.devices)
+
+
+def test_rpc_hosts_stay_unused_when_the_model_fits(real):
+    p = P.plan(real, P.machine("cpu"), 32768, rpc=_hosts(64))
+    assert not p.rpc and "--rpc" not in p.server_args("m") and "fits this machine" in p.notes[-1]

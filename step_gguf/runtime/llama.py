@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -181,22 +182,75 @@ def _captured_log() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+_GGML_API = (("ggml_backend_dev_count", ctypes.c_size_t, []),
+             ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+             ("ggml_backend_dev_buffer_type", ctypes.c_void_p, [ctypes.c_void_p]),
+             ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+             ("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
+             ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+             ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
+             ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+             ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+             ("ggml_backend_register", None, [ctypes.c_void_p]),
+             ("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p]))
+_DEVICE_GPU, _DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type
+
+
+@functools.cache
+def _libggml() -> ctypes.CDLL:
+    """The ggml that libllama itself links: its device registry is the one models load from
+    (llama-cpp-python's own `_ggml` module opens a second copy with a registry of its own)."""
+    check()
+    import llama_cpp  # noqa: PLC0415
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    found = sorted(lib_dir.glob("libggml.so.*"), key=lambda f: len(f.name)) or sorted(lib_dir.glob("libggml.*"))
+    if not found:
+        raise RuntimeMissingError(f"libggml is missing from {lib_dir}; {_FIX}")
+    lib = ctypes.CDLL(str(found[0]))
+    for fn, res, args in _GGML_API:
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    llama_cpp.llama_backend_init()
+    return lib
+
+
 def _buffer_type(name: str) -> int:
     """The ggml buffer type called `name` ("CPU", "CUDA0", ...) on this build's devices."""
-    from llama_cpp._ggml import libggml  # noqa: PLC0415
-
-    for fn, res, args in (("ggml_backend_dev_count", ctypes.c_size_t, []),
-                          ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                          ("ggml_backend_dev_buffer_type", ctypes.c_void_p, [ctypes.c_void_p]),
-                          ("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p])):
-        getattr(libggml, fn).restype, getattr(libggml, fn).argtypes = res, args
+    lib = _libggml()
     names = []
-    for i in range(libggml.ggml_backend_dev_count()):
-        buft = libggml.ggml_backend_dev_buffer_type(libggml.ggml_backend_dev_get(i))
-        names.append(libggml.ggml_backend_buft_name(buft).decode())
+    for i in range(lib.ggml_backend_dev_count()):
+        buft = lib.ggml_backend_dev_buffer_type(lib.ggml_backend_dev_get(i))
+        names.append(lib.ggml_backend_buft_name(buft).decode())
         if names[-1] == name:
             return buft
     raise StepGGUFError(f"this runtime has no {name} buffer type (it has {', '.join(names)})")
+
+
+def _local_gpus() -> list[int]:
+    """This machine's GPU devices, as llama.cpp picks them by default (integrated ones only
+    without a discrete one); RPC hosts are not among them."""
+    lib = _libggml()
+    found: dict[int, list[int]] = {_DEVICE_GPU: [], _DEVICE_IGPU: []}
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        kind = lib.ggml_backend_dev_type(dev)
+        reg = lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)).decode()
+        if kind in found and not reg.startswith("RPC"):
+            found[kind].append(dev)
+    return found[_DEVICE_GPU] or found[_DEVICE_IGPU]
+
+
+def rpc_device(endpoint: str) -> int:
+    """Register the ggml RPC server at `endpoint` in this process; its device. The server must
+    have answered already (step_gguf.runtime.rpc probes it): a failed handshake aborts."""
+    lib = _libggml()
+    rpc = lib.ggml_backend_reg_by_name(b"RPC")
+    add = rpc and lib.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server")
+    if not add:
+        raise RuntimeMissingError(f"this runtime was built without ggml RPC; {_FIX}")
+    reg = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add)(endpoint.encode())
+    lib.ggml_backend_register(reg)
+    return lib.ggml_backend_reg_dev_get(reg, 0)
 
 
 @contextlib.contextmanager
@@ -227,12 +281,17 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
         if plan.gpu_layers and plan.cpu_tensors:
             cpu = _buffer_type("CPU")
             kwargs["tensor_buft_overrides"] = [(p, cpu) for p in plan.override_patterns()]
+        if plan.rpc:  # llama.cpp's order: RPC hosts, then this machine's GPU
+            from .rpc import devices  # noqa: PLC0415
+
+            kwargs["tensor_split"] = plan.tensor_split
+            kwargs["devices"] = devices(plan.rpc) + _local_gpus()[:len(plan.tensor_split) - len(plan.rpc)]
     if exact:
         kwargs |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     try:
         with _captured_log() as lines:
             llm = Llama(str(path), n_threads=n_threads, logits_all=logits_all, verbose=verbose,
-                        swa_full=swa_full, **kwargs)
+                        swa_full=swa_full, **({"devices": _local_gpus()} | kwargs))
     except ValueError as exc:
         raise StepGGUFError(f"llama.cpp could not load {path}: {exc}") from exc
     try:
@@ -241,7 +300,7 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
         llm.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -250,7 +309,7 @@ def _free_port() -> int:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the server's child process: have Linux end it when its parent dies, even by
     SIGKILL, so that a killed `step-gguf serve` leaves no server holding the model and port."""
     if sys.platform.startswith("linux"):
@@ -271,13 +330,13 @@ def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int
     server = check().tool("llama-server")
     if not Path(gguf_path).is_file():
         raise StepGGUFError(f"{gguf_path} does not exist; give a GGUF file")
-    port = port or _free_port()
+    port = port or free_port()
     args = [str(server), "-m", str(gguf_path), "--host", host, "--port", str(port),
             *(plan.server_flags() if plan is not None else ["-c", str(n_ctx)]), *extra_args]
     if api_key:
         args += ["--api-key", api_key]
     sink = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', 'localhost') else host}:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
@@ -296,14 +355,19 @@ def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         if log_path:
             sink.close()
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a child server: SIGTERM, then SIGKILL after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass
