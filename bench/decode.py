@@ -11,7 +11,11 @@ One process measures everything in turn, on the `wide` checkpoint quantized with
     decode of --tokens tokens one at a time, fastest of 3;
   - llama-server via `step-gguf run`'s path, MTP drafting off and on (acceptance printed);
     random weights make drafts wrong, so on this model MTP can only cost;
-  - the planner: a custom profile with this machine's RAM and the bandwidth just measured.
+  - the planner: a custom profile with this machine's RAM and the bandwidth just measured;
+  - MTP where the heads predict right: a `wide`-shaped scripted checkpoint (3 heads, greedy
+    decoding and every head emit a fixed script), int4-mixed, decoded by our runtime (the
+    plan's llama-server) and by plain llama-server with and without `--spec-type draft-mtp`:
+    acceptance, and each speedup over its own MTP-off run.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from step_gguf.probe import ram_bytes, read_bandwidth
 from step_gguf.quantize import quantize
 from step_gguf.recipe import load_recipe
 from step_gguf.runtime import llama
+from step_gguf.synth import synth
 
 
 def llama_bench(gguf: Path, threads: int, tokens: int) -> tuple[float, float]:
@@ -55,11 +60,40 @@ def wrapper_decode(gguf: Path, plan: planner.Plan, threads: int, tokens: int) ->
     return tokens / best
 
 
-def server_decode(gguf: Path, plan: planner.Plan, tokens: int) -> llama.Reply:
-    with llama.serve(gguf, plan=plan) as url:
+def server_decode(gguf: Path, tokens: int, **serve_kw) -> llama.Reply:
+    with llama.serve(gguf, **serve_kw) as url:
         llama.chat(url, [{"role": "user", "content": "warm up"}], max_tokens=4)
         return llama.chat(url, [{"role": "user", "content": "Tell me a story."}],
                           max_tokens=tokens)
+
+
+SCRIPT = [f" word{i}" for i in range(200)]  # distinct pieces: one added token each
+
+
+def scripted(work: Path, preset: str) -> Path:
+    """The scripted `preset`-shaped GGUF (made once under `work`)."""
+    gguf = work / f"{preset}-scripted-int4-mixed.gguf"
+    if not gguf.exists():
+        src = work / f"{preset}-scripted-ckpt"
+        print(f"synthesising the scripted {preset} checkpoint at {src} ...", flush=True)
+        synth(src, preset, script=SCRIPT, chat_template="step35")
+        quantize(src, gguf, load_recipe("int4-mixed"))
+    return gguf
+
+
+def mtp_speedups(gguf: Path, machine: planner.Profile, tokens: int) -> list[tuple[str, float, float]]:
+    """(label, MTP-on / MTP-off decode, acceptance) for our runtime and plain llama-server."""
+    facts = planner.facts(gguf)
+    plain = ["-c", "4096", "--jinja"]
+    draft = ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(facts.n_nextn)]
+    out = []
+    for label, off_kw, on_kw in (
+            ("step-gguf run/serve (the plan)", {"plan": planner.plan(facts, machine, 4096, mtp=False)},
+             {"plan": planner.plan(facts, machine, 4096)}),
+            ("plain llama-server", {"extra_args": plain}, {"extra_args": plain + draft})):
+        off, on = server_decode(gguf, tokens, **off_kw), server_decode(gguf, tokens, **on_kw)
+        out.append((label, on.decode_tps / off.decode_tps, on.acceptance or 0.0))
+    return out
 
 
 def main() -> None:
@@ -85,7 +119,8 @@ def main() -> None:
     plan_off = planner.plan(facts, machine, 4096, mtp=False)
     tg, pp = llama_bench(gguf, a.threads, a.tokens)
     wrapped = wrapper_decode(gguf, plan_off, a.threads, a.tokens)
-    off, on = server_decode(gguf, plan_off, a.tokens), server_decode(gguf, plan_on, a.tokens)
+    off, on = server_decode(gguf, a.tokens, plan=plan_off), server_decode(gguf, a.tokens, plan=plan_on)
+    speedups = mtp_speedups(scripted(work, a.preset), machine, a.tokens)
 
     print(f"\n{gguf.name}: {gguf.stat().st_size / 2**30:.2f} GiB, {a.threads} threads, "
           f"read bandwidth {bw / 1e9:.1f} GB/s")
@@ -104,6 +139,13 @@ def main() -> None:
     if on.acceptance is not None:
         print(f"MTP: {on.draft_accepted}/{on.draft_tokens} drafts accepted "
               f"({on.acceptance:.0%}); MTP on / off = {on.decode_tps / off.decode_tps:.3f}")
+    print(f"\nMTP on a scripted {a.preset} model whose 3 heads predict right "
+          f"({len(SCRIPT)}-token script, {a.tokens} tokens decoded):")
+    print(f"{'':<34}{'on/off':>10}{'accepted':>10}")
+    for label, ratio, accepted in speedups:
+        print(f"{label:<34}{ratio:>10.3f}{accepted:>10.0%}")
+    print(f"our MTP speedup / llama-server's: {speedups[0][1] / speedups[1][1]:.3f} "
+          "(target: at least 1; acceptance at least 90%)")
     error = plan_off.predicted_decode_tps / tg - 1
     print(f"predicted vs measured decode: {error:+.1%} (target: within 30%)")
     sys.exit(0)

@@ -335,25 +335,37 @@ def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int
             *(plan.server_flags() if plan is not None else ["-c", str(n_ctx)]), *extra_args]
     if api_key:
         args += ["--api-key", api_key]
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', 'localhost') else host}:{port}"
+    with child(args, f"llama-server loading {gguf_path}", lambda: _healthy(url),
+               startup_timeout, log_path):
+        yield url
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def child(args: Sequence[str], what: str, ready: Callable[[], bool], startup_timeout: float,
+          log_path: Path | None = None) -> Iterator[subprocess.Popen]:
+    """Run a server process (from our build) for the block's duration, once `ready()` says
+    it is up; it dies with this process, and is stopped at the end of the block."""
     sink = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', 'localhost') else host}:{port}"
+    see = f"; see {log_path}" if log_path else ""
     try:
         deadline = time.monotonic() + startup_timeout
-        while True:
+        while not ready():
             if proc.poll() is not None:
-                raise StepGGUFError(f"llama-server exited with code {proc.returncode} while "
-                                    f"loading {gguf_path}" + (f"; see {log_path}" if log_path else ""))
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
+                raise StepGGUFError(f"{what}: exited with code {proc.returncode}{see}")
             if time.monotonic() > deadline:
-                raise StepGGUFError(f"llama-server did not become healthy in {startup_timeout:.0f}s")
-            time.sleep(0.2)
-        yield url
+                raise StepGGUFError(f"{what}: not up after {startup_timeout:.0f}s{see}")
+            time.sleep(0.1)
+        yield proc
     finally:
         stop(proc)
         if log_path:

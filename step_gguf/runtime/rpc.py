@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -122,27 +121,16 @@ def start(port: int | None = None, host: str = "127.0.0.1", threads: int | None 
     binary = llama.check().tool("ggml-rpc-server")
     port = port or llama.free_port()
     args = [str(binary), "-H", host, "-p", str(port), "-t", str(threads or os.cpu_count() or 1)]
-    sink = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT,
-                            preexec_fn=llama.die_with_parent)
     endpoint = f"{host}:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise StepGGUFError(f"ggml-rpc-server exited with code {proc.returncode} "
-                                    f"starting on {endpoint} (is the port taken?)")
-            try:
-                _reachable(endpoint, timeout=1.0)
-                break
-            except StepGGUFError:
-                if time.monotonic() > deadline:
-                    raise StepGGUFError(f"ggml-rpc-server did not listen on {endpoint} in "
-                                        f"{startup_timeout:.0f}s") from None
-                time.sleep(0.1)
+
+    def listening() -> bool:
+        try:
+            _reachable(endpoint, timeout=1.0)
+            return True
+        except StepGGUFError:
+            return False
+
+    with llama.child(args, f"ggml-rpc-server on {endpoint} (is the port taken?)", listening,
+                     startup_timeout, log_path):
         log.info("ggml-rpc-server listening on %s", endpoint)
         yield endpoint
-    finally:
-        llama.stop(proc)
-        if log_path:
-            sink.close()
