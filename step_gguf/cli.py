@@ -394,9 +394,11 @@ def _profiles_help() -> str:
         f"; {CUSTOM}: give --ram and --mem-bw (and --vram, --gpu-bw)"
 
 
-_RPC_HELP = ("ggml RPC hosts (`step-gguf rpc-server` on each) that take whole layers this "
-             "machine cannot hold; each host's free memory is asked unless given as =GiB. "
-             "Hosts are taken to read memory as fast as this machine.")
+_rpc_option = click.option(
+    "--rpc", default=None, metavar="HOST:PORT[=GiB],...",
+    help="ggml RPC hosts (`step-gguf rpc-server` on each) that take whole layers this machine "
+         "cannot hold; each host's free memory is asked unless given as =GiB. Hosts are taken "
+         "to read memory as fast as this machine.")
 
 
 def _rpc_hosts(spec: str | None, machine) -> tuple:
@@ -424,7 +426,7 @@ def _rpc_hosts(spec: str | None, machine) -> tuple:
 @click.option("--ram", type=float, default=None, help="System memory, GiB.")
 @click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s.")
 @click.option("--gpu-bw", type=float, default=None, help="GPU memory read bandwidth, GB/s.")
-@click.option("--rpc", default=None, metavar="HOST:PORT[=GiB],...", help=_RPC_HELP)
+@_rpc_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
          parallel: int, no_mtp: bool, vram: float | None, ram: float | None,
@@ -507,7 +509,7 @@ def _model_options(f):
                           "[this machine's CPU]."),
         click.option("--no-mtp", is_flag=True,
                      help="Do not draft with the GGUF's MTP heads (on by default when it has them)."),
-        click.option("--rpc", default=None, metavar="HOST:PORT[=GiB],...", help=_RPC_HELP),
+        _rpc_option,
     ]):
         f = option(f)
     return click.argument("model", type=click.Path(path_type=Path))(f)
@@ -574,6 +576,22 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends the server the way Ctrl-C does
 
 
+def _hold_until_stopped(server, announce: str) -> None:
+    """Keep the `server` context (yielding its address) open until Ctrl-C or SIGTERM; print
+    the address alone on stdout for scripts, `announce` (formatted with it) on stderr."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with server as address:
+            click.echo(announce.format(address), err=True)
+            click.echo(address)
+            sys.stdout.flush()
+            signal.pause()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+
+
 @main.command()
 @_model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -584,49 +602,37 @@ def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | N
           port: int, api_key: str | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
-    import signal
+    import contextlib
 
     from .runtime import llama
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with llama.serve(model, plan=p, host=host, port=port, api_key=api_key) as url:
-            click.echo(f"serving {model.name} at {url}/v1 (OpenAI-compatible); Ctrl-C stops",
-                       err=True)
-            click.echo(f"{url}/v1")
-            sys.stdout.flush()
-            signal.pause()
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+    @contextlib.contextmanager
+    def base_url():
+        with llama.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc), host=host,
+                         port=port, api_key=api_key) as url:
+            yield f"{url}/v1"
+
+    _hold_until_stopped(base_url(), f"serving {model.name} at {{}} (OpenAI-compatible); Ctrl-C stops")
 
 
 @main.command("rpc-server")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. ggml's RPC protocol has no authentication: bind a LAN "
                    "address only on a network you trust.")
-@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True,
+              help="Port to listen on (ggml-rpc-server's own default).")
 @click.option("-t", "--threads", type=click.IntRange(1), default=None, help="CPU threads [all cores].")
 def rpc_server(host: str, port: int, threads: int | None) -> None:
     """Lend this machine's memory to another's `step-gguf run/serve --rpc HOST:PORT`: runs
     our ggml-rpc-server (same build, same protocol) until Ctrl-C."""
-    import signal
-
     from .runtime import llama, rpc
 
     if host not in llama.LOOPBACK:
         click.echo(f"warning: {host}:{port} accepts unauthenticated RPC from anyone who can "
                    "reach it", err=True)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with rpc.start(port, host, threads) as endpoint:
-            click.echo(f"ggml RPC host at {endpoint}; use --rpc {endpoint} on the machine that "
-                       "runs the model; Ctrl-C stops", err=True)
-            click.echo(endpoint)
-            sys.stdout.flush()
-            signal.pause()
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+    _hold_until_stopped(rpc.start(port, host, threads),
+                        "ggml RPC host at {0}; use --rpc {0} on the machine that runs the model; "
+                        "Ctrl-C stops")
 
 
 @main.command()

@@ -94,6 +94,11 @@ class RpcHost:
     bandwidth: float            # bytes/s its backend reads memory at
     link_bw: float = 117e6      # bytes/s of the network to it (gigabit Ethernet)
 
+    @property
+    def capacity(self) -> int:
+        """Bytes the plan may fill there, kept as system memory is."""
+        return _usable_memory(self.memory, RAM_MARGIN, RAM_RESERVE)
+
 
 def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: float | None = None,
             mem_bw_gbs: float | None = None, gpu_bw_gbs: float | None = None) -> Profile:
@@ -309,6 +314,7 @@ class Device:
     kv_layers: set[int] = field(default_factory=set)      # layers whose cache lives here
     endpoint: str | None = None                           # an RPC host's host:port
     link_bw: float = 0.0                                  # bytes/s of the network to it
+    output: bool = False                                  # an RPC host holding the output layer
 
     @property
     def weights(self) -> int:
@@ -509,7 +515,7 @@ def _place(s: _Setup, notes: list[str]) -> Plan:
         if not s.rpc:
             raise _refusal(s, exc.needed, exc.room) from None
         needed, room = exc.needed, exc.room
-    room += sum(_usable_memory(h.memory, RAM_MARGIN, RAM_RESERVE) for h in s.rpc)
+    room += sum(h.capacity for h in s.rpc)
     if s.profile.has_gpu:  # hosts take layers [0, k); the GPU plan runs the rest
         for k in range(1, s.n_all + 1):
             hosts = _fill_hosts(s, range(0, k), output=False)
@@ -531,8 +537,7 @@ def _place(s: _Setup, notes: list[str]) -> Plan:
                 continue
             hosts = _fill_hosts(s, range(k, s.n_all), output=True)
             if hosts is not None:
-                counts = [len(h.kv_layers) + any(t.name.startswith("output") for t in h.tensors)
-                          for h in hosts]
+                counts = [len(h.kv_layers) + h.output for h in hosts]
                 return _finish(s, devices, rest, hosts, notes, gpu_layers=s.n_all + 1 - k,
                                split=counts)
             break  # keeping fewer layers here only gives the hosts more
@@ -610,8 +615,8 @@ def _fill_hosts(s: _Setup, layers: range, output: bool) -> list[Device] | None:
     """The RPC hosts holding `layers` in order (and then the output layer), each filled
     before the next; None when they cannot hold them all."""
     m = s.m
-    hosts = [Device(f"RPC{i}", _usable_memory(h.memory, RAM_MARGIN, RAM_RESERVE),
-                    h.bandwidth * CPU_EFFICIENCY, endpoint=h.endpoint, link_bw=h.link_bw)
+    hosts = [Device(f"RPC{i}", h.capacity, h.bandwidth * CPU_EFFICIENCY, endpoint=h.endpoint,
+                    link_bw=h.link_bw)
              for i, h in enumerate(s.rpc)]
     items: list[tuple[int | None, list[Tensor]]] = [
         (i, [t for t in m.tensors if t.layer == i and s.used(t)]) for i in layers]
@@ -634,7 +639,9 @@ def _fill_hosts(s: _Setup, layers: range, output: bool) -> list[Device] | None:
         h.tensors += tensors
         for k, v in add.items():
             h.extra[k] = h.extra.get(k, 0) + v
-        if layer is not None:
+        if layer is None:
+            h.output = True
+        else:
             h.kv_layers.add(layer)
     return hosts
 
@@ -663,8 +670,7 @@ def _decode_tps(m: ModelFacts, devices: list[Device], kv_type: str, pos: int) ->
         read = sum(m.read_per_token(t) for t in d.tensors if t.layer is None or t.layer < m.n_layer)
         seconds += (read + kv_read(m, pos, kv_type, d.kv_layers)) / d.bandwidth
         if d.endpoint is not None:
-            moved = 2 * 4 * m.n_embd + 4 * m.n_vocab * any(t.name.startswith("output.")
-                                                           for t in d.tensors)
+            moved = 2 * 4 * m.n_embd + 4 * m.n_vocab * d.output
             seconds += RPC_ROUND_TRIP_S + moved / d.link_bw
         if d.endpoint is not None or (d.name == "CPU" and not gpu):
             seconds += CPU_LAYER_S * sum(1 for i in d.kv_layers if i < m.n_layer)

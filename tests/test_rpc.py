@@ -13,6 +13,8 @@ from step_gguf import plan as P
 from step_gguf.errors import StepGGUFError
 
 CTX, UBATCH = 256, 32
+# usable share of a small machine's memory: the margin and a reserve of an eighth
+USABLE = 1 - P.RAM_MARGIN - 1 / 8
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def _spread_over_three(m: P.ModelFacts, first: P.RpcHost, second: P.RpcHost, *,
     """The smallest machine that keeps some layers itself, then the smallest first host
     that takes some more, so that this machine and both hosts hold layers."""
     def attempt(ram: int, rpc: tuple) -> P.Plan | None:
-        machine = P.machine("custom", ram_gb=ram / 0.825 / P.GiB, mem_bw_gbs=10)
+        machine = P.machine("custom", ram_gb=ram / USABLE / P.GiB, mem_bw_gbs=10)
         try:
             return P.plan(m, machine, CTX, n_ubatch=UBATCH, checkpoints=0, mtp=mtp, rpc=rpc)
         except StepGGUFError:
@@ -37,7 +39,7 @@ def _spread_over_three(m: P.ModelFacts, first: P.RpcHost, second: P.RpcHost, *,
     steps = range(64 << 10, 64 << 20, 64 << 10)
     ram = next(r for r in steps if (p := attempt(r, (second,))) and p.devices[0].kv_layers)
     for host in steps:
-        p = attempt(ram, (P.RpcHost(first.endpoint, int(host / 0.825), first.bandwidth), second))
+        p = attempt(ram, (P.RpcHost(first.endpoint, int(host / USABLE), first.bandwidth), second))
         if p is not None and len(p.devices) == 3:
             return p
     raise AssertionError("no first host makes the model spread over three devices")

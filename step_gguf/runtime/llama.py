@@ -273,11 +273,15 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
     import llama_cpp  # noqa: PLC0415
     from llama_cpp import Llama  # noqa: PLC0415
 
-    kwargs: dict = {"n_ctx": n_ctx, "n_batch": min(n_ctx, 512), "n_gpu_layers": n_gpu_layers}
+    # every load names its devices: RPC hosts registered in this process stay registered
+    gpus = _local_gpus()
+    kwargs: dict = {"n_ctx": n_ctx, "n_batch": min(n_ctx, 512), "n_gpu_layers": n_gpu_layers,
+                    "devices": gpus}
     if plan is not None:
         kv = getattr(llama_cpp, f"GGML_TYPE_{plan.kv_type.upper()}")
         kwargs = {"n_ctx": plan.ctx, "n_batch": plan.n_batch, "n_ubatch": plan.n_ubatch,
-                  "n_gpu_layers": plan.gpu_layers, "type_k": kv, "type_v": kv, "flash_attn": True}
+                  "n_gpu_layers": plan.gpu_layers, "type_k": kv, "type_v": kv, "flash_attn": True,
+                  "devices": gpus}
         if plan.gpu_layers and plan.cpu_tensors:
             cpu = _buffer_type("CPU")
             kwargs["tensor_buft_overrides"] = [(p, cpu) for p in plan.override_patterns()]
@@ -285,13 +289,13 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
             from .rpc import devices  # noqa: PLC0415
 
             kwargs["tensor_split"] = plan.tensor_split
-            kwargs["devices"] = devices(plan.rpc) + _local_gpus()[:len(plan.tensor_split) - len(plan.rpc)]
+            kwargs["devices"] = devices(plan.rpc) + gpus[:len(plan.tensor_split) - len(plan.rpc)]
     if exact:
         kwargs |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     try:
         with _captured_log() as lines:
             llm = Llama(str(path), n_threads=n_threads, logits_all=logits_all, verbose=verbose,
-                        swa_full=swa_full, **({"devices": _local_gpus()} | kwargs))
+                        swa_full=swa_full, **kwargs)
     except ValueError as exc:
         raise StepGGUFError(f"llama.cpp could not load {path}: {exc}") from exc
     try:

@@ -59,14 +59,14 @@ def parse(spec: str) -> list[tuple[str, int | None]]:
     return out
 
 
-def _reachable(endpoint: str, timeout: float = 3.0) -> None:
+def _refused(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why a TCP connection to `endpoint` fails, or None when it succeeds."""
     host, port = split_endpoint(endpoint)
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            pass
+            return None
     except OSError as exc:
-        raise StepGGUFError(f"cannot reach the RPC host {endpoint} ({exc.strerror or exc}); "
-                            f"{_START}") from None
+        return exc.strerror or str(exc)
 
 
 _DEVICE_LINE = re.compile(r"^\s*RPC\d+: (\S+) \((\d+) MiB, (\d+) MiB free\)", re.M)
@@ -76,7 +76,8 @@ def memory(endpoints: Sequence[str]) -> dict[str, int]:
     """Free bytes each host's device reports, asked through llama-server's device list in a
     child process (a failed handshake aborts that process, not this one)."""
     for e in endpoints:
-        _reachable(e)
+        if why := _refused(e):
+            raise StepGGUFError(f"cannot reach the RPC host {e} ({why}); {_START}")
     server = llama.check().tool("llama-server")
     try:
         out = subprocess.run([str(server), "--rpc", ",".join(endpoints), "--list-devices"],
@@ -122,15 +123,7 @@ def start(port: int | None = None, host: str = "127.0.0.1", threads: int | None 
     port = port or llama.free_port()
     args = [str(binary), "-H", host, "-p", str(port), "-t", str(threads or os.cpu_count() or 1)]
     endpoint = f"{host}:{port}"
-
-    def listening() -> bool:
-        try:
-            _reachable(endpoint, timeout=1.0)
-            return True
-        except StepGGUFError:
-            return False
-
-    with llama.child(args, f"ggml-rpc-server on {endpoint} (is the port taken?)", listening,
-                     startup_timeout, log_path):
+    with llama.child(args, f"ggml-rpc-server on {endpoint} (is the port taken?)",
+                     lambda: _refused(endpoint, timeout=1.0) is None, startup_timeout, log_path):
         log.info("ggml-rpc-server listening on %s", endpoint)
         yield endpoint
