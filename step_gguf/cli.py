@@ -340,26 +340,30 @@ def runtime() -> None:
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs [all cores].")
 @click.option("--no-install", is_flag=True, help="Build into the cache only; do not install "
               "llama-cpp-python into this environment.")
+@click.option("--stock", is_flag=True, help="Build stock llama.cpp from the same source, none of "
+              "our patches (libllama and llama-bench, for comparisons); never installed.")
 def runtime_build(backend: str, cmake_args: tuple[str, ...], jobs: int | None,
-                  no_install: bool) -> None:
+                  no_install: bool, stock: bool) -> None:
     """Build llama-cpp-python with step-gguf's patch series and install it.
 
     Downloads the pinned llama-cpp-python source from PyPI, applies patches/ in series order,
     compiles the library plus llama-server, llama-bench and ggml-rpc-server (ccache is used
     when installed), and caches the result: a second call with the same options is instant.
-    A cold CPU build takes about 10 minutes on 2 cores.
+    A cold CPU build takes about 10 minutes on 2 cores. `--stock` builds the same tree without
+    the patches, to measure against: `bench/kernels.py` does.
     """
     from .runtime import build as b
     from .runtime import llama
 
-    spec = b.BuildSpec(backend, tuple(cmake_args))
+    spec = b.BuildSpec(backend, tuple(cmake_args), series=0 if stock else None)
+    no_install = no_install or stock
     cached = b.cached_build(spec)
     if cached:
         click.echo(f"runtime {spec.key} is cached at {cached.root}")
         result = cached
     else:
         click.echo(f"building runtime {spec.key} (llama-cpp-python {b.LLAMA_CPP_PYTHON_VERSION}, "
-                   f"patch series {b.series_id()}, {backend})")
+                   f"{'no patches' if stock else f'patch series {b.series_id()}'}, {backend})")
         with click.progressbar(length=1, label="compiling", show_percent=True, file=sys.stderr) as bar:
             def on_step(done: int, total: int) -> None:
                 bar.length = total

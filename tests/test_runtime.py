@@ -34,6 +34,19 @@ def test_cache_key_depends_on_backend_and_flags():
         b.BuildSpec("rocm")
 
 
+def test_partial_series_builds_are_kept_apart():
+    """Stock llama.cpp (no patches) and prefixes of the series, for comparisons: their own
+    cache entries and build ids, and only the tools a comparison needs."""
+    n = len(b.patch_series())
+    specs = [b.BuildSpec(series=k) for k in range(n + 1)] + [b.BuildSpec()]
+    assert len({s.key for s in specs}) == n + 2
+    assert specs[0].key.startswith("cpu-stock-") and b.BuildSpec(series=3).key.startswith("cpu-p3-")
+    assert b.series_id(n) == b.series_id() != b.series_id(0)
+    assert b.BuildSpec(series=0).targets == b.PARTIAL_TARGETS and "llama-server" in b.BuildSpec().targets
+    with pytest.raises(StepGGUFError, match=f"has {n} patches, not {n + 1}"):
+        b.BuildSpec(series=n + 1)
+
+
 def test_second_build_is_a_cache_lookup(runtime):
     spec = b.BuildSpec()
     if b.cached_build(spec) is None or b.cached_build(spec).bin_dir != runtime.bin_dir:

@@ -57,30 +57,50 @@ def patch_series() -> list[tuple[str, bytes]]:
     return [(name, (root / name).read_bytes()) for name in names]
 
 
-def series_id() -> str:
-    """Identity of the patch series: compiled into libllama, checked by the wrapper."""
+def series_id(n: int | None = None) -> str:
+    """Identity of the patch series (its first `n` patches; all by default): compiled into
+    libllama, checked by the wrapper."""
     h = hashlib.sha256(LLAMA_CPP_PYTHON_VERSION.encode())
-    for name, content in patch_series():
+    for name, content in patch_series()[:n]:
         h.update(b"\0" + name.encode() + b"\0" + content)
     return h.hexdigest()[:16]
+
+
+# what a build of part of the series makes: enough to compare it with the runtime (llama-bench,
+# and libllama for programs of our own), never installed
+PARTIAL_TARGETS = ("llama", "ggml", "llama-bench")
 
 
 @dataclass(frozen=True)
 class BuildSpec:
     backend: str = "cpu"
     cmake_args: tuple[str, ...] = field(default_factory=tuple)
+    # the first `series` patches only (0: stock llama.cpp from the same sdist), for comparisons;
+    # None: the whole series, the runtime step-gguf installs
+    series: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_FLAGS:
             raise StepGGUFError(
                 f"unknown backend {self.backend!r}; choose one of {', '.join(BACKEND_FLAGS)}"
             )
+        if self.series is not None and not 0 <= self.series <= len(patch_series()):
+            raise StepGGUFError(f"the patch series has {len(patch_series())} patches, not {self.series}")
+
+    @property
+    def partial(self) -> bool:
+        return self.series is not None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return PARTIAL_TARGETS if self.partial else (*LIB_TARGETS, *TOOL_TARGETS)
 
     @property
     def key(self) -> str:
-        blob = json.dumps([LLAMA_CPP_PYTHON_VERSION, series_id(), self.backend, list(self.cmake_args),
-                           list(TOOL_TARGETS)])
-        return f"{self.backend}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        blob = json.dumps([LLAMA_CPP_PYTHON_VERSION, series_id(self.series), self.backend,
+                           list(self.cmake_args), list(self.targets)])
+        part = "" if self.series is None else "-stock" if self.series == 0 else f"-p{self.series}"
+        return f"{self.backend}{part}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +117,15 @@ class RuntimeBuild:
 
     @property
     def wheel(self) -> Path:
+        if "wheel" not in self.manifest:
+            raise StepGGUFError(f"{self.root} is a build of part of the patch series; it has no "
+                                "llama-cpp-python to install")
         return self.root / self.manifest["wheel"]
+
+    @property
+    def src(self) -> Path:
+        """The patched llama.cpp tree it was built from (headers for our own programs)."""
+        return self.root / "src" / "vendor" / "llama.cpp"
 
     def tool(self, name: str) -> Path:
         return self.bin_dir / name
@@ -161,9 +189,10 @@ def extract_sdist(sdist: Path, dest: Path) -> Path:
     return dest
 
 
-def apply_patches(src: Path) -> None:
-    """Apply the series in order; the first patch that does not apply cleanly stops it."""
-    for name, content in patch_series():
+def apply_patches(src: Path, n: int | None = None) -> None:
+    """Apply the series (its first `n` patches) in order; the first patch that does not apply
+    cleanly stops it."""
+    for name, content in patch_series()[:n]:
         proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "--silent", "-d", str(src)],
                               input=content, capture_output=True)
         if proc.returncode != 0:
@@ -192,11 +221,14 @@ def build(spec: BuildSpec, jobs: int | None = None,
         work = final.with_name(final.name + ".partial")
         shutil.rmtree(work, ignore_errors=True)
         src = extract_sdist(fetch_sdist(), work / "src")
-        apply_patches(src)
-        log.info("applied %d patch(es), series %s", len(patch_series()), series_id())
+        apply_patches(src, spec.series)
+        log.info("applied %d patch(es), series %s", len(patch_series()[:spec.series]),
+                 series_id(spec.series))
         _cmake_build(spec, work, jobs or os.cpu_count() or 2, on_step)
-        wheel = _package(spec, work)
-        (work / MANIFEST).write_text(json.dumps(_manifest(spec, final) | {"wheel": wheel.name}, indent=1))
+        manifest = _manifest(spec, final)
+        if not spec.partial:
+            manifest["wheel"] = _package(spec, work).name
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(work, final)
     log.info("runtime %s built at %s", spec.key, final)
@@ -205,7 +237,8 @@ def build(spec: BuildSpec, jobs: int | None = None,
 
 def _manifest(spec: BuildSpec, root: Path) -> dict:
     return {
-        "series_id": series_id(),
+        "series_id": series_id(spec.series),
+        "series": spec.series,
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
         "backend": spec.backend,
         "cmake_args": list(spec.cmake_args),
@@ -217,7 +250,7 @@ def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[st
     args = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
             "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
-            "-DGGML_RPC=ON", f"-DSTEP_GGUF_BUILD_ID={series_id()}",
+            "-DGGML_RPC=ON", f"-DSTEP_GGUF_BUILD_ID={series_id(spec.series)}",
             # binaries find the libraries beside them, so the cache entry can be moved
             "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
     if shutil.which("ninja"):
@@ -236,8 +269,7 @@ def _cmake_build(spec: BuildSpec, work: Path, jobs: int,
     build_dir = work / "build"
     run(cmake_configure_args(spec, work / "src", build_dir), what="configuring llama.cpp",
         env=env, log_file=work / "configure.log")
-    targets = [*LIB_TARGETS, *TOOL_TARGETS]
-    run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets],
+    run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *spec.targets],
         what="compiling llama.cpp", env=env, log_file=work / "build.log", on_line=_steps(on_step))
 
 

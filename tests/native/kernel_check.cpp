@@ -1,0 +1,232 @@
+// Checks step-gguf's x86 kernels (patch 0007/0008) on random inputs, two ways:
+//  - kernel: each SIMD kernel (ggml_step_gemv/gemm_*) against the portable C kernel of the same
+//    repacked layout (ggml_gemv/gemm_*_generic), on the same quantized activations;
+//  - op: MUL_MAT and MUL_MAT_ID with the weights in the CPU_REPACK buffer (our path) against the
+//    same op with the weights in a plain CPU buffer (ggml's unpatched op: vec_dot, tiled or
+//    llamafile), through the CPU backend with 2 threads.
+// Prints one line per case: "<level> <type> <shape> <max |difference| / max |reference|>".
+// The kernels are looked up by name, so a missing one is reported, not a link error.
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+typedef void (*kernel_t)(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
+typedef void (*quant_row_t)(const float * x, void * y, int64_t k);
+typedef void (*quant_pack_t)(const float * x, void * y, int64_t k);
+
+static std::mt19937                    rng(1234);
+static std::normal_distribution<float> normal(0.0f, 1.0f);
+
+static void * sym(const std::string & name) { return dlsym(RTLD_DEFAULT, name.c_str()); }
+
+static std::vector<float> randn(size_t n, float scale) {
+    std::vector<float> v(n);
+    for (auto & x : v) {
+        x = normal(rng) * scale;
+    }
+    return v;
+}
+
+static double rel_diff(const float * got, const float * ref, size_t n) {
+    double dmax = 0, rmax = 0;
+    for (size_t i = 0; i < n; i++) {
+        dmax = std::max(dmax, (double) std::fabs(got[i] - ref[i]));
+        rmax = std::max(rmax, (double) std::fabs(ref[i]));
+    }
+    return dmax / (rmax > 0 ? rmax : 1);
+}
+
+static int failures = 0;
+
+static ggml_backend_buffer_type_t repack_buft() {
+    ggml_backend_reg_t reg  = ggml_backend_reg_by_name("CPU");
+    ggml_backend_dev_t dev  = ggml_backend_reg_dev_get(reg, 0);
+    auto get_extra = (ggml_backend_buffer_type_t * (*) (ggml_backend_dev_t))
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    for (auto * b = get_extra ? get_extra(dev) : nullptr; b && *b; b++) {
+        if (!strcmp(ggml_backend_buft_name(*b), "CPU_REPACK")) {
+            return *b;
+        }
+    }
+    return nullptr;
+}
+
+// quantized weights [n x k] of type t, in a buffer of buft (the repack buffer repacks them)
+struct weights {
+    ggml_context *        ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    ggml_tensor *         t   = nullptr;
+
+    weights(ggml_type type, int64_t k, int64_t n, int64_t n_expert, ggml_backend_buffer_type_t buft,
+            const std::vector<uint8_t> & q) {
+        ggml_init_params ip = { ggml_tensor_overhead() * 2, nullptr, true };
+        ctx = ggml_init(ip);
+        t   = n_expert > 1 ? ggml_new_tensor_3d(ctx, type, k, n, n_expert) : ggml_new_tensor_2d(ctx, type, k, n);
+        buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        ggml_backend_tensor_set(t, q.data(), 0, q.size());
+    }
+    ~weights() {
+        ggml_backend_buffer_free(buf);
+        ggml_free(ctx);
+    }
+};
+
+static std::vector<uint8_t> quantize(ggml_type type, int64_t k, int64_t rows) {
+    std::vector<float>   w = randn((size_t) k * rows, 0.05f);
+    std::vector<uint8_t> q(ggml_row_size(type, k) * rows);
+    ggml_quantize_chunk(type, w.data(), q.data(), 0, rows, k, nullptr);
+    return q;
+}
+
+// kernel level: SIMD against portable C on one repacked matrix
+static void check_kernels(ggml_type type, int64_t k, ggml_backend_buffer_type_t repack) {
+    const char * tn    = ggml_type_name(type);
+    const bool   q8_0  = type == GGML_TYPE_Q8_0;
+    const char * act   = q8_0 ? "q8_0" : "q8_K";
+    const int64_t n    = 64;
+    const std::string layout = std::string(tn) + "_8x8_" + act;
+    auto step_gemv = (kernel_t) sym("ggml_step_gemv_" + layout);
+    auto step_gemm = (kernel_t) sym("ggml_step_gemm_" + layout);
+    // on x86 the portable Q5_K/Q6_K kernels carry the plain name (arch-fallback.h)
+    auto c_gemv = (kernel_t) (sym("ggml_gemv_" + layout + "_generic") ?: sym("ggml_gemv_" + layout));
+    auto c_gemm = (kernel_t) (sym("ggml_gemm_" + layout + "_generic") ?: sym("ggml_gemm_" + layout));
+    auto q_row  = (quant_row_t) sym(q8_0 ? "quantize_row_q8_0" : "quantize_row_q8_K");
+    auto q_pack = (quant_pack_t) sym(q8_0 ? "ggml_quantize_mat_q8_0_4x8" : "ggml_quantize_mat_q8_K_4x8");
+    if (!step_gemv || !step_gemm || !c_gemv || !c_gemm || !q_row || !q_pack) {
+        printf("missing kernel %s\n", layout.c_str());
+        failures++;
+        return;
+    }
+    weights w(type, k, n, 1, repack, quantize(type, k, n));
+
+    const int max_rows = 17;
+    const int packs    = (max_rows + 3) / 4;
+    std::vector<float> x = randn((size_t) packs * 4 * k, 1.0f);
+    const size_t row_size = ggml_row_size(q8_0 ? GGML_TYPE_Q8_0 : GGML_TYPE_Q8_K, k);
+    std::vector<uint8_t> rows((size_t) max_rows * row_size), pack((size_t) packs * 4 * row_size);
+    for (int r = 0; r < max_rows; r++) {
+        q_row(x.data() + (size_t) r * k, rows.data() + r * row_size, k);
+    }
+    for (int p = 0; p < packs; p++) {
+        q_pack(x.data() + (size_t) p * 4 * k, pack.data() + p * 4 * row_size, k);
+    }
+
+    std::vector<float> got((size_t) max_rows * n), ref((size_t) packs * 4 * n);
+    double worst = 0;
+    for (int r = 0; r < max_rows; r++) {
+        c_gemv((int) k, ref.data(), n, w.t->data, rows.data() + r * row_size, 1, (int) n);
+        step_gemv((int) k, got.data(), n, w.t->data, rows.data() + r * row_size, 1, (int) n);
+        worst = std::max(worst, rel_diff(got.data(), ref.data(), n));
+    }
+    printf("kernel %s gemv k=%lld rows=1 %.3g\n", tn, (long long) k, worst);
+
+    c_gemm((int) k, ref.data(), n, w.t->data, pack.data(), packs * 4, (int) n);
+    for (int nr : { 1, 2, 3, 4, 5, 7, 8, 9, 17 }) {
+        std::fill(got.begin(), got.end(), NAN);
+        step_gemm((int) k, got.data(), n, w.t->data, pack.data(), nr, (int) n);
+        printf("kernel %s gemm k=%lld rows=%d %.3g\n", tn, (long long) k, nr, rel_diff(got.data(), ref.data(), (size_t) nr * n));
+    }
+}
+
+// op level: the same graph on repacked and on plain weights
+static std::vector<float> run_op(ggml_backend_t be, ggml_type type, int64_t k, int64_t n, int64_t n_expert,
+                                 int tokens, bool broadcast, const std::vector<uint8_t> & q,
+                                 ggml_backend_buffer_type_t buft, const std::vector<float> & x,
+                                 const std::vector<int32_t> & ids) {
+    weights w(type, k, n, n_expert, buft, q);
+    ggml_init_params ip = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, true };
+    ggml_context *   ctx = ggml_init(ip);
+    ggml_tensor *    out;
+    ggml_tensor *    xt;
+    ggml_tensor *    it = nullptr;
+    if (n_expert > 1) {
+        const int used = (int) (ids.size() / tokens);
+        xt  = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, k, broadcast ? 1 : used, tokens);
+        it  = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, used, tokens);
+        out = ggml_mul_mat_id(ctx, w.t, xt, it);
+    } else {
+        xt  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, tokens);
+        out = ggml_mul_mat(ctx, w.t, xt);
+    }
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_gallocr_t ga = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
+    ggml_gallocr_alloc_graph(ga, gf);
+    ggml_backend_tensor_set(xt, x.data(), 0, ggml_nbytes(xt));
+    if (it) {
+        ggml_backend_tensor_set(it, ids.data(), 0, ggml_nbytes(it));
+    }
+    ggml_backend_graph_compute(be, gf);
+    std::vector<float> y(ggml_nelements(out));
+    ggml_backend_tensor_get(out, y.data(), 0, ggml_nbytes(out));
+    ggml_gallocr_free(ga);
+    ggml_free(ctx);
+    return y;
+}
+
+static void check_ops(ggml_backend_t be, ggml_type type, ggml_backend_buffer_type_t repack) {
+    const char *  tn = ggml_type_name(type);
+    const int64_t k = 512, n = 256, n_expert = 16, used = 8;
+    {
+        const std::vector<uint8_t> q = quantize(type, k, n);
+        for (int tokens : { 1, 2, 3, 4, 5, 8, 17, 64 }) {
+            const std::vector<float> x   = randn((size_t) k * tokens, 1.0f);
+            const std::vector<float> got = run_op(be, type, k, n, 1, tokens, false, q, repack, x, {});
+            const std::vector<float> ref = run_op(be, type, k, n, 1, tokens, false, q, ggml_backend_cpu_buffer_type(), x, {});
+            printf("op %s mul_mat tokens=%d %.3g\n", tn, tokens, rel_diff(got.data(), ref.data(), got.size()));
+        }
+    }
+    const std::vector<uint8_t> q = quantize(type, k, n * n_expert);
+    for (bool broadcast : { true, false }) {  // gate/up (one row per token) and down (one per slot)
+        for (int tokens : { 1, 2, 4, 5, 16, 33 }) {
+            std::vector<int32_t> ids;
+            for (int t = 0; t < tokens; t++) {
+                std::vector<int32_t> e(n_expert);
+                for (int i = 0; i < n_expert; i++) {
+                    e[i] = i;
+                }
+                std::shuffle(e.begin(), e.end(), rng);
+                ids.insert(ids.end(), e.begin(), e.begin() + used);
+            }
+            const std::vector<float> x   = randn((size_t) k * (broadcast ? 1 : used) * tokens, 1.0f);
+            const std::vector<float> got = run_op(be, type, k, n, n_expert, tokens, broadcast, q, repack, x, ids);
+            const std::vector<float> ref = run_op(be, type, k, n, n_expert, tokens, broadcast, q, ggml_backend_cpu_buffer_type(), x, ids);
+            printf("op %s mul_mat_id%s tokens=%d %.3g\n", tn, broadcast ? "_bcast" : "", tokens,
+                   rel_diff(got.data(), ref.data(), got.size()));
+        }
+    }
+}
+
+int main() {
+    ggml_backend_load_all();
+    ggml_backend_buffer_type_t repack = repack_buft();
+    if (!repack) {
+        printf("no CPU_REPACK buffer type\n");
+        return 1;
+    }
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("CPU");
+    ggml_backend_t     be  = ggml_backend_dev_init(ggml_backend_reg_dev_get(reg, 0), nullptr);
+    auto set_threads = (void (*)(ggml_backend_t, int)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+    set_threads(be, 2);
+    for (ggml_type t : { GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K, GGML_TYPE_Q8_0 }) {
+        for (int64_t k : { 256, 4096 }) {
+            check_kernels(t, k, repack);
+        }
+        check_ops(be, t, repack);
+    }
+    ggml_backend_free(be);
+    return failures ? 1 : 0;
+}
