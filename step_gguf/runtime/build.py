@@ -67,8 +67,8 @@ def series_id(n: int | None = None) -> str:
 
 
 # what a build of part of the series makes: enough to compare it with the runtime (llama-bench,
-# and libllama for programs of our own), never installed
-PARTIAL_TARGETS = ("llama", "ggml", "llama-bench")
+# llama-server, and libllama for programs of our own), never installed
+PARTIAL_TARGETS = ("llama", "ggml", "llama-bench", "llama-server")
 
 
 @dataclass(frozen=True)

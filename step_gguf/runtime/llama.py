@@ -324,14 +324,15 @@ def die_with_parent() -> None:
 def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int | None = None,
           host: str = "127.0.0.1", n_ctx: int = 4096, extra_args: Sequence[str] = (),
           api_key: str | None = None, startup_timeout: float = 120.0,
-          log_path: Path | None = None) -> Iterator[str]:
+          log_path: Path | None = None, server: Path | None = None) -> Iterator[str]:
     """Run our `llama-server` for the block's duration; yields its base URL. `plan` gives its
     context, placement, cache, batch and MTP flags (then `n_ctx` is the plan's). It binds to
-    loopback unless `host` says otherwise, which needs an `api_key`."""
+    loopback unless `host` says otherwise, which needs an `api_key`. `server` runs the
+    llama-server of another build instead (stock llama.cpp, for comparisons)."""
     if host not in LOOPBACK and not api_key:
         raise StepGGUFError(f"serving on {host} exposes the model to the network; give --api-key "
                             "(or serve on 127.0.0.1)")
-    server = check().tool("llama-server")
+    server = server or check().tool("llama-server")
     if not Path(gguf_path).is_file():
         raise StepGGUFError(f"{gguf_path} does not exist; give a GGUF file")
     port = port or free_port()
