@@ -1,7 +1,7 @@
 """CPU speed of our patched llama.cpp against stock llama.cpp built from the same sdist, on the
 `wide` checkpoint (real per-expert shapes) as int4-mixed and as stock Q4_K_M.
 
-    python bench/kernels.py [--work DIR] [--threads N] [--rounds 3] [--shares] [--skip-mtp]
+    python bench/kernels.py [--work DIR] [--threads N] [--rounds 3] [--shares] [--skip-mtp] [--recipe FILE]
 
 What it prints, every figure measured in this run:
   - step time at batch 1, 2, 4 and 8 and prompt tok/s at 512: llama-bench (-p N -n 0), stock and
@@ -51,16 +51,18 @@ PROMPT = 512
 PROFILED = (1, 4, PROMPT)
 
 
-def models(work: Path, preset: str) -> dict[str, Path]:
-    """`preset` as int4-mixed (our recipe) and Q4_K_M (llama-quantize on a BF16 conversion),
-    made once under `work`."""
-    out = {"int4-mixed": work / f"{preset}-int4-mixed.gguf", "Q4_K_M": work / f"{preset}-q4_k_m.gguf"}
+def models(work: Path, preset: str, recipes: list[Path]) -> dict[str, Path]:
+    """`preset` as int4-mixed (our recipe), Q4_K_M (llama-quantize on a BF16 conversion) and each
+    recipe file of `recipes`, made once under `work`."""
+    ours = {"int4-mixed": load_recipe("int4-mixed")} | {r.stem: load_recipe(path=r) for r in recipes}
+    out = {name: work / f"{preset}-{name}.gguf" for name in ours} | {"Q4_K_M": work / f"{preset}-q4_k_m.gguf"}
     if all(p.exists() for p in out.values()):
         return out
     src, _ = checkpoint(work, preset)
-    if not out["int4-mixed"].exists():
-        print(f"quantizing {src} to {out['int4-mixed']} ...", flush=True)
-        quantize(src, out["int4-mixed"], load_recipe("int4-mixed"))
+    for name, recipe in ours.items():
+        if not out[name].exists():
+            print(f"quantizing {src} to {out[name]} ...", flush=True)
+            quantize(src, out[name], recipe)
     if not out["Q4_K_M"].exists():
         bf16 = work / f"{preset}-bf16.gguf"
         print(f"converting and quantizing {src} to {out['Q4_K_M']} ...", flush=True)
@@ -194,6 +196,9 @@ def main() -> None:
     ap.add_argument("--shares", action="store_true", help="also measure builds of the series up "
                     "to each CPU patch (builds them once)")
     ap.add_argument("--skip-mtp", action="store_true")
+    ap.add_argument("--recipe", type=Path, action="append", default=[], help="also time `preset` "
+                    "quantized with this recipe file, e.g. a variant of `step-gguf recipes "
+                    "int4-mixed --toml` (repeatable)")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="step-gguf-kbench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -207,7 +212,7 @@ def main() -> None:
         for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 1):
             builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).bin_dir / "llama-bench"
         builds["ours"] = builds.pop("ours")
-    ggufs = models(work, a.preset)
+    ggufs = models(work, a.preset, a.recipe)
 
     for name, gguf in ggufs.items():
         print(f"\ntiming {gguf.name} ...", flush=True)
