@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 # run as a script, bench/ is on sys.path
 from _common import checkpoint
@@ -82,25 +83,38 @@ def scripted(work: Path, preset: str) -> Path:
     return gguf
 
 
-def mtp_speedups(gguf: Path, machine: planner.Profile, tokens: int,
-                 rounds: int = 3) -> list[tuple[str, float, float]]:
-    """(label, median of MTP-on / MTP-off decode over `rounds` interleaved rounds, acceptance)
-    for our runtime and plain llama-server."""
+class MtpResult(NamedTuple):
+    label: str
+    ratio: float  # median of the per-round MTP-on / MTP-off decode
+    off_tps: float  # medians over the rounds
+    on_tps: float
+    accepted: float  # the lowest acceptance of the rounds
+
+
+def mtp_rounds(gguf: Path, tokens: int, contenders: list[tuple[str, dict, dict]],
+               rounds: int) -> list[MtpResult]:
+    """Each contender (label, serve kwargs with MTP off, with MTP on) decodes off then on, all of
+    them in turn for `rounds` rounds: the machine's speed drifts, a round's pair shares it."""
+    runs: dict[str, list[tuple[llama.Reply, llama.Reply]]] = {label: [] for label, _, _ in contenders}
+    for _ in range(rounds):
+        for label, off_kw, on_kw in contenders:
+            runs[label].append((server_decode(gguf, tokens, **off_kw), server_decode(gguf, tokens, **on_kw)))
+    return [MtpResult(label, statistics.median(on.decode_tps / off.decode_tps for off, on in pairs),
+                      statistics.median(off.decode_tps for off, _ in pairs),
+                      statistics.median(on.decode_tps for _, on in pairs),
+                      min(on.acceptance or 0.0 for _, on in pairs))
+            for label, pairs in runs.items()]
+
+
+def mtp_speedups(gguf: Path, machine: planner.Profile, tokens: int, rounds: int = 3) -> list[MtpResult]:
+    """MTP on over off for our runtime (the plan) and plain llama-server with its own flags."""
     facts = planner.facts(gguf)
     plain = ["-c", "4096", "--jinja"]
     draft = ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(facts.n_nextn)]
-    contenders = (
+    return mtp_rounds(gguf, tokens, [
         ("step-gguf run/serve (the plan)", {"plan": planner.plan(facts, machine, 4096, mtp=False)},
          {"plan": planner.plan(facts, machine, 4096)}),
-        ("plain llama-server", {"extra_args": plain}, {"extra_args": plain + draft}))
-    ratios: dict[str, list[float]] = {label: [] for label, _, _ in contenders}
-    accepted: dict[str, float] = {}
-    for _ in range(rounds):
-        for label, off_kw, on_kw in contenders:
-            off, on = server_decode(gguf, tokens, **off_kw), server_decode(gguf, tokens, **on_kw)
-            ratios[label].append(on.decode_tps / off.decode_tps)
-            accepted[label] = min(accepted.get(label, 1.0), on.acceptance or 0.0)
-    return [(label, statistics.median(r), accepted[label]) for label, r in ratios.items()]
+        ("plain llama-server", {"extra_args": plain}, {"extra_args": plain + draft})], rounds)
 
 
 def main() -> None:
@@ -149,9 +163,9 @@ def main() -> None:
     print(f"\nMTP on a scripted {a.preset} model whose 3 heads predict right "
           f"({len(SCRIPT)}-token script, {2 * a.tokens} tokens decoded, median of 3 rounds):")
     print(f"{'':<34}{'on/off':>10}{'accepted':>10}")
-    for label, ratio, accepted in speedups:
-        print(f"{label:<34}{ratio:>10.3f}{accepted:>10.0%}")
-    print(f"our MTP speedup / llama-server's: {speedups[0][1] / speedups[1][1]:.3f} "
+    for s in speedups:
+        print(f"{s.label:<34}{s.ratio:>10.3f}{s.accepted:>10.0%}")
+    print(f"our MTP speedup / llama-server's: {speedups[0].ratio / speedups[1].ratio:.3f} "
           "(target: at least 1; acceptance at least 90%)")
     error = plan_off.predicted_decode_tps / tg - 1
     print(f"predicted vs measured decode: {error:+.1%} (target: within 30%)")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 # run as a script, bench/ is on sys.path
 from _common import checkpoint
-from decode import SCRIPT, scripted, server_decode
+from decode import SCRIPT, mtp_rounds, scripted
 
 from step_gguf import plan as planner
 from step_gguf.convert import convert
@@ -167,22 +167,13 @@ def mtp(servers: dict[str, Path | None], gguf: Path, tokens: int, rounds: int) -
     machine = planner.machine("custom", ram_gb=ram_bytes() / planner.GiB, mem_bw_gbs=30)
     facts = planner.facts(gguf)
     on, off = planner.plan(facts, machine, 4096), planner.plan(facts, machine, 4096, mtp=False)
-    ratios: dict[str, list[float]] = defaultdict(list)
-    speeds: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for _ in range(rounds):
-        for name, server in servers.items():
-            r_off = server_decode(gguf, tokens, plan=off, server=server)
-            r_on = server_decode(gguf, tokens, plan=on, server=server)
-            ratios[name].append(r_on.decode_tps / r_off.decode_tps)
-            speeds[name].append((r_off.decode_tps, r_on.decode_tps))
-            accepted = f"{r_on.draft_accepted}/{r_on.draft_tokens}"
+    results = mtp_rounds(gguf, tokens, [(name, {"plan": off, "server": server}, {"plan": on, "server": server})
+                                        for name, server in servers.items()], rounds)
     print(f"\nMTP on the scripted {gguf.stem} ({len(SCRIPT)}-piece script, 3 heads, {tokens} tokens, "
-          f"median of {rounds} rounds; last acceptance {accepted})")
-    print(f"  {'':<28}{'off tok/s':>10}{'on tok/s':>10}{'on/off':>8}")
-    for name in servers:
-        off_s = statistics.median(s[0] for s in speeds[name])
-        on_s = statistics.median(s[1] for s in speeds[name])
-        print(f"  {name:<28}{off_s:10.1f}{on_s:10.1f}{statistics.median(ratios[name]):8.2f}")
+          f"median of {rounds} rounds)")
+    print(f"  {'':<28}{'off tok/s':>10}{'on tok/s':>10}{'on/off':>8}{'accepted':>10}")
+    for r in results:
+        print(f"  {r.label:<28}{r.off_tps:10.1f}{r.on_tps:10.1f}{r.ratio:8.2f}{r.accepted:10.0%}")
 
 
 def main() -> None:
@@ -203,15 +194,14 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="step-gguf-kbench-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    ours_root = llama.check().bin_dir
     print("building (or finding) stock llama.cpp from the same sdist ...", flush=True)
-    stock_bin = b.build(b.BuildSpec(series=0)).bin_dir
-    builds = {"stock": stock_bin / "llama-bench", "ours": ours_root / "llama-bench"}
+    stock = b.build(b.BuildSpec(series=0))
+    builds = {"stock": stock.tool("llama-bench")}
     series = [name for name, _ in b.patch_series()]
     if a.shares:  # the series up to 0006 (stock kernels, profile only) and up to 0007
         for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 1):
-            builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).bin_dir / "llama-bench"
-        builds["ours"] = builds.pop("ours")
+            builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-bench")
+    builds["ours"] = llama.check().bin_dir / "llama-bench"
     ggufs = models(work, a.preset, a.recipe)
 
     for name, gguf in ggufs.items():
@@ -228,10 +218,10 @@ def main() -> None:
             print_profile(gguf.name, n, stock_prof, ours_prof)
 
     if not a.skip_mtp:
-        servers = {"ours (step-gguf run/serve)": None, "stock llama-server": stock_bin / "llama-server"}
+        servers = {"ours (step-gguf run/serve)": None, "stock llama-server": stock.tool("llama-server")}
         if a.shares:
             for k in (series.index("0009-mtp-head-output-rows.patch"), series.index("0010-mtp-deferred-catchup.patch")):
-                servers[f"series to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).bin_dir / "llama-server"
+                servers[f"series to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-server")
         mtp(servers, scripted(work, a.preset), a.tokens, a.rounds)
     print("\nGPU (--cpu-moe with the rest on a GPU): not measured here; run this script where "
           "`nvidia-smi` works with a CUDA runtime (step-gguf runtime build --backend cuda).")

@@ -41,11 +41,11 @@ pytestmark = [
 ]
 
 
-def compile_native(name: str, root: Path, out_dir: Path) -> Path:
-    """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of the build at
-    `root` (the installed runtime, or a build of part of the series)."""
-    tree, lib = root / "src" / "vendor" / "llama.cpp", root / "build" / "bin"
-    exe = out_dir / f"{name}-{root.name}"
+def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path) -> Path:
+    """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of `build` (the
+    installed runtime, or a build of part of the series)."""
+    tree, lib = build.src, build.bin_dir
+    exe = out_dir / f"{name}-{build.root.name}"
     if not exe.exists():
         subprocess.run(["g++", "-O2", "-std=c++17", str(NATIVE / f"{name}.cpp"), "-o", str(exe),
                         f"-I{tree / 'include'}", f"-I{tree / 'ggml' / 'include'}", f"-L{lib}",
@@ -55,14 +55,14 @@ def compile_native(name: str, root: Path, out_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ours(runtime) -> Path:
-    return runtime.bin_dir.parent.parent
+def ours(runtime) -> b.RuntimeBuild:
+    return b.RuntimeBuild(runtime.bin_dir.parent.parent)  # the cache entry it was installed from
 
 
 @pytest.fixture(scope="module")
-def stock() -> Path:
+def stock() -> b.RuntimeBuild:
     """Stock llama.cpp from the same sdist, built once into the cache (minutes the first time)."""
-    return b.build(b.BuildSpec(series=0)).root
+    return b.build(b.BuildSpec(series=0))
 
 
 @pytest.fixture(scope="module")
@@ -117,19 +117,17 @@ def models(workdir, runtime) -> dict[str, Path]:
 
 
 N_PREDICT = 64
+N_VOCAB = 2048  # the `quant` preset's
 
 
 def greedy(exe: Path, model: Path, tmp: Path, ubatch: int, env: dict | None = None) -> tuple[list[int], np.ndarray]:
     """(the greedy tokens, the prompt's logits) from step_greedy."""
-    logits = tmp / f"logits-{exe.name}-{model.stem}-{ubatch}-{len(env or {})}.f32"
+    logits = tmp / f"logits-{exe.name}-{model.stem}-{ubatch}.f32"
     out = subprocess.run([str(exe), str(model), PROMPT, str(N_PREDICT), str(logits), str(ubatch), "2"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = np.fromfile(logits, dtype=np.float32).reshape(-1, N_VOCAB)
-    return [int(t) for t in out.stdout.split()], rows[:-N_PREDICT]
+    return [int(t) for t in out.stdout.split()], np.fromfile(logits, dtype=np.float32).reshape(-1, N_VOCAB)
 
-
-N_VOCAB = 2048
 
 
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:

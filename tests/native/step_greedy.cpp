@@ -3,9 +3,8 @@
 //
 //   step_greedy MODEL PROMPT N_PREDICT LOGITS_OUT [N_UBATCH] [N_THREADS]
 //
-// Writes the logits of every prompt position, then of every decoding step (float32,
-// (n_prompt + N_PREDICT) x n_vocab) to LOGITS_OUT and prints the N_PREDICT greedy tokens as one
-// line of ids.
+// Writes the logits of every prompt position (float32, n_prompt x n_vocab) to LOGITS_OUT and
+// prints the N_PREDICT greedy tokens as one line of ids.
 
 #include "llama.h"
 
@@ -89,6 +88,7 @@ int main(int argc, char ** argv) {
     for (int i = 0; i < n_prompt; i++) {
         fwrite(llama_get_logits_ith(ctx, i), sizeof(float), n_vocab, f);
     }
+    fclose(f);
     llama_batch_free(batch);
 
     llama_token next = argmax(llama_get_logits_ith(ctx, n_prompt - 1), n_vocab);
@@ -99,11 +99,8 @@ int main(int argc, char ** argv) {
             fprintf(stderr, "decode failed at step %d\n", i);
             return 1;
         }
-        const float * logits = llama_get_logits_ith(ctx, -1);
-        fwrite(logits, sizeof(float), n_vocab, f);
-        next = argmax(logits, n_vocab);
+        next = argmax(llama_get_logits_ith(ctx, -1), n_vocab);
     }
-    fclose(f);
     llama_free(ctx);
     llama_model_free(model);
     llama_backend_free();
