@@ -18,7 +18,7 @@ What it prints, every figure measured in this run:
   - MTP on the scripted wide model whose 3 heads predict right: decode tok/s with drafting on
     over off, through our runtime (the plan's llama-server) and through stock llama-server;
   - with --shares: each patch's share, from builds of the series up to it (0006 profile only,
-    0007 kernels, 0008 expert reads, 0009/0010 MTP), batch 1/4/512 and MTP.
+    0007 kernels, 0008 expert reads, 0009/0010 MTP, 0011 row-scalar MULs), batch 1/4/512 and MTP.
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def main() -> None:
     stock = b.build(b.BuildSpec(series=0))
     builds = {"stock": stock.tool("llama-bench")}
     series = [name for name, _ in b.patch_series()]
-    if a.shares:  # the series up to 0006 (stock kernels, profile only) and up to 0007
-        for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 1):
+    if a.shares:  # the series up to 0006 (stock kernels, profile only), 0007 and 0008 (0009/0010: MTP only)
+        for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 2):
             builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-bench")
     builds["ours"] = llama.check().bin_dir / "llama-bench"
     ggufs = models(work, a.preset, a.recipe)
@@ -220,7 +220,8 @@ def main() -> None:
     if not a.skip_mtp:
         servers = {"ours (step-gguf run/serve)": None, "stock llama-server": stock.tool("llama-server")}
         if a.shares:
-            for k in (series.index("0009-mtp-head-output-rows.patch"), series.index("0010-mtp-deferred-catchup.patch")):
+            for k in (series.index("0009-mtp-head-output-rows.patch"), series.index("0010-mtp-deferred-catchup.patch"),
+                      series.index("0011-binary-op-row-scalar.patch")):
                 servers[f"series to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-server")
         mtp(servers, scripted(work, a.preset), a.tokens, a.rounds)
     print("\nGPU (--cpu-moe with the rest on a GPU): not measured here; run this script where "
