@@ -83,7 +83,7 @@ def test_real_model_dry_run_is_the_sum_of_its_shapes():
     moe = range(3, 45)
     down_q5 = [i for i in moe if i < 0.25 * 45 or i >= 0.70 * 45]  # "0%-25%, 70%-100%"
     want = b(V * H, "Q8_0") + b(V * H, "Q6_K") + b(H, "F32")             # token_embd, output, norm
-    for i in range(48):
+    for i in range(45):
         q = heads[i] * hd * H
         want += b(2 * q, "Q6_K") + b(2 * 8 * hd * H + heads[i] * H, "Q8_0")  # q, o | k, v, gate
         want += b(2 * H + 2 * hd, "F32")                                    # norms
@@ -94,8 +94,11 @@ def test_real_model_dry_run_is_the_sum_of_its_shapes():
             want += b(3 * Ie * H, "Q8_0")                                     # shared expert
         else:
             want += b(3 * I * H, "Q6_K")                                      # dense FFN
-        if i >= 45:
-            want += b(2 * H * H, "Q8_0") + b(3 * H, "F32") + b(V * H, "Q6_K")  # eh_proj, norms, head
+    for i in range(45, 48):  # MTP blocks: every matrix Q4_K (they only draft)
+        q = heads[i] * hd * H
+        want += b(2 * q + 2 * 8 * hd * H + heads[i] * H + 3 * I * H, "Q4_K")  # attention, dense FFN
+        want += b(2 * H * H + V * H, "Q4_K")                                 # eh_proj, head
+        want += b(5 * H + 2 * hd, "F32")                                     # norms
     want += b(hd // 2, "F32")                                                # rope_freqs
     assert len(down_q5) == 22
     assert p.total_bytes == want
