@@ -48,6 +48,11 @@ LAUNCHER = textwrap.dedent("""
 Timing = tuple[float, int]  # (wall seconds, peak RSS bytes)
 
 
+def description(doc: str) -> str:
+    """A script docstring's first paragraph on one line: its --help description."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def measure(label: str, args: list[str]) -> Timing:
     """Wall time and peak RSS of one contender process; exits with its stderr if it fails."""
     os.sync()  # start each contender without the previous one's dirty pages still flushing

@@ -15,11 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import best, checkpoint, llama_cpp_convert_cmd, measure, remove
+from _common import best, checkpoint, description, llama_cpp_convert_cmd, measure, remove
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "step-gguf-bench")
     ap.add_argument("--preset", default="wide")
     ap.add_argument("--repeat", type=int, default=2, help="runs of the copy and of ours (best kept)")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 # run as a script, bench/ is on sys.path
-from _common import checkpoint
+from _common import checkpoint, description
 
 from step_gguf import plan as planner
 from step_gguf.probe import ram_bytes, read_bandwidth
@@ -118,7 +118,7 @@ def mtp_speedups(gguf: Path, machine: planner.Profile, tokens: int, rounds: int 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoint and GGUF "
                     "(reused if there) [a temporary one]")
     ap.add_argument("--preset", default="wide")

@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # run as a script, bench/ is on sys.path
-from _common import checkpoint
+from _common import checkpoint, description
 from decode import SCRIPT, mtp_rounds, scripted
 
 from step_gguf import plan as planner
@@ -177,7 +177,7 @@ def mtp(servers: dict[str, Path | None], gguf: Path, tokens: int, rounds: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoints and GGUFs "
                     "(reused if there) [a temporary one]")
     ap.add_argument("--preset", default="wide")

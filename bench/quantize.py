@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # run as a script, bench/ is on sys.path
-from _common import Timing, best, checkpoint, llama_cpp_convert_cmd, measure, read_through, remove
+from _common import Timing, best, checkpoint, description, llama_cpp_convert_cmd, measure, read_through, remove
 
 from step_gguf.runtime import llama, tools
 
@@ -100,7 +100,7 @@ def contenders(work: Path, src: Path, threads: int | None, with_llama_cpp: bool)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--work", type=Path, default=None,
                     help="folder for the checkpoint (reused if there) and outputs [a temporary one]")
     ap.add_argument("--keep", action="store_true", help="keep the GGUFs (and a temporary --work)")
