@@ -3,11 +3,13 @@ checkpoint, and llama.cpp's own converter run the way a Step 3.5 user would have
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -51,6 +53,24 @@ Timing = tuple[float, int]  # (wall seconds, peak RSS bytes)
 def description(doc: str) -> str:
     """A script docstring's first paragraph on one line: its --help description."""
     return " ".join(doc.split("\n\n")[0].split())
+
+
+def machine_parser(doc: str, holds: str) -> argparse.ArgumentParser:
+    """The options of the benches that time this machine: --work (a folder that `holds`),
+    --preset and --threads."""
+    ap = argparse.ArgumentParser(description=description(doc))
+    ap.add_argument("--work", type=Path, default=None, help=f"folder for {holds} (reused if there) "
+                    "[a temporary one]")
+    ap.add_argument("--preset", default="wide")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    return ap
+
+
+def work_dir(work: Path | None, prefix: str) -> Path:
+    """`work`, or a new temporary folder named `prefix`..., made if missing."""
+    work = work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 def measure(label: str, args: list[str]) -> Timing:

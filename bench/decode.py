@@ -20,18 +20,15 @@ One process measures everything in turn, on the `wide` checkpoint quantized with
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 # run as a script, bench/ is on sys.path
-from _common import checkpoint, description
+from _common import checkpoint, machine_parser, work_dir
 
 from step_gguf import plan as planner
 from step_gguf.probe import ram_bytes, read_bandwidth
@@ -106,27 +103,32 @@ def mtp_rounds(gguf: Path, tokens: int, contenders: list[tuple[str, dict, dict]]
             for label, pairs in runs.items()]
 
 
+def this_machine(bandwidth: float) -> planner.Profile:
+    """This machine for the planner: its RAM, and `bandwidth` bytes/s."""
+    return planner.machine("custom", ram_gb=ram_bytes() / planner.GiB, mem_bw_gbs=bandwidth / 1e9)
+
+
+def mtp_plans(gguf: Path, machine: planner.Profile) -> tuple[planner.Plan, planner.Plan]:
+    """The plans `step-gguf serve` would make for `gguf` at 4096 tokens: MTP off, MTP on."""
+    facts = planner.facts(gguf)
+    return planner.plan(facts, machine, 4096, mtp=False), planner.plan(facts, machine, 4096)
+
+
 def mtp_speedups(gguf: Path, machine: planner.Profile, tokens: int, rounds: int = 3) -> list[MtpResult]:
     """MTP on over off for our runtime (the plan) and plain llama-server with its own flags."""
-    facts = planner.facts(gguf)
+    off, on = mtp_plans(gguf, machine)
     plain = ["-c", "4096", "--jinja"]
-    draft = ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(facts.n_nextn)]
+    draft = ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(planner.facts(gguf).n_nextn)]
     return mtp_rounds(gguf, tokens, [
-        ("step-gguf run/serve (the plan)", {"plan": planner.plan(facts, machine, 4096, mtp=False)},
-         {"plan": planner.plan(facts, machine, 4096)}),
+        ("step-gguf run/serve (the plan)", {"plan": off}, {"plan": on}),
         ("plain llama-server", {"extra_args": plain}, {"extra_args": plain + draft})], rounds)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
-    ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoint and GGUF "
-                    "(reused if there) [a temporary one]")
-    ap.add_argument("--preset", default="wide")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap = machine_parser(__doc__, "the checkpoint and GGUF")
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measurement")
     a = ap.parse_args()
-    work = a.work or Path(tempfile.mkdtemp(prefix="step-gguf-dbench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.work, "step-gguf-dbench-")
     gguf = work / f"{a.preset}-int4-mixed.gguf"
     if not gguf.exists():
         src, _ = checkpoint(work, a.preset)
@@ -134,10 +136,8 @@ def main() -> None:
         quantize(src, gguf, load_recipe("int4-mixed"))
 
     bw = read_bandwidth(a.threads)
-    machine = planner.machine("custom", ram_gb=ram_bytes() / planner.GiB, mem_bw_gbs=bw / 1e9)
-    facts = planner.facts(gguf)
-    plan_on = planner.plan(facts, machine, 4096)
-    plan_off = planner.plan(facts, machine, 4096, mtp=False)
+    machine = this_machine(bw)
+    plan_off, plan_on = mtp_plans(gguf, machine)
     tg, pp = llama_bench(gguf, a.threads, a.tokens)
     wrapped = wrapper_decode(gguf, plan_off, a.threads, a.tokens)
     off, on = server_decode(gguf, a.tokens, plan=plan_off), server_decode(gguf, a.tokens, plan=plan_on)

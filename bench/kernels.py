@@ -23,24 +23,21 @@ What it prints, every figure measured in this run:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 # run as a script, bench/ is on sys.path
-from _common import checkpoint, description
-from decode import SCRIPT, mtp_rounds, scripted
+from _common import checkpoint, machine_parser, work_dir
+from decode import SCRIPT, mtp_plans, mtp_rounds, scripted, this_machine
 
-from step_gguf import plan as planner
 from step_gguf.convert import convert
-from step_gguf.probe import ram_bytes, read_bandwidth
+from step_gguf.probe import read_bandwidth
 from step_gguf.quantize import quantize
 from step_gguf.recipe import load_recipe
 from step_gguf.runtime import build as b
@@ -164,9 +161,7 @@ def print_speed(name: str, t: dict, bw: list[float], base: str, bytes_at: dict[i
 
 def mtp(servers: dict[str, Path | None], gguf: Path, tokens: int, rounds: int) -> None:
     """Decode with MTP drafting on over off, the plan's flags, each llama-server in turn."""
-    machine = planner.machine("custom", ram_gb=ram_bytes() / planner.GiB, mem_bw_gbs=30)
-    facts = planner.facts(gguf)
-    on, off = planner.plan(facts, machine, 4096), planner.plan(facts, machine, 4096, mtp=False)
+    off, on = mtp_plans(gguf, this_machine(30e9))  # the bandwidth moves predictions, not flags
     results = mtp_rounds(gguf, tokens, [(name, {"plan": off, "server": server}, {"plan": on, "server": server})
                                         for name, server in servers.items()], rounds)
     print(f"\nMTP on the scripted {gguf.stem} ({len(SCRIPT)}-piece script, 3 heads, {tokens} tokens, "
@@ -177,11 +172,7 @@ def mtp(servers: dict[str, Path | None], gguf: Path, tokens: int, rounds: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
-    ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoints and GGUFs "
-                    "(reused if there) [a temporary one]")
-    ap.add_argument("--preset", default="wide")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap = machine_parser(__doc__, "the checkpoints and GGUFs")
     ap.add_argument("--rounds", type=int, default=5, help="stock/ours turns per model")
     ap.add_argument("--tokens", type=int, default=128, help="tokens decoded per MTP measurement")
     ap.add_argument("--shares", action="store_true", help="also measure builds of the series up "
@@ -191,8 +182,7 @@ def main() -> None:
                     "quantized with this recipe file, e.g. a variant of `step-gguf recipes "
                     "int4-mixed --toml` (repeatable)")
     a = ap.parse_args()
-    work = a.work or Path(tempfile.mkdtemp(prefix="step-gguf-kbench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.work, "step-gguf-kbench-")
 
     print("building (or finding) stock llama.cpp from the same sdist ...", flush=True)
     stock = b.build(b.BuildSpec(series=0))
