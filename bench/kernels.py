@@ -2,6 +2,7 @@
 `wide` checkpoint (real per-expert shapes) as int4-mixed and as stock Q4_K_M.
 
     python bench/kernels.py [--work DIR] [--threads N] [--rounds 3] [--shares] [--skip-mtp] [--recipe FILE]
+                            [--isa avx2|avx2-vnni|avx512|avx512-vnni]
 
 What it prints, every figure measured in this run:
   - step time at batch 1, 2, 4 and 8 and prompt tok/s at 512: llama-bench (-p N -n 0), stock and
@@ -17,6 +18,8 @@ What it prints, every figure measured in this run:
     with its kernels; barrier wait and activation quantization shown apart;
   - MTP on the scripted wide model whose 3 heads predict right: decode tok/s with drafting on
     over off, through our runtime (the plan's llama-server) and through stock llama-server;
+  - with --isa: stock and ours both built for that x86 instruction set only (GGML_NATIVE off),
+    to measure the path a CPU without this machine's wider instructions takes;
   - with --shares: each patch's share, from builds of the series up to it (0006 profile only,
     0007 kernels, 0008 expert reads, 0009/0010 MTP, 0011 row-scalar MULs), batch 1/4/512 and MTP.
 """
@@ -181,17 +184,21 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, action="append", default=[], help="also time `preset` "
                     "quantized with this recipe file, e.g. a variant of `step-gguf recipes "
                     "int4-mixed --toml` (repeatable)")
+    ap.add_argument("--isa", choices=list(b.ISA_VARIANTS), default=None, help="build stock and ours "
+                    "for this instruction set only (default: this CPU's own, the installed runtime)")
     a = ap.parse_args()
     work = work_dir(a.work, "step-gguf-kbench-")
+    if a.isa and not b.runs_here(a.isa):
+        sys.exit(f"this CPU cannot run {a.isa} code")
 
     print("building (or finding) stock llama.cpp from the same sdist ...", flush=True)
-    stock = b.build(b.BuildSpec(series=0))
+    stock = b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(series=0))
     builds = {"stock": stock.tool("llama-bench")}
     series = [name for name, _ in b.patch_series()]
     if a.shares:  # the series up to 0006 (stock kernels, profile only), 0007 and 0008 (0009/0010: MTP only)
         for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 2):
             builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-bench")
-    builds["ours"] = llama.check().bin_dir / "llama-bench"
+    builds["ours"] = (b.build(b.isa_spec(a.isa)).bin_dir if a.isa else llama.check().bin_dir) / "llama-bench"
     ggufs = models(work, a.preset, a.recipe)
 
     for name, gguf in ggufs.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, malformed
+from .layout import checkpoint_file
 from .model import normalise_name
 
 INDEX = "model.safetensors.index.json"
@@ -134,7 +135,7 @@ class Checkpoint:
             self._index_shard(shard)
 
     def _shards(self) -> list[Path]:
-        index = self.path / INDEX
+        index = checkpoint_file(self.path, INDEX)
         if index.is_file():
             with malformed(index, CheckpointError):
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -144,11 +145,8 @@ class Checkpoint:
             shards = [self.path / SINGLE]
         else:
             raise CheckpointError(f"no {INDEX} or {SINGLE} in {self.path}; is this a checkpoint folder?")
-        root = self.path.resolve()
         for shard in shards:
-            if shard.resolve().parent != root:  # a symlink that leaves the folder
-                raise CheckpointError(f"shard {shard.name} is a link to {shard.resolve()}, outside "
-                                      f"{self.path}; copy the file into the checkpoint folder")
+            checkpoint_file(self.path, shard.name, f"shard {shard.name}")
         return shards
 
     def _index_shard(self, shard: Path) -> None:

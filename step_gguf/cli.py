@@ -58,6 +58,39 @@ class _ByteBar:
             self.bar.__exit__(None, None, None)
 
 
+class _StepProgress:
+    """Stages and compile steps of a long build on stderr: a bar of steps done of total on a
+    terminal, else (CI, a log file) a line at every tenth of the steps, with the time taken."""
+
+    def __init__(self) -> None:
+        self.start, self.bar, self.shown = time.monotonic(), None, -1
+
+    def _elapsed(self) -> str:
+        s = int(time.monotonic() - self.start)
+        return f"{s // 60}m{s % 60:02d}s"
+
+    def stage(self, what: str) -> None:
+        self.close()
+        click.echo(f"{what} ... ({self._elapsed()})", err=True)
+
+    def step(self, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            if self.bar is None:
+                self.bar = click.progressbar(length=total, label="compile steps", show_pos=True,
+                                             show_eta=True, file=sys.stderr)
+                self.bar.__enter__()
+            self.bar.length = total
+            self.bar.update(done - self.bar.pos)
+        elif (tenth := 10 * done // max(total, 1)) > self.shown:
+            self.shown = tenth
+            click.echo(f"  compiled {done}/{total} steps ({self._elapsed()})", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
 def main(verbose: bool) -> None:
@@ -71,6 +104,49 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def _card_options(f):
+    """--name, --basename, --license: the model card's fields, over what the checkpoint says."""
+    for option in reversed([
+        click.option("--name", "card_name", default=None, metavar="TEXT", help="general.name "
+                     "[from README.md's front matter, config.json or the folder name]."),
+        click.option("--basename", "card_basename", default=None, metavar="TEXT",
+                     help="general.basename, the model family (e.g. Step-3.5-Flash)."),
+        click.option("--license", "card_license", default=None, metavar="ID",
+                     help="general.license (e.g. apache-2.0) [from README.md's front matter]."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _card(name: str | None, basename: str | None, license_id: str | None):
+    from .model_card import CardOverrides
+
+    return CardOverrides(name, basename, license_id)
+
+
+def _split_options(f):
+    """--split-max-size, --split-max-tensors: llama.cpp's gguf-split flags, for the output."""
+    for option in reversed([
+        click.option("--split-max-size", default=None, metavar="SIZE",
+                     help="Write OUT as shards OUT-00001-of-0000N.gguf ... (llama.cpp's gguf-split "
+                          "layout, loaded from the first shard), each file at most SIZE: 50G "
+                          "(50*10^9 bytes, as gguf-split reads it), 500M, 48GiB or bytes."),
+        click.option("--split-max-tensors", type=click.IntRange(1), default=None, metavar="N",
+                     help="Shards of at most N tensors each (with --split-max-size: whichever "
+                          "limit comes first)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _split(max_size: str | None, max_tensors: int | None):
+    from .convert import SplitLimits, parse_split_size
+
+    if max_size is None and max_tensors is None:
+        return None
+    return SplitLimits(parse_split_size(max_size) if max_size else 0, max_tensors or 0)
 
 
 @main.command()
@@ -89,8 +165,12 @@ def main(verbose: bool) -> None:
               help="llama.cpp pre-tokenizer name, overriding detection from tokenizer.json.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
               "output an interrupted run of the same conversion left.")
+@_card_options
+@_split_options
 def convert(src: Path, out: Path, outtype: str, mtp: str, draft_out: Path | None,
-            tokenizer_pre: str | None, no_resume: bool) -> None:
+            tokenizer_pre: str | None, no_resume: bool, card_name: str | None,
+            card_basename: str | None, card_license: str | None, split_max_size: str | None,
+            split_max_tensors: int | None) -> None:
     """Convert the Step 3.5 checkpoint folder SRC to a GGUF file.
 
     Reads config.json itself (Step 3.5 or the Step 3.7 text_config wrapper), accepts BF16, F16,
@@ -102,15 +182,18 @@ def convert(src: Path, out: Path, outtype: str, mtp: str, draft_out: Path | None
       step-gguf convert ./Step-3.5-Flash -o step35-q8_0.gguf --outtype q8_0
     """
     from .convert import convert as run_convert
+    from .draft import draft_path
 
     if mtp == "split" and draft_out is None:
-        draft_out = out.with_name(out.stem + "-mtp" + out.suffix)
+        draft_out = draft_path(out)  # where run/serve/plan look for it
     bar = _ByteBar(f"converting {src.name}")
     start = time.perf_counter()
     try:
         result = run_convert(src, out, outtype=outtype, mtp=mtp,
                              draft_out=draft_out if mtp == "split" else None,
                              tokenizer_pre=tokenizer_pre, resume=not no_resume,
+                             card=_card(card_name, card_basename, card_license),
+                             split=_split(split_max_size, split_max_tensors),
                              on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()
@@ -175,11 +258,15 @@ def _print_plan(pricing, stock=None) -> None:
 @click.option("-t", "--threads", type=int, default=None, help="Quantizing threads [all cores].")
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
               "output an interrupted run of the same command left.")
+@_card_options
+@_split_options
 def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
              dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
              equalization: bool | None, target_size: str | None, target_bpw: float | None,
              allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None,
-             no_resume: bool) -> None:
+             no_resume: bool, card_name: str | None, card_basename: str | None,
+             card_license: str | None, split_max_size: str | None,
+             split_max_tensors: int | None) -> None:
     """Quantize SRC (a checkpoint folder or a GGUF) to a mixed-precision GGUF in one pass.
 
     A recipe picks each tensor's ggml type by name and layer; ggml's own quantizers encode
@@ -224,7 +311,9 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
     if out is None:
         raise click.UsageError("give -o OUT.gguf (or --dry-run to price the plan)")
     if mtp == "split" and draft_out is None:
-        draft_out = out.with_name(out.stem + "-mtp" + out.suffix)
+        from .draft import draft_path
+
+        draft_out = draft_path(out)  # where run/serve/plan look for it
     if target is not None and imatrix_file is None:
         click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
     bar = _ByteBar(f"quantizing {src.name} ({recipe.name})")
@@ -238,7 +327,8 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         result = q.quantize(src, out, recipe, mtp=mtp, draft_out=draft_out if mtp == "split" else None,
                             allow_requantize=allow_requantize, imatrix=imatrix_file,
                             equalization=equalization, target=target, threads=threads,
-                            resume=not no_resume,
+                            resume=not no_resume, card=_card(card_name, card_basename, card_license),
+                            split=_split(split_max_size, split_max_tensors),
                             on_stage=stage, on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()
@@ -364,11 +454,9 @@ def runtime_build(backend: str, cmake_args: tuple[str, ...], jobs: int | None,
     else:
         click.echo(f"building runtime {spec.key} (llama-cpp-python {b.LLAMA_CPP_PYTHON_VERSION}, "
                    f"{'no patches' if stock else f'patch series {b.series_id()}'}, {backend})")
-        with click.progressbar(length=1, label="compiling", show_percent=True, file=sys.stderr) as bar:
-            def on_step(done: int, total: int) -> None:
-                bar.length = total
-                bar.update(done - bar.pos)
-            result = b.build(spec, jobs=jobs, on_step=on_step)
+        progress = _StepProgress()
+        result = b.build(spec, jobs=jobs, on_step=progress.step, on_stage=progress.stage)
+        progress.close()
     if no_install:
         click.echo(f"tools in {result.bin_dir}")
         return
@@ -404,6 +492,23 @@ _rpc_option = click.option(
          "cannot hold; each host's free memory is asked unless given as =GiB. Hosts are taken "
          "to read memory as fast as this machine.")
 
+_draft_option = click.option(
+    "--draft", type=click.Path(path_type=Path), default=None, metavar="FILE",
+    help="Draft with the MTP heads of this separate GGUF (`--mtp split`'s output, or another "
+         "tool's step35 draft) [for a GGUF without heads of its own: NAME-mtp.gguf beside it, "
+         "if there].")
+
+
+def _drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> Path | None:
+    """The separate draft to load (given, or found beside the model); says on stderr which
+    was found unless the output is JSON (which names it)."""
+    from .draft import resolve
+
+    found = resolve(model, draft, mtp)
+    if say and draft is None and found is not None:
+        click.echo(f"drafting with {found}, found beside {model.name}", err=True)
+    return found
+
 
 def _rpc_hosts(spec: str | None, machine) -> tuple:
     if not spec:
@@ -426,6 +531,7 @@ def _rpc_hosts(spec: str | None, machine) -> tuple:
 @click.option("--parallel", type=click.IntRange(1), default=1, show_default=True,
               help="Sequences llama-server decodes at once (its -np).")
 @click.option("--no-mtp", is_flag=True, help="Plan without the MTP draft heads.")
+@_draft_option
 @click.option("--vram", type=float, default=None, help="GPU memory, GiB (overrides the profile).")
 @click.option("--ram", type=float, default=None, help="System memory, GiB.")
 @click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s.")
@@ -433,7 +539,7 @@ def _rpc_hosts(spec: str | None, machine) -> tuple:
 @_rpc_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
-         parallel: int, no_mtp: bool, vram: float | None, ram: float | None,
+         parallel: int, no_mtp: bool, draft: Path | None, vram: float | None, ram: float | None,
          mem_bw: float | None, gpu_bw: float | None, rpc: str | None, as_json: bool) -> None:
     """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
     predicted prompt and decode speed, and the llama-server command that runs it so.
@@ -449,15 +555,20 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
 
     machine = planner.machine(profile, vram_gb=vram, ram_gb=ram, mem_bw_gbs=mem_bw,
                               gpu_bw_gbs=gpu_bw)
-    p = planner.plan(planner.facts(model, scheme), machine, ctx, kv_type=kv_type,
+    draft = _drafting(model, draft, not no_mtp, say=not as_json)
+    p = planner.plan(planner.facts(model, scheme, draft), machine, ctx, kv_type=kv_type,
                      mtp=not no_mtp, parallel=parallel, rpc=_rpc_hosts(rpc, machine))
-    # a config or checkpoint is planned as the GGUF it would become
-    target = str(model) if model.is_file() and model.suffix == ".gguf" else "MODEL.gguf"
+    # a config or checkpoint is planned as the GGUF it would become; a split GGUF is loaded from
+    # its first shard, whichever shard was named
+    from .gguf_source import first_shard
+
+    target = str(first_shard(model)) if model.is_file() and model.suffix == ".gguf" else "MODEL.gguf"
     if as_json:
         click.echo(json.dumps(p.to_json(target), indent=1))
         return
     click.echo(f"{p.model.name} on {machine.name} ({machine.what}), ctx {ctx}, KV {p.kv_type}, "
-               f"batch {p.n_batch}/{p.n_ubatch}, MTP {'on' if p.mtp else 'off'}")
+               f"batch {p.n_batch}/{p.n_ubatch}, MTP {'on' if p.mtp else 'off'}"
+               + (f" (heads from {Path(p.model.draft).name})" if p.mtp and p.model.draft else ""))
     classes = p.classes()
     kinds = sorted({k for per in classes.values() for k in per})
     for d in p.devices:
@@ -478,9 +589,11 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     click.echo("llama-server " + shlex.join(p.server_args(target)))
 
 
-def _planned(model: Path, profile: str | None, ctx: int, mtp: bool, rpc: str | None = None):
+def _planned(model: Path, profile: str | None, ctx: int, mtp: bool, rpc: str | None = None,
+             draft: Path | None = None, say: bool = True):
     """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
-    or without one this machine's memory on the CPU (a GPU build needs --profile)."""
+    or without one this machine's memory on the CPU (a GPU build needs --profile); drafting
+    with `draft` or the draft found beside the model, checked before any server starts."""
     from . import plan as planner
     from .runtime import llama
 
@@ -493,7 +606,9 @@ def _planned(model: Path, profile: str | None, ctx: int, mtp: bool, rpc: str | N
         machine = planner.machine("cpu", ram_gb=ram_bytes() / planner.GiB)
     else:
         machine = planner.machine(profile)
-    return planner.plan(planner.facts(model), machine, ctx, mtp=mtp, rpc=_rpc_hosts(rpc, machine))
+    draft = _drafting(model, draft, mtp, say)
+    return planner.plan(planner.facts(model, draft=draft), machine, ctx, mtp=mtp,
+                        rpc=_rpc_hosts(rpc, machine))
 
 
 def _stream(kind: str, text: str) -> None:
@@ -512,7 +627,9 @@ def _model_options(f):
                      help="Machine profile for the placement plan (see step-gguf plan) "
                           "[this machine's CPU]."),
         click.option("--no-mtp", is_flag=True,
-                     help="Do not draft with the GGUF's MTP heads (on by default when it has them)."),
+                     help="Do not draft with MTP heads, the GGUF's or a draft's (on by default "
+                          "when there are some)."),
+        _draft_option,
         _rpc_option,
     ]):
         f = option(f)
@@ -527,20 +644,22 @@ def _model_options(f):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
-def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | None, prompt: str,
-        max_tokens: int, seed: int, as_json: bool) -> None:
+def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+        rpc: str | None, prompt: str, max_tokens: int, seed: int, as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
     import json
 
     from .runtime import llama
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc)
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json)
     with llama.serve(model, plan=p) as url:
         reply = llama.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
                            seed=seed, on_text=None if as_json else _stream)
     if as_json:
-        click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp}, indent=1))
+        click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp,
+                                                 "mtp_draft": p.model.draft if p.mtp else None},
+                              indent=1))
         return
     click.echo("")
     accepted = f", MTP acceptance {reply.acceptance:.0%}" if reply.acceptance is not None else ""
@@ -553,12 +672,12 @@ def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | Non
 @_model_options
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--system", default=None, help="System message.")
-def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | None,
-         max_tokens: int, system: str | None) -> None:
+def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+         rpc: str | None, max_tokens: int, system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from .runtime import llama
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc)
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft)
     messages = [{"role": "system", "content": system}] if system else []
     with llama.serve(model, plan=p) as url:
         while True:
@@ -602,8 +721,8 @@ def _hold_until_stopped(server, announce: str) -> None:
               help="Address to bind; anything but loopback needs --api-key.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Key clients must send (Authorization: Bearer).")
-def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | None, host: str,
-          port: int, api_key: str | None) -> None:
+def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+          rpc: str | None, host: str, port: int, api_key: str | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
     import contextlib
@@ -612,8 +731,8 @@ def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, rpc: str | N
 
     @contextlib.contextmanager
     def base_url():
-        with llama.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc), host=host,
-                         port=port, api_key=api_key) as url:
+        with llama.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft),
+                         host=host, port=port, api_key=api_key) as url:
             yield f"{url}/v1"
 
     _hold_until_stopped(base_url(), f"serving {model.name} at {{}} (OpenAI-compatible); Ctrl-C stops")

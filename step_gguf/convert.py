@@ -9,23 +9,28 @@ its name only when complete.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from gguf.metadata import Metadata
 
 from .checkpoint import ELEMENT_BYTES, Checkpoint, TensorRef, decode, fp8_scale_shape
 from .errors import CheckpointError, StepGGUFError
+from .gguf_source import MAX_SHARDS, SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, parse_shard_name, shard_path
+from .model_card import QUANTIZED_BY, CardOverrides, load_card
 from .model import ARCH, Step35Config, gguf_name, is_zero_centred_norm, layer_of
 from .recipe import PINNED_1D, Recipe, Rule, tensor_bytes
 from .resume import Partial, source_fingerprint
@@ -187,12 +192,13 @@ def write_file_type(w: gguf.GGUFWriter, plans: list[TensorPlan]) -> None:
     w.add_file_type(ftype)
     if quantized:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_quantized_by(QUANTIZED_BY)
 
 
 def write_metadata(w: gguf.GGUFWriter, cfg: Step35Config, vocab: Vocab, with_nextn: bool,
-                   name: str) -> None:
+                   card: Metadata) -> None:
     n = cfg.n_layer_all if with_nextn else cfg.n_layer
-    w.add_name(name)
+    card.set_gguf_meta_model(w)
     w.add_block_count(n)
     if with_nextn and cfg.n_nextn:
         w.add_nextn_predict_layers(cfg.n_nextn)
@@ -408,12 +414,26 @@ def _write_tensor(plan: TensorPlan, fd: int, pool: ThreadPoolExecutor, workers: 
             f.cancel()
 
 
-def _header(plans: list[TensorPlan], write_kv: Callable[[gguf.GGUFWriter], None],
-            scratch: Path) -> bytes:
-    """The file's bytes before its first tensor (metadata, tensor infos, alignment padding)."""
+def _header(plans: list[TensorPlan], write_kv: Callable[[gguf.GGUFWriter], None] | None,
+            scratch: Path, *, model_plans: list[TensorPlan] | None = None,
+            split: tuple[int, int, int] | None = None, pad: bool = True) -> bytes:
+    """The file's bytes before its first tensor (metadata, tensor infos, alignment padding).
+
+    A shard of a split output (`split`: its number from 0, the shard count, the tensors of all
+    shards) gets llama.cpp's split keys after the metadata, and its file type is that of
+    `model_plans`, the whole model. Only the first shard has metadata: the others (`write_kv`
+    None) hold the three split keys alone, as llama.cpp's gguf-split writes them."""
     w = gguf.GGUFWriter(None, ARCH)
-    write_kv(w)
-    write_file_type(w, plans)
+    if write_kv is None:
+        w.kv_data[0].clear()  # not even general.architecture
+    else:
+        write_kv(w)
+        write_file_type(w, plans if model_plans is None else model_plans)
+    if split is not None:  # in gguf-split's order (it sets split.count last), for its very bytes
+        no, count, total = split
+        w.add_uint16(SPLIT_NO, no)
+        w.add_int32(SPLIT_TENSORS, total)
+        w.add_uint16(SPLIT_COUNT, count)
     for p in plans:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
     try:
@@ -424,7 +444,7 @@ def _header(plans: list[TensorPlan], write_kv: Callable[[gguf.GGUFWriter], None]
         head = scratch.read_bytes()
     finally:
         scratch.unlink(missing_ok=True)
-    return head + bytes(-len(head) % ALIGN)
+    return head + bytes(-len(head) % ALIGN) if pad else head
 
 
 def _write_partial(partial: Partial, header: bytes, plans: list[TensorPlan], resume: bool,
@@ -470,54 +490,195 @@ def write_shape_only(out: Path, plans: list[TensorPlan],
 
 
 @dataclass(frozen=True)
+class SplitLimits:
+    """Limits per file of a split output, after llama.cpp's gguf-split (--split-max-size,
+    --split-max-tensors); 0 is no limit. `max_bytes` bounds the whole file, header included."""
+
+    max_bytes: int = 0
+    max_tensors: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.max_bytes or self.max_tensors)
+
+
+_SPLIT_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B?|B)?\s*$", re.I)
+
+
+def parse_split_size(text: str) -> int:
+    """A --split-max-size: '50G' -> 50 * 10**9 bytes and '500M' -> 500 * 10**6, as llama.cpp's
+    gguf-split and convert_hf_to_gguf.py read them (K, M, G, T and KB ... TB are powers of 1000);
+    '48GiB' (KiB ... TiB: powers of 1024); a plain number is bytes."""
+    m = _SPLIT_SIZE.match(text)
+    value = 0
+    if m:
+        unit = m.group(2)
+        base = 1 if unit is None else (1024 if m.group(3) else 1000) ** ("KMGT".index(unit.upper()) + 1)
+        value = int(float(m.group(1)) * base)
+    if value <= 0:
+        raise StepGGUFError(f"split size {text!r} is not a size such as 50G (50 * 10^9 bytes, as "
+                            "llama.cpp's gguf-split reads it), 500M, 48GiB or a number of bytes")
+    return value
+
+
+def _tensor_info_bytes(p: TensorPlan) -> int:
+    """Header bytes of one tensor's info: name (u64 length, UTF-8), n_dims, dims, type, offset."""
+    return 8 + len(p.name.encode()) + 4 + 8 * len(p.shape) + 4 + 8
+
+
+def _padded(n: int) -> int:
+    return n + -n % ALIGN
+
+
+def split_shards(plans: list[TensorPlan], limits: SplitLimits, first_kv: int,
+                 later_kv: int) -> list[list[TensorPlan]]:
+    """The tensors of each shard, in order, cut as llama.cpp's gguf-split cuts them: a new shard
+    starts when this one holds `max_tensors`, or when the next tensor would take its file past
+    `max_bytes` (a tensor larger than that gets a shard of its own). Unlike gguf-split, which
+    counts tensor data only, the file is counted whole: `first_kv` and `later_kv` are the
+    header bytes before the tensor infos of the first shard (the metadata) and of the others."""
+    shards: list[list[TensorPlan]] = [[]]
+    kv, infos, data = first_kv, 0, 0
+    for p in plans:
+        shard = shards[-1]
+        if shard and ((limits.max_tensors and len(shard) >= limits.max_tensors) or
+                      (limits.max_bytes and _padded(kv + infos + _tensor_info_bytes(p)) + data
+                       + _padded(p.nbytes) > limits.max_bytes)):
+            shards.append([])
+            kv, infos, data = later_kv, 0, 0
+        shards[-1].append(p)
+        infos += _tensor_info_bytes(p)
+        data += _padded(p.nbytes)
+    return shards
+
+
+@dataclass(frozen=True)
 class OutputJob:
     path: Path
     plans: list[TensorPlan]
     write_kv: Callable[[gguf.GGUFWriter], None]
+    # write PATH-00001-of-0000N.gguf ... (llama.cpp's gguf-split layout) within these limits
+    split: SplitLimits | None = None
+
+
+@dataclass(frozen=True)
+class _File:
+    """One file an output job writes: the job's GGUF, or one shard of it."""
+
+    path: Path
+    plans: list[TensorPlan]
+    header: bytes
+
+
+def _job_files(job: OutputJob, scratch: Path) -> list[_File]:
+    """The files of `job`: its GGUF, or its shards under its split limits."""
+    def whole() -> list[_File]:
+        return [_File(job.path, job.plans, _header(job.plans, job.write_kv, scratch))]
+
+    if not job.split:
+        return whole()
+    n = len(job.plans)
+    first_kv = len(_header([], job.write_kv, scratch, model_plans=job.plans, split=(0, 1, n), pad=False))
+    later_kv = len(_header([], None, scratch, split=(1, 1, n), pad=False))
+    shards = split_shards(job.plans, job.split, first_kv, later_kv)
+    if len(shards) == 1:  # it fits one file: a plain GGUF, as gguf-py's writer does then
+        return whole()
+    if len(shards) > MAX_SHARDS:
+        raise StepGGUFError(f"{job.path} would take {len(shards)} shards, more than the {MAX_SHARDS} "
+                            "a split GGUF can have; raise --split-max-size or --split-max-tensors")
+    count = len(shards)
+    return [_File(shard_path(job.path, i, count), ps,
+                  _header(ps, job.write_kv if i == 0 else None, scratch, model_plans=job.plans,
+                          split=(i, count, n)))
+            for i, ps in enumerate(shards)]
+
+
+def _discard_stale(job: OutputJob, lock: Partial, keep: set[Path]) -> None:
+    """Remove the partials of `job.path` that a run with other split limits (or none) left: they
+    cannot be continued, and may be large. One another run still holds is left alone."""
+    folder, prefix = job.path.parent, job.path.name.removesuffix(".gguf")
+    outs = {job.path}
+    for hidden in folder.glob(f".{glob.escape(prefix)}-*-of-*.gguf.partial*"):  # partial, journal, lock
+        out = folder / hidden.name[1: hidden.name.index(".gguf.partial") + len(".gguf")]
+        parsed = parse_shard_name(out)
+        if parsed is not None and parsed[0] == job.path:
+            outs.add(out)
+    for out in outs - keep:
+        if out == job.path:
+            lock.discard()  # this run holds its lock
+            continue
+        stale = Partial(out)
+        try:
+            stale.lock()
+        except StepGGUFError:
+            continue
+        if stale.path.exists() or stale.journal.exists():
+            log.warning("removing %s: a partial output of other split limits", stale.path)
+            stale.discard()
+        stale.unlock()  # removes the lock file a killed run left too
+
+
+@dataclass(frozen=True)
+class Written:
+    paths: tuple[Path, ...]     # every file written, each shard of a split output
+    source_bytes: int
 
 
 def write_outputs(jobs: list[OutputJob], on_start: Callable[[int], None],
                   on_bytes: Callable[[int], None], *, fp8_block: tuple[int, int] = (128, 128),
-                  threads: int | None = None, resume: bool = True) -> int:
-    """Write every job's GGUF; they appear under their names together, or not at all.
+                  threads: int | None = None, resume: bool = True) -> Written:
+    """Write every job's GGUF, or its shards for a job with split limits; they appear under
+    their names together, or not at all.
 
-    Each output is written to a hidden partial beside it, locked against a second run. A
-    partial left by an interrupted run of the same plan is continued (unless `resume` is
-    false); the disk must have room for what remains. Returns the source bytes consumed."""
-    partials = [Partial(job.path) for job in jobs]
+    Each file (each shard) is written to a hidden partial beside it, journaled per tensor and
+    locked against a second run. A partial left by an interrupted run of the same plan is
+    continued (unless `resume` is false); the disk must have room for what remains. The files
+    are renamed into place once all are complete, a split job's first shard (the one loaders
+    open) last."""
+    locks = [Partial(job.path) for job in jobs]  # each job's, held while anything is decided
+    partials: list[Partial] = []
     try:
-        for partial in partials:
-            partial.lock()
-        headers = [_header(job.plans, job.write_kv, partial.path.with_suffix(".header"))
-                   for job, partial in zip(jobs, partials)]
-        _check_space(jobs, partials, headers)
+        for lock in locks:
+            lock.lock()
+        files: list[_File] = []
+        for job, lock in zip(jobs, locks):
+            mine = _job_files(job, lock.path.with_suffix(".header"))
+            for f in mine:
+                partial = lock if f.path == job.path else Partial(f.path)
+                if partial is not lock:
+                    partial.lock()
+                partials.append(partial)
+            _discard_stale(job, lock, {f.path for f in mine})
+            files += mine
+        _check_space(files, partials)
         total = sum(p.src_nbytes for job in jobs for p in job.plans)
         on_start(total)
         workers = threads or os.cpu_count() or 1
-        for job, partial, header in zip(jobs, partials, headers):
-            log.info("writing %s: %d tensors", job.path, len(job.plans))
+        for f, partial in zip(files, partials):
+            log.info("writing %s: %d tensors", f.path, len(f.plans))
             try:
-                _write_partial(partial, header, job.plans, resume, on_bytes, fp8_block, workers)
+                _write_partial(partial, f.header, f.plans, resume, on_bytes, fp8_block, workers)
             except StepGGUFError:
-                partial.discard()  # bad input: running again gives the same error
+                for p in partials:
+                    p.discard()  # bad input: running again gives the same error
                 raise
-        for partial in partials:  # a split conversion appears whole or not at all
+        for partial in reversed(partials):  # every file appears, or none; first shards last
             partial.finish()
     finally:
-        for partial in partials:
+        for partial in partials + locks:
             partial.unlock()
-    return total
+    return Written(tuple(f.path for f in files), total)
 
 
-def _check_space(jobs: list[OutputJob], partials: list[Partial], headers: list[bytes]) -> None:
+def _check_space(files: list[_File], partials: list[Partial]) -> None:
     """Fail before writing when the outputs cannot fit, rather than at 90%."""
-    need = sum(len(h) + sum(p.nbytes + -p.nbytes % ALIGN for p in job.plans)
-               for job, h in zip(jobs, headers))
+    need = sum(len(f.header) + sum(_padded(p.nbytes) for p in f.plans) for f in files)
     need -= sum(partial.existing_bytes for partial in partials)  # reused, or removed first
-    folder = jobs[0].path.parent
+    folder = files[0].path.parent
     free = shutil.disk_usage(folder).free
     if need > free:
-        raise StepGGUFError(f"{', '.join(str(j.path) for j in jobs)} needs {need / 2**30:.2f} GiB "
+        what = ", ".join(str(f.path) for f in files[:2]) + (f" and {len(files) - 2} more files"
+                                                           if len(files) > 2 else "")
+        raise StepGGUFError(f"{what} need{'s' if len(files) == 1 else ''} {need / 2**30:.2f} GiB "
                             f"({need} bytes) more, but {folder} has {free / 2**30:.2f} GiB ({free} "
                             "bytes) free; free some space or write elsewhere")
 
@@ -534,10 +695,12 @@ class OpenedCheckpoint:
     cfg: Step35Config
     plans: list[TensorPlan]
     vocab: Vocab
+    card: Metadata
 
 
 def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
-                    tokenizer_pre: str | None = None) -> OpenedCheckpoint:
+                    tokenizer_pre: str | None = None,
+                    card: CardOverrides | None = None) -> OpenedCheckpoint:
     """Read and validate a checkpoint folder and plan its tensors under `recipe` (no weight read)."""
     src = Path(src)
     if mtp not in MTP_MODES:
@@ -546,7 +709,8 @@ def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep"
         raise CheckpointError(f"{src} is not a folder; point to the checkpoint directory")
     cfg = Step35Config.from_dir(src)
     plans = plan_tensors(cfg, Checkpoint(src), recipe, with_mtp=mtp != "drop")
-    return OpenedCheckpoint(cfg, plans, load_vocab(src, cfg.vocab_size, tokenizer_pre))
+    return OpenedCheckpoint(cfg, plans, load_vocab(src, cfg.vocab_size, tokenizer_pre),
+                            load_card(src, cfg, card))
 
 
 def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: str = "keep",
@@ -559,7 +723,7 @@ def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: str = "keep",
 
     def job(path: Path, ps: list[TensorPlan], with_nextn: bool) -> OutputJob:
         def write_kv(w: gguf.GGUFWriter) -> None:
-            write_metadata(w, cfg, opened.vocab, with_nextn, path.stem)
+            write_metadata(w, cfg, opened.vocab, with_nextn, opened.card)
             extra_kv(w)
         return OutputJob(path, ps, write_kv)
 
@@ -574,19 +738,26 @@ def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: str = "keep",
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "bf16",
             mtp: str = "keep", draft_out: str | os.PathLike | None = None,
             tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
+            card: CardOverrides | None = None, split: SplitLimits | None = None,
             on_start: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> ConvertResult:
     """Convert the checkpoint folder `src` to `out` (and, with mtp="split", `draft_out`).
 
+    With `split` limits, `out` is written as llama.cpp's gguf-split shards OUT-00001-of-0000N.gguf
+    ... (the draft GGUF of mtp="split" stays one file).
+
     on_start(total_source_bytes) is called once validation passed, then on_bytes(n) as
     source bytes are consumed: enough for a byte-counting progress bar. An interrupted run of
-    the same conversion is continued unless `resume` is false.
+    the same conversion is continued unless `resume` is false. `card` overrides the model
+    card's name, basename or license.
     """
     if outtype not in OUTTYPES:
         raise StepGGUFError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    opened = open_checkpoint(src, Recipe.single(OUTTYPES[outtype]), mtp=mtp, tokenizer_pre=tokenizer_pre)
+    opened = open_checkpoint(src, Recipe.single(OUTTYPES[outtype]), mtp=mtp, tokenizer_pre=tokenizer_pre,
+                             card=card)
     jobs = checkpoint_jobs(opened, Path(out), mtp=mtp,
                            draft_out=Path(draft_out) if draft_out is not None else None)
-    total = write_outputs(jobs, on_start, on_bytes, fp8_block=opened.cfg.fp8_block, threads=threads,
-                          resume=resume)
-    return ConvertResult(tuple(j.path for j in jobs), sum(len(j.plans) for j in jobs), total)
+    jobs[0] = replace(jobs[0], split=split)
+    written = write_outputs(jobs, on_start, on_bytes, fp8_block=opened.cfg.fp8_block,
+                            threads=threads, resume=resume)
+    return ConvertResult(written.paths, sum(len(j.plans) for j in jobs), written.source_bytes)

@@ -101,11 +101,11 @@ def _is_matmul(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def model_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape in GGUF order (ne0 first) of the GGUF model at `path`."""
-    if not Path(path).is_file():
-        raise StepGGUFError(f"{path} does not exist")
-    with malformed(path, StepGGUFError, "is not a readable GGUF model"):
-        return {t.name: tuple(int(d) for d in t.shape) for t in gguf.GGUFReader(path).tensors}
+    """Tensor name -> shape in GGUF order (ne0 first) of the GGUF model at `path` (one file, or
+    every shard of a split set from any shard's path)."""
+    from .gguf_source import open_gguf  # noqa: PLC0415
+
+    return {t.name: t.shape for t in open_gguf(path, arch=None).tensors}
 
 
 def load_imatrix(path: str | os.PathLike) -> Imatrix:

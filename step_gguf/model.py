@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError, describe, malformed
+from .layout import checkpoint_file
 
 ARCH = "step35"
 ARCHITECTURES = {"Step3p5ForCausalLM": "step3p5", "Step3p7ForConditionalGeneration": "step3p7"}
@@ -134,7 +135,7 @@ class Step35Config:
 
     @classmethod
     def from_dir(cls, path: Path) -> "Step35Config":
-        cfg_path = Path(path) / "config.json"
+        cfg_path = checkpoint_file(path, "config.json")
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path} not found; point to a Step 3.5 checkpoint folder")
         try:

@@ -145,6 +145,7 @@ class Tensor:
     name: str
     bytes: int
     n_params: int
+    draft: bool = False     # from a separate draft GGUF (llama.cpp loads it as a second model)
 
     @property
     def layer(self) -> int | None:
@@ -170,12 +171,15 @@ class ModelFacts:
     max_heads: int
     n_ctx_train: int
     tensors: tuple[Tensor, ...]
+    draft: str | None = None        # the separate draft GGUF whose tensors are among `tensors`
 
     def kind(self, t: Tensor) -> str:
         """The class a tensor is reported and placed under."""
         layer = t.layer
         if layer is not None and layer >= self.n_layer:
             return "mtp"
+        if t.draft:  # the draft file's own embeddings, output and norms, loaded a second time
+            return "draft_shared"
         if _EXPERTS.match(t.name):
             return "experts"
         if t.name.startswith("token_embd"):
@@ -203,10 +207,23 @@ class ModelFacts:
     def active_params(self, t: Tensor) -> float:
         return self.read_per_token(t) / t.bytes * t.n_params if t.bytes else 0.0
 
+    def in_trunk(self, t: Tensor) -> bool:
+        """Whether a plain decoding step (no drafting) reads `t`."""
+        return not t.draft and (t.layer is None or t.layer < self.n_layer)
 
-def facts(src: str | os.PathLike, scheme: str | None = None) -> ModelFacts:
+    def heads_have_lm_head(self) -> bool:
+        """Whether every MTP head has its own LM head (nextn.shared_head_head): the output
+        matrix then serves the trunk alone, and a draft file's copy of it is never read."""
+        names = {t.name for t in self.tensors}
+        return all(f"blk.{i}.nextn.shared_head_head.weight" in names
+                   for i in range(self.n_layer, self.n_layer + self.n_nextn))
+
+
+def facts(src: str | os.PathLike, scheme: str | None = None,
+          draft: str | os.PathLike | None = None) -> ModelFacts:
     """Sizes and shapes of a GGUF as it is, or of a checkpoint folder / config.json under a
-    quantization scheme (default int4-mixed), priced by the quantizer's dry run."""
+    quantization scheme (default int4-mixed), priced by the quantizer's dry run. `draft`: a
+    separate MTP draft GGUF for the GGUF `src` (checked against it), loaded beside it."""
     from .quantize import open_source  # noqa: PLC0415 (headers only, no runtime)
     from .recipe import load_recipe  # noqa: PLC0415
 
@@ -214,8 +231,18 @@ def facts(src: str | os.PathLike, scheme: str | None = None) -> ModelFacts:
     if src.is_file() and src.suffix != ".json":
         if scheme:
             raise StepGGUFError(f"{src} is already a GGUF; --scheme prices a checkpoint or config")
+        if draft is not None:
+            from .draft import check  # noqa: PLC0415
+
+            check(src, draft)
+            with malformed(draft, SourceError, "is not a readable GGUF"):
+                d = _gguf_facts(Path(draft))
         with malformed(src, SourceError, "is not a readable GGUF"):
-            return _gguf_facts(src)
+            m = _gguf_facts(src)
+        return m if draft is None else _with_draft(m, d, draft)
+    if draft is not None:
+        raise StepGGUFError(f"--draft goes with a GGUF model; {src} is a checkpoint or config, "
+                            "planned with its own MTP heads")
     source = open_source(src, load_recipe(scheme or "int4-mixed"))
     cfg = source.cfg
     tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in source.plans)
@@ -226,9 +253,13 @@ def facts(src: str | os.PathLike, scheme: str | None = None) -> ModelFacts:
 
 
 def _gguf_facts(path: Path) -> ModelFacts:
-    from .quantize import read_step35_gguf  # noqa: PLC0415
+    """Facts of a GGUF: one file, or the whole set from any shard's path (named by the first
+    shard, the file llama.cpp loads)."""
+    from .gguf_source import open_gguf  # noqa: PLC0415
 
-    reader, kv = read_step35_gguf(path)
+    reader = open_gguf(path)
+    kv = reader.kv
+    path = reader.path
     n_all = int(kv("block_count"))
     n_nextn = int(kv("nextn_predict_layers", 0))
 
@@ -238,19 +269,40 @@ def _gguf_facts(path: Path) -> ModelFacts:
             raise SourceError(f"{path} has a per-layer array shorter than block_count {n_all}")
         return values[:n_all]
 
+    def largest(value) -> int:  # a scalar, or llama.cpp's per-layer array form of the key
+        return max(int(x) for x in per_layer(value))
+
     tensors = tuple(Tensor(t.name, int(t.n_bytes), int(t.n_elements)) for t in reader.tensors)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise SourceError(f"{path} has no token_embd.weight")
+    # head counts may be scalars or per-layer arrays; like llama.cpp's loader, the KV heads
+    # default to the heads and the head size to embedding_length / the first layer's heads
+    n_embd = int(kv("embedding_length"))
+    n_head = tuple(int(x) for x in per_layer(kv("attention.head_count")))
+    n_head_kv = tuple(int(x) for x in per_layer(kv("attention.head_count_kv", list(n_head))))
+    head_dim = int(kv("attention.key_length", n_embd // n_head[0] if n_head[0] else 0))
     return ModelFacts(
         path.name, n_all - n_nextn, n_nextn,
         tuple(bool(x) for x in per_layer(kv("attention.sliding_window_pattern", [False] * n_all))),
-        tuple(int(x) for x in per_layer(kv("attention.head_count_kv"))),
-        int(kv("attention.key_length")), int(kv("attention.sliding_window", 0)),
-        int(embd.shape[1]), int(kv("embedding_length")), int(kv("expert_count", 1)),
-        int(kv("expert_used_count", 1)), int(kv("expert_feed_forward_length", 0)),
-        max(int(h) for h in per_layer(kv("attention.head_count"))), int(kv("context_length")),
-        tensors)
+        n_head_kv, head_dim, int(kv("attention.sliding_window", 0)),
+        int(embd.shape[1]), n_embd, int(kv("expert_count", 1)),
+        largest(kv("expert_used_count", 1)), largest(kv("expert_feed_forward_length", 0)),
+        max(n_head), int(kv("context_length")), tensors)
+
+
+def _with_draft(m: ModelFacts, d: ModelFacts, path: str | os.PathLike) -> ModelFacts:
+    """The trunk `m` drafting with the heads of the separate draft `d`. llama.cpp loads the
+    draft file as a second model, every tensor of it: its copies of the embeddings, output
+    norm, output and RoPE factors come on top of the trunk's, as class draft_shared."""
+    from .gguf_source import first_shard  # noqa: PLC0415
+
+    heads = slice(m.n_layer, m.n_layer + d.n_nextn)
+    return replace(m, n_nextn=d.n_nextn, is_swa=m.is_swa[:m.n_layer] + d.is_swa[heads],
+                   n_head_kv=m.n_head_kv[:m.n_layer] + d.n_head_kv[heads],
+                   max_heads=max(m.max_heads, d.max_heads),
+                   tensors=m.tensors + tuple(replace(t, draft=True) for t in d.tensors),
+                   draft=str(first_shard(path)))
 
 
 # ----------------------------------------------------------------------------- memory
@@ -396,8 +448,23 @@ class Plan:
         if self.profile.unified:
             args.append("--no-mmap")  # otherwise the page cache holds a second copy in the pool
         if self.mtp:
-            args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.model.n_nextn)]
+            # the draft context takes its cache type from the -ctkd/-ctvd pair (f16 otherwise)
+            args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.model.n_nextn),
+                     "-ctkd", self.kv_type, "-ctvd", self.kv_type]
+            if self.model.draft:  # a second model: its own layer count and overrides
+                args += ["--spec-draft-model", self.model.draft, "-ngld", str(self.gpu_layers)]
+                if self.gpu_layers:
+                    args += [a for p in self.draft_cpu_patterns() for a in ("-otd", f"{p}=CPU")]
         return args + ["--jinja", "--reasoning-format", "deepseek"]
+
+    def draft_cpu_patterns(self) -> list[str]:
+        """`-otd` regexes for the draft model: its experts the plan keeps in system memory, and
+        its copy of the output matrix when no head reads it."""
+        heads = [n for n in self.cpu_tensors if (layer_of_gguf(n) or 0) >= self.model.n_layer]
+        keep = replace(self, cpu_tensors=heads).override_patterns()
+        if self.model.heads_have_lm_head():
+            keep.append(r"^output\.weight$")
+        return keep
 
     def to_json(self, model_path: str) -> dict:
         classes = self.classes()
@@ -406,11 +473,15 @@ class Plan:
             "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch, "parallel": self.parallel,
             "ctx_checkpoints": self.checkpoints, "mtp": self.mtp, "gpu_layers": self.gpu_layers,
+            "draft": self.model.draft if self.mtp else None,
             "rpc": self.rpc, "tensor_split": self.tensor_split,
+            # a draft file's tensors apart: its copies share names with the model's
             "devices": [{"name": d.name, "endpoint": d.endpoint, "capacity": d.capacity,
                          "bytes": d.bytes, "weights": d.weights, "buffers": dict(d.extra),
                          "classes": classes.get(d.name, {}),
-                         "tensors": [t.name for t in d.tensors]} for d in self.devices],
+                         "tensors": [t.name for t in d.tensors if not t.draft],
+                         "draft_tensors": [t.name for t in d.tensors if t.draft]}
+                        for d in self.devices],
             "cpu_overrides": self.override_patterns() if self.gpu_layers else [],
             "predicted_decode_tps": round(self.predicted_decode_tps, 3),
             "predicted_decode_tps_full_ctx": round(self.predicted_decode_tps_full, 3),
@@ -483,8 +554,20 @@ class _Setup:
     def used(self, t: Tensor) -> bool:
         """Whether llama.cpp loads `t`: without drafting it skips the MTP blocks' required
         tensors (input projection, norms, attention) but still loads their optional ones,
-        the routed and shared experts among them (src/models/step35.cpp)."""
+        the routed and shared experts among them (src/models/step35.cpp). A separate draft
+        file is loaded whole, and only to draft."""
+        if t.draft:
+            return self.mtp
         return self.mtp or self.m.kind(t) != "mtp" or not _MTP_SKIPPED.search(t.name)
+
+    def on_cpu(self, t: Tensor) -> bool:
+        """Tensors that stay in system memory whatever the GPU holds: the input layer (llama.cpp
+        keeps it on the CPU, in the draft model too) and a draft's copy of the output matrix
+        that no head reads (-otd keeps it there, mapped and never touched)."""
+        if self.m.kind(t) == "embeddings":
+            return True
+        return t.draft and t.layer is None and (
+            t.name.startswith("token_embd.") or (t.name == "output.weight" and self.m.heads_have_lm_head()))
 
     def kv(self, layers: range) -> int:
         """Cache bytes of `layers` (trunk and, with drafting, MTP heads)."""
@@ -569,7 +652,7 @@ def _local(s: _Setup, lo: int, hi: int, output: bool,
     if s.mtp and heads:  # the draft context: its heads' cache and its own graph
         buffers["kv_mtp"] = s.kv(heads)
         buffers["compute_mtp"] = compute_buffer(m, s.n_ubatch)
-    embd = [t for t in used if m.kind(t) == "embeddings"]  # llama.cpp keeps the input layer on the CPU
+    embd = [t for t in used if s.on_cpu(t)]
     # MTP experts before the trunk's: a draft step runs one head alone, so a head in system
     # memory pays a GPU->CPU round trip for every drafted token
     heads_experts = [t for t in used if _EXPERTS.match(t.name) and m.kind(t) == "mtp"]
@@ -667,7 +750,7 @@ def _decode_tps(m: ModelFacts, devices: list[Device], kv_type: str, pos: int) ->
     seconds = 0.0
     gpu = any(d.name == "GPU" for d in devices)
     for d in devices:
-        read = sum(m.read_per_token(t) for t in d.tensors if t.layer is None or t.layer < m.n_layer)
+        read = sum(m.read_per_token(t) for t in d.tensors if m.in_trunk(t))
         seconds += (read + kv_read(m, pos, kv_type, d.kv_layers)) / d.bandwidth
         if d.endpoint is not None:
             moved = 2 * 4 * m.n_embd + 4 * m.n_vocab * d.output
@@ -686,8 +769,7 @@ def _prompt_tps(m: ModelFacts, devices: list[Device], profile: Profile, n_ubatch
     are taken as CPUs like this one); with a GPU, llama.cpp also copies system-memory experts
     to it once per micro-batch."""
     def flops(ds) -> float:
-        return 2 * sum(m.active_params(t) for d in ds for t in d.tensors
-                       if t.layer is None or t.layer < m.n_layer)
+        return 2 * sum(m.active_params(t) for d in ds for t in d.tensors if m.in_trunk(t))
 
     local = [d for d in devices if d.endpoint is None]
     seconds = flops([d for d in devices if d.endpoint is not None]) / profile.cpu_flops

@@ -17,12 +17,13 @@ from typing import Callable
 import gguf
 from gguf import GGMLQuantizationType as Q
 
-from .checkpoint import TensorRef
-from .convert import (FLOAT_TYPES, OpenedCheckpoint, OutputJob, TensorPlan, checkpoint_jobs,
+from .convert import (FLOAT_TYPES, OpenedCheckpoint, OutputJob, SplitLimits, TensorPlan, checkpoint_jobs,
                       open_checkpoint, plan_shapes, write_metadata, write_outputs,
                       write_shape_only)
 from .errors import SourceError, StepGGUFError, describe, malformed
-from .model import ARCH, Step35Config
+from .gguf_source import GGUFSource, open_gguf
+from .model import Step35Config
+from .model_card import CardOverrides, load_card
 from .budget import plan_for_budget
 from .equalize import Equalized, equalize
 from .imatrix import Imatrix, load_imatrix
@@ -61,15 +62,15 @@ def _placeholder_vocab(n: int) -> Vocab:
 
 
 def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
-                tokenizer_pre: str | None = None) -> Source:
-    """Plan `src` under `recipe`, reading headers only."""
+                tokenizer_pre: str | None = None, card: CardOverrides | None = None) -> Source:
+    """Plan `src` under `recipe`, reading headers only. `card` applies to checkpoint sources."""
     src = Path(src)
     if src.is_dir() and not any(src.glob("*.safetensors")) and (src / "config.json").is_file():
         src = src / "config.json"
     if src.is_dir():
-        opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre)
+        opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
         return Source("checkpoint", src, opened.cfg.n_layer, opened.plans,
-                      lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", src.name),
+                      lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", opened.card),
                       opened.cfg.n_expert_used, opened.cfg.fp8_block, opened, opened.cfg)
     if not src.is_file():
         raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
@@ -77,8 +78,9 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         cfg = _config(src)
         vocab = _placeholder_vocab(cfg.vocab_size)
         plans = plan_shapes(cfg, recipe, with_mtp=mtp != "drop")
+        card = load_card(src.parent, cfg)
         return Source("config", src, cfg.n_layer, plans,
-                      lambda w: write_metadata(w, cfg, vocab, mtp != "drop", src.parent.name),
+                      lambda w: write_metadata(w, cfg, vocab, mtp != "drop", card),
                       cfg.n_expert_used, cfg.fp8_block, cfg=cfg)
     return _open_gguf(src, recipe)
 
@@ -94,9 +96,11 @@ def _config(path: Path) -> Step35Config:
         return Step35Config.from_dict(raw)
 
 
-# keys a re-encoded GGUF must not inherit: the writer sets them anew
+# keys a re-encoded GGUF must not inherit: the writer sets them anew (split.*: a split source's
+# shard keys; a split output gets its own)
 _DERIVED_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version",
-                 "general.alignment", "quantize.", "step_gguf.")
+                 "general.alignment", "quantize.", "step_gguf.", "split.",
+                 gguf.Keys.General.QUANTIZED_BY)
 
 
 def _open_gguf(path: Path, recipe: Recipe) -> Source:
@@ -104,41 +108,22 @@ def _open_gguf(path: Path, recipe: Recipe) -> Source:
         return _read_gguf(path, recipe)
 
 
-def read_step35_gguf(path: Path) -> tuple[gguf.GGUFReader, Callable]:
-    """The reader of a Step 3.5 GGUF whose tensors all lie inside the file, and a getter of its
-    `step35.` keys: kv(key, default) gives the default for a missing key, kv(key) refuses it.
-    Callers run it under `malformed` so that a corrupt header is a one-line error."""
-    reader = gguf.GGUFReader(path)
-    arch = reader.get_field("general.architecture")
-    if arch is None or arch.contents() != ARCH:
-        raise SourceError(f"{path} is not a Step 3.5 GGUF (architecture "
-                          f"{arch.contents() if arch else 'missing'}, expected {ARCH})")
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise SourceError(f"{path} is truncated: {t.name} ends past the end of the file")
-    missing = object()
-
-    def kv(key: str, default=missing):
-        field = reader.get_field(f"{ARCH}.{key}")
-        if field is not None:
-            return field.contents()
-        if default is missing:
-            raise SourceError(f"{path} lacks the key {ARCH}.{key}")
-        return default
-    return reader, kv
+def read_step35_gguf(path: Path) -> tuple[GGUFSource, Callable]:
+    """A Step 3.5 GGUF (one file or any shard of a split set; see gguf_source), checked, and a
+    getter of its `step35.` keys: kv(key, default) gives the default for a missing key, kv(key)
+    refuses it. The source reads like gguf's reader: `.tensors`, `.fields`, `.get_field`."""
+    source = open_gguf(path)
+    return source, source.kv
 
 
 def _read_gguf(path: Path, recipe: Recipe) -> Source:
     reader, kv = read_step35_gguf(path)
     n_layer = int(kv("block_count", 0)) - int(kv("nextn_predict_layers", 0))
     plans = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        ref = TensorRef(t.name, t.name, path, Q(t.tensor_type).name, shape, int(t.data_offset),
-                        int(t.n_bytes))
+    for t in reader.tensors:  # in shard order, each pointing into its shard
+        shape = t.torch_shape
         choice = recipe.resolve(t.name, shape, n_layer)
-        plans.append(TensorPlan("", t.name, shape, choice.qtype, ref, rule=choice.rule))
+        plans.append(TensorPlan("", t.name, shape, choice.qtype, t.ref(), rule=choice.rule))
 
     # decoded now, so a corrupt value is reported as unreadable input, not met while writing
     fields = [(f.name, f.contents(), f.types[0],
@@ -148,7 +133,9 @@ def _read_gguf(path: Path, recipe: Recipe) -> Source:
     def write_kv(w: gguf.GGUFWriter) -> None:
         for name, value, vtype, sub in fields:
             w.add_key_value(name, value, vtype, sub_type=sub)
-    return Source("gguf", path, n_layer, plans, write_kv, int(kv("expert_used_count", 1)))
+    top_k = kv("expert_used_count", 1)  # a scalar, or llama.cpp's per-layer array form
+    return Source("gguf", path, n_layer, plans, write_kv,
+                  max(int(k) for k in top_k) if isinstance(top_k, list) and top_k else int(top_k or 1))
 
 
 # ---------------------------------------------------------------- pricing
@@ -234,15 +221,20 @@ def price_stock(src: str | os.PathLike, ftype: str, *, mtp: str = "keep",
 # ---------------------------------------------------------------- quantizing
 
 def _requantize_check(source: Source, allow: bool) -> None:
+    requantized = []
     for p in source.plans:
         if p.src is not None and p.src.dtype not in {q.name for q in FLOAT_TYPES} and p.src.dtype != p.qtype.name:
             if allow:
-                log.warning("requantizing %s from %s to %s", p.name, p.src.dtype, p.qtype.name)
+                requantized.append(p)
                 continue
             raise StepGGUFError(
                 f"{source.path.name} already holds quantized tensors ({p.name} is {p.src.dtype}); "
                 "requantizing stacks a second rounding error on the first. Quantize from the "
                 "checkpoint or a BF16/F32 GGUF, or pass --allow-requantize to do it anyway")
+    if requantized:  # one line, not one per tensor (a real model has hundreds)
+        p = requantized[0]
+        log.warning("requantizing %d already quantized tensors (%s from %s to %s, ...)",
+                    len(requantized), p.name, p.src.dtype, p.qtype.name)
 
 
 def recipe_kv(recipe: Recipe) -> Callable[[gguf.GGUFWriter], None]:
@@ -315,14 +307,18 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
              imatrix: str | os.PathLike | None = None, equalization: bool = False,
              target: Target | None = None, allow_requantize: bool = False,
              tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
+             card: CardOverrides | None = None, split: SplitLimits | None = None,
              on_stage: Callable[[str], None] = lambda what: None,
              on_start: Callable[[int], None] = lambda total: None,
              on_bytes: Callable[[int], None] = lambda n: None) -> QuantizeResult:
     """Quantize `src` to `out` under `recipe` in one streaming pass, optionally with the
     importance matrix at `imatrix`, per-channel equalization from it, and a size `target` met
     with the least measured error. Nothing appears at `out` unless the whole file was written.
-    `on_stage` names each preparatory step (measuring can take a while on a large model)."""
-    source = open_source(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre)
+    `on_stage` names each preparatory step (measuring can take a while on a large model).
+    `card` overrides the model card's name, basename or license; a GGUF source keeps its card
+    otherwise. With `split` limits, `out` is written as llama.cpp's gguf-split shards
+    OUT-00001-of-0000N.gguf ... (a draft GGUF of mtp="split" stays one file)."""
+    source = open_source(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
     if not source.readable:
         raise SourceError(f"{source.path} is a config without weights: it can be priced "
                           "(--dry-run), not quantized")
@@ -360,10 +356,13 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
     else:
         def write_kv(w: gguf.GGUFWriter) -> None:
             source.write_kv(w)
+            if card is not None:
+                card.write(w)
             kv(w)
         jobs = [OutputJob(out, plans, write_kv)]
+    jobs[0] = replace(jobs[0], split=split)
     on_stage("writing")
-    total = write_outputs(jobs, on_start, on_bytes, fp8_block=source.fp8_block, threads=threads,
-                          resume=resume)
-    return QuantizeResult(tuple(j.path for j in jobs), price(plans, recipe.name), total, recipe,
+    written = write_outputs(jobs, on_start, on_bytes, fp8_block=source.fp8_block, threads=threads,
+                            resume=resume)
+    return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe,
                           tuple(report))

@@ -26,6 +26,8 @@ from .checkpoint import FP8_E4M3_VALUES, INDEX, fp8_scale_shape
 from .errors import StepGGUFError
 from .model import Step35Config
 
+BASE_MODEL = "stepfun-ai/Step-3.5-Flash"  # the model whose layout the synthetic ones copy
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -200,6 +202,28 @@ def learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
             merged[tuple(out)] = merged.get(tuple(out), 0) + c
         words = merged
     return merges
+
+
+def model_card(preset: str) -> str:
+    """README.md with the YAML front matter the hub's model cards carry: the source of the
+    GGUF's general.* keys (name, license, base model, languages, tags)."""
+    return f"""---
+license: mit
+base_model: {BASE_MODEL}
+model_name: Step 3.5 Flash Synthetic {preset.title()}
+language:
+- en
+- zh
+pipeline_tag: text-generation
+tags:
+- synthetic
+- step-gguf
+---
+# Step 3.5 Flash, synthetic ({preset})
+
+Random weights in the layout of [{BASE_MODEL}](https://huggingface.co/{BASE_MODEL}), written
+by `step-gguf synth` for tests: it has every architectural feature and no knowledge.
+"""
 
 
 def tokenizer_files(vocab_rows: int, script: Sequence[str] = (),
@@ -488,6 +512,7 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
                 total += s.nbytes
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / "README.md").write_text(model_card(preset), encoding="utf-8")
         for fname, content in tokenizer.items():
             (tmp / fname).write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
         os.replace(tmp, out)

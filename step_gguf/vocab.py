@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TokenizerError, describe, malformed
+from .layout import checkpoint_file
 
 # llama.cpp pre-tokenizer name -> the split regexes of tokenizer.json's pre_tokenizer, in order.
 # Escapes are compared in normalised form (see `_norm`).
@@ -86,7 +87,7 @@ def _read_json(path: Path) -> object:
 
 def load_vocab(src: Path, n_rows: int, pre_override: str | None = None) -> Vocab:
     """Read tokenizer.json + tokenizer_config.json and pad the vocabulary to `n_rows`."""
-    tok_path = Path(src) / "tokenizer.json"
+    tok_path = checkpoint_file(src, "tokenizer.json")
     if not tok_path.is_file():
         raise TokenizerError(f"{tok_path} not found; a byte-level BPE tokenizer.json is required")
     tok = _read_json(tok_path)
@@ -104,7 +105,7 @@ def load_vocab(src: Path, n_rows: int, pre_override: str | None = None) -> Vocab
         else:
             types[i] = NORMAL
 
-    cfg_path = Path(src) / "tokenizer_config.json"
+    cfg_path = checkpoint_file(src, "tokenizer_config.json")
     cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
     with malformed(cfg_path, TokenizerError):
         template = cfg.get("chat_template")
@@ -112,7 +113,7 @@ def load_vocab(src: Path, n_rows: int, pre_override: str | None = None) -> Vocab
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is not None and not isinstance(template, str):
             raise TokenizerError(f"{cfg_path} chat_template is not a string")
-        jinja = Path(src) / "chat_template.jinja"
+        jinja = checkpoint_file(src, "chat_template.jinja")
         if template is None and jinja.is_file():
             template = jinja.read_text(encoding="utf-8")
 

@@ -34,3 +34,23 @@ def test_run_on_a_missing_file_says_so(runtime, tmp_path):
     result = CliRunner().invoke(main, ["run", str(tmp_path / "nope.gguf")])
     assert result.exit_code == 1
     assert "nope.gguf does not exist" in result.output and len(result.output.splitlines()) == 1
+
+
+def test_a_long_build_shows_its_stages_and_compile_steps(capsys):
+    """Off a terminal (CI, a log) a 15-minute build prints its stages and a line at every tenth
+    of the compile steps, not one "compiling" line."""
+    from step_gguf.cli import _StepProgress
+
+    progress = _StepProgress()
+    progress.stage("configuring")
+    progress.stage("compiling")
+    for done in range(1, 236):
+        progress.step(done, 235)
+    progress.stage("packaging the llama_cpp wheel")
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    steps = [line for line in lines if "compiled" in line]
+    assert lines[0].startswith("configuring ...") and lines[-1].startswith("packaging")
+    assert len(steps) == 11 and steps[-1].strip().startswith("compiled 235/235 steps")
+    done = [int(line.split()[1].split("/")[0]) for line in steps]
+    assert done == sorted(done) and done[0] == 1

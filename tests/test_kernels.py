@@ -1,12 +1,29 @@
-"""The CPU patch set (patches 0006-0008) on the installed runtime: every SIMD kernel against the
-portable C kernel of its layout, every repacked op against ggml's unpatched op, our build
-against stock llama.cpp from the same sdist on whole models, and the profile against the GGUF.
+"""The CPU patch set (patches 0006-0011) on every x86 instruction set it has kernels for: every
+SIMD kernel against the portable C kernel of its layout, every repacked op against ggml's
+unpatched op, our build against stock llama.cpp from the same sdist on whole models, and the
+profile against the GGUF.
 
-Tolerances: kernels and ops compute the same integer dot products on the same quantized
-activations and differ only in the order of float sums, so they agree to 1e-5 of the output's
-largest magnitude (seen: below 2e-6). Whole models, run with exact attention (f32 cache, no
-flash attention): the same 64 greedy tokens, and a mean KL divergence of the prompt's
-next-token distributions of at most 1e-4.
+Which builds: the installed runtime ("native": this CPU's own instruction sets) and the whole
+series built for plain AVX2 (`runtime/build.py` ISA_VARIANTS), so that a machine with AVX-512
+cannot hide a fault of the AVX2 path. STEP_GGUF_KERNEL_ISAS=avx512,avx2-vnni,... adds the other
+variants; a variant this CPU cannot run is skipped.
+
+Tolerances. Kernels and ops compute the same integer dot products on the same quantized
+activations and differ only in the order of float sums: within 1e-5 of the output's largest
+magnitude on random inputs (seen: below 2e-6), within 1e-4 on the adversarial ones (weights at
+their largest codes, activations of one sign: the float sums of Q4_K/Q5_K's scale and min terms
+cancel, seen up to 2e-5), where a wrapped or saturated integer sum is off by 1e-2 to 1e1.
+
+Whole models are compared through an unquantized reference (the BF16 conversion run by stock),
+because 8-bit activations make two correct builds disagree: a last-bit difference anywhere
+upstream (stock's own attention is not the same bits at batch 1 and 5, nor on AVX2 and AVX-512)
+moves a value across a rounding boundary of its activation quantization now and then, and one
+code off by one shifts every output of that matrix product by ~1e-3. Measured, 4 prompts, a
+layer of real width: stock against stock on the other instruction set, and stock batched against
+stock token by token, mean KL up to 1.2e-4 per prompt, largest logit difference up to 0.9%; the
+same for ours against stock. So the bound of 1e-4 applies to the error our kernels add: the
+mean KL of our logits from the reference's may exceed stock's by at most 1e-4 (seen: 1e-5), by
+instruction set, model, recipe and batch size.
 """
 
 from __future__ import annotations
@@ -20,55 +37,48 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from native_build import compile_native, stock_build
 from step_gguf.runtime import build as b
 
-NATIVE = Path(__file__).parent / "native"
-PROMPT = ("The patch set must not change what the model says: it only changes how fast the "
-          "experts are read. Step 3.5 Flash routes each token to eight of its experts.")
-
-
-def _has_avx2() -> bool:
-    try:
-        return " avx2" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
+PROMPTS = (
+    "The patch set must not change what the model says: it only changes how fast the experts are read.",
+    "Quantized weights are read once for every row of the batch, so a step of four tokens costs little more.",
+    "def route(tokens, experts):\n    return sorted(experts, key=lambda e: -e.score)[:8]",
+    "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich, und niemand hält sie auf.",
+)
+ISAS = ("native", "avx2", *[i for i in os.environ.get("STEP_GGUF_KERNEL_ISAS", "").split(",") if i])
 
 pytestmark = [
     pytest.mark.runtime,
-    pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not _has_avx2(),
+    pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in b.cpu_flags(),
                        reason="the kernels of patch 0007 are for x86 with AVX2"),
 ]
 
 
-def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path) -> Path:
-    """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of `build` (the
-    installed runtime, or a build of part of the series)."""
-    tree, lib = build.src, build.bin_dir
-    exe = out_dir / f"{name}-{build.root.name}"
-    if not exe.exists():
-        subprocess.run(["g++", "-O2", "-std=c++17", str(NATIVE / f"{name}.cpp"), "-o", str(exe),
-                        f"-I{tree / 'include'}", f"-I{tree / 'ggml' / 'include'}", f"-L{lib}",
-                        "-lllama", "-lggml", "-lggml-base", "-lggml-cpu", "-ldl", f"-Wl,-rpath,{lib}"],
-                       check=True, capture_output=True)
-    return exe
-
-
 @pytest.fixture(scope="module")
-def ours(runtime) -> b.RuntimeBuild:
+def native(runtime) -> b.RuntimeBuild:
     return b.RuntimeBuild(runtime.bin_dir.parent.parent)  # the cache entry it was installed from
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def ours(request, native) -> b.RuntimeBuild:
+    """Our build for one instruction set (built once into the cache, minutes the first time)."""
+    if request.param == "native":
+        return native
+    if not b.runs_here(request.param):
+        pytest.skip(f"this CPU cannot run {request.param} code")
+    return b.build(b.isa_spec(request.param))
 
 
 @pytest.fixture(scope="module")
 def stock() -> b.RuntimeBuild:
-    """Stock llama.cpp from the same sdist, built once into the cache (minutes the first time)."""
-    return b.build(b.BuildSpec(series=0))
+    return stock_build()
 
 
 @pytest.fixture(scope="module")
 def kernel_cases(ours, tmp_path_factory) -> list[tuple[str, str, float]]:
     exe = compile_native("kernel_check", ours, tmp_path_factory.mktemp("native"))
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
     cases = []
     for line in out.stdout.splitlines():
@@ -77,57 +87,76 @@ def kernel_cases(ours, tmp_path_factory) -> list[tuple[str, str, float]]:
     return cases
 
 
+def _bound(what: str) -> float:
+    return 1e-5 if "w=random x=randn" in what else 1e-4
+
+
 def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases):
     kernels = [(what, v) for level, what, v in kernel_cases if level == "kernel"]
     types = {what.split()[0] for what, _ in kernels}
     assert types == {"q4_K", "q5_K", "q6_K", "q8_0"}
     # every row count from a lone row to partial packs beyond two
     assert {int(w.split("rows=")[1]) for w, _ in kernels} >= {1, 2, 3, 4, 5, 8, 9, 17}
-    bad = [(w, v) for w, v in kernels if not v <= 1e-5]
+    # the adversarial inputs and the real expert shapes are among them
+    assert {w.split(" w=")[1].split()[0] for w, _ in kernels} == {"random", "codes", "max", "min", "q8max"}
+    assert {w.split(" x=")[1].split()[0] for w, _ in kernels} == {"randn", "outliers", "pos", "neg", "alt"}
+    assert any("k=4096 n=1280" in w for w, _ in kernels) and any("k=1280 n=4096" in w for w, _ in kernels)
+    bad = [(w, v) for w, v in kernels if not v <= _bound(w)]
     assert not bad, bad
 
 
 def test_repacked_ops_match_ggmls_unpatched_ops(kernel_cases):
     ops = [(what, v) for level, what, v in kernel_cases if level == "op"]
-    assert {w.split()[1] for w, _ in ops} == {"mul_mat", "mul_mat_id", "mul_mat_id_bcast"}
-    assert len(ops) == 4 * (8 + 2 * 6)
-    bad = [(w, v) for w, v in ops if not v <= 1e-5]
+    assert {w.split()[3] for w, _ in ops} == {"mul_mat", "mul_mat_id", "mul_mat_id_bcast"}
+    assert len(ops) == 4 * 3 * (8 + 2 * 6)  # types x (random, two adversarial) x cases
+    bad = [(w, v) for w, v in ops if not v <= _bound(w)]
     assert not bad, bad
 
 
-@pytest.fixture(scope="module")
-def models(workdir, runtime) -> dict[str, Path]:
-    """A model with K-quant widths, in int4-mixed (Q4_K, Q5_K, Q6_K, Q8_0) and stock Q4_K_M.
-    Every token takes all 8 experts: with a choice of experts, a near-tie in the router flips
-    on a last-bit difference and moves the logits far more than the kernels differ (seen
-    between two stock paths as much as between stock and ours)."""
+def _reference_and_quants(src: Path, stem: Path, runtime) -> dict[str, Path]:
     from step_gguf.convert import convert
     from step_gguf.quantize import quantize
     from step_gguf.recipe import load_recipe
+
+    out = {n: stem.with_name(f"{stem.name}-{n}.gguf") for n in ("bf16", "int4-mixed", "Q4_K_M")}
+    quantize(src, out["int4-mixed"], load_recipe("int4-mixed"))
+    convert(src, out["bf16"], outtype="bf16")
+    subprocess.run([str(runtime.tool("llama-quantize")), str(out["bf16"]), str(out["Q4_K_M"]), "Q4_K_M"],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(workdir, runtime) -> dict[str, dict[str, Path]]:
+    """Two models, each as a BF16 reference, int4-mixed (Q4_K, Q5_K, Q6_K, Q8_0) and stock
+    Q4_K_M: "small" (K-quant widths) and "wide" (one MoE layer of the real width, 4096 x 1280
+    experts). Every token takes all 8 experts: with a choice of experts, a near-tie in the router
+    flips on a last-bit difference and moves the logits by far more than activation rounding."""
     from step_gguf.synth import synth
 
-    src = synth(workdir / "kernels", "quant", seed=3, n_layer=4, n_dense=1, n_nextn=1, n_expert=8,
-                top_k=8, outliers=0, outlier_gain=1.0)
-    int4, bf16, q4km = (workdir / f"kernels-{n}.gguf" for n in ("int4-mixed", "bf16", "q4_k_m"))
-    quantize(src, int4, load_recipe("int4-mixed"))
-    convert(src, bf16, outtype="bf16")
-    subprocess.run([str(runtime.tool("llama-quantize")), str(bf16), str(q4km), "Q4_K_M"],
-                   check=True, capture_output=True)
-    return {"int4-mixed": int4, "Q4_K_M": q4km}
+    small = synth(workdir / "kernels", "quant", seed=3, n_layer=4, n_dense=1, n_nextn=1, n_expert=8,
+                  top_k=8, outliers=0, outlier_gain=1.0)
+    wide = synth(workdir / "kernels-wide", "wide", seed=5, n_layer=2, n_dense=1, n_nextn=0, n_expert=8,
+                 top_k=8, ff=2048, vocab=2048, n_head=32, n_head_swa=32, shard_bytes=2**30)
+    return {"small": _reference_and_quants(small, workdir / "kernels", runtime),
+            "wide": _reference_and_quants(wide, workdir / "kernels-wide", runtime)}
 
 
-N_PREDICT = 64
-N_VOCAB = 2048  # the `quant` preset's
+N_VOCAB = 2048  # both models'
+_logits: dict[tuple, np.ndarray] = {}
 
 
-def greedy(exe: Path, model: Path, tmp: Path, ubatch: int, env: dict | None = None) -> tuple[list[int], np.ndarray]:
-    """(the greedy tokens, the prompt's logits) from step_greedy."""
-    logits = tmp / f"logits-{exe.name}-{model.stem}-{ubatch}.f32"
-    out = subprocess.run([str(exe), str(model), PROMPT, str(N_PREDICT), str(logits), str(ubatch), "2"],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return [int(t) for t in out.stdout.split()], np.fromfile(logits, dtype=np.float32).reshape(-1, N_VOCAB)
-
+def prompt_logits(exe: Path, model: Path, prompt: int, ubatch: int, tmp: Path,
+                  env: dict | None = None) -> np.ndarray:
+    """The logits of every position of PROMPTS[prompt] (n_prompt x n_vocab), run by `exe`."""
+    key = (exe.name, model, prompt, ubatch, tuple(sorted((env or {}).items())))
+    if key not in _logits:
+        path = tmp / "logits.f32"
+        out = subprocess.run([str(exe), str(model), PROMPTS[prompt], "1", str(path), str(ubatch), "2"],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+        assert out.returncode == 0, out.stderr[-2000:]
+        _logits[key] = np.fromfile(path, dtype=np.float32).reshape(-1, N_VOCAB)
+    return _logits[key]
 
 
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -139,57 +168,78 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
 
 
+def errors(exe: Path, stock_exe: Path, files: dict[str, Path], recipe: str, ubatch: int, tmp: Path) -> list[float]:
+    """Mean KL from the reference's logits, per prompt, of `exe` running the `recipe` file."""
+    return [mean_kl(prompt_logits(stock_exe, files["bf16"], p, 512, tmp),
+                    prompt_logits(exe, files[recipe], p, ubatch, tmp)) for p in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("model", ["small", "wide"])
 @pytest.mark.parametrize("recipe", ["int4-mixed", "Q4_K_M"])
-def test_our_build_says_what_stock_says(models, ours, stock, recipe, tmp_path):
-    """Token by token, as decoding runs: the same 64 greedy tokens, and the prompt's
-    next-token distributions within a mean KL of 1e-4."""
-    mine, my_logits = greedy(compile_native("step_greedy", ours, tmp_path), models[recipe], tmp_path, 1)
-    theirs, their_logits = greedy(compile_native("step_greedy", stock, tmp_path), models[recipe], tmp_path, 1)
-    assert len(my_logits) > 16 and len(mine) == N_PREDICT
-    assert mine == theirs
-    kl = mean_kl(their_logits, my_logits)
-    print(f"{recipe}: mean KL vs stock {kl:.2e}")
-    assert kl <= 1e-4
-    assert not np.array_equal(my_logits, their_logits)  # our kernels did run
+def test_our_kernels_add_no_error_to_stocks(models, ours, stock, model, recipe, tmp_path):
+    """Token by token, as decoding runs: our logits are as close to the unquantized model's as
+    stock's (mean KL, 4 prompts: ours at most 1e-4 above stock's)."""
+    files = models[model]
+    stock_exe = compile_native("step_greedy", stock, tmp_path)
+    mine = errors(compile_native("step_greedy", ours, tmp_path), stock_exe, files, recipe, 1, tmp_path)
+    theirs = errors(stock_exe, stock_exe, files, recipe, 1, tmp_path)
+    print(f"{model} {recipe} {ours.root.name}: mean KL from BF16, ours {np.mean(mine):.4e}, stock "
+          f"{np.mean(theirs):.4e}")
+    assert 0 < np.mean(theirs) < 0.1  # the recipe quantizes, and the model still works
+    assert np.mean(mine) - np.mean(theirs) <= 1e-4
+    # our kernels did run: a product summed in another order somewhere
+    assert any(not np.array_equal(prompt_logits(compile_native("step_greedy", ours, tmp_path), files[recipe], p, 1, tmp_path),
+                                  prompt_logits(stock_exe, files[recipe], p, 1, tmp_path)) for p in range(len(PROMPTS)))
 
 
-@pytest.mark.parametrize("ubatch", [5, 512])
-def test_batched_prompt_gives_the_token_by_token_logits(models, ours, ubatch, tmp_path):
+@pytest.mark.parametrize("model,ubatch", [("small", 5), ("small", 512), ("wide", 5)])
+def test_batched_prompt_adds_no_error(models, ours, stock, model, ubatch, tmp_path):
     """The batched paths (packs of 4 rows, the last partial, experts read once for all their
-    tokens) compute what one token at a time computes: only float sums are ordered otherwise."""
-    exe = compile_native("step_greedy", ours, tmp_path)
-    one, one_logits = greedy(exe, models["int4-mixed"], tmp_path, 1)
-    batched, logits = greedy(exe, models["int4-mixed"], tmp_path, ubatch)
-    assert batched == one
-    assert np.abs(logits - one_logits).max() <= 1e-4 * np.abs(one_logits).max()
+    tokens) are as close to the reference as one token at a time, and agree with it as closely
+    as stock's batched paths agree with stock's token by token (mean KL, 4 prompts, 1e-4)."""
+    files = models[model]
+    exe, stock_exe = compile_native("step_greedy", ours, tmp_path), compile_native("step_greedy", stock, tmp_path)
+    one, batched = (errors(exe, stock_exe, files, "int4-mixed", u, tmp_path) for u in (1, ubatch))
+    assert np.mean(batched) - np.mean(one) <= 1e-4
+    apart = [mean_kl(prompt_logits(exe, files["int4-mixed"], p, 1, tmp_path),
+                     prompt_logits(exe, files["int4-mixed"], p, ubatch, tmp_path)) for p in range(len(PROMPTS))]
+    stock_apart = [mean_kl(prompt_logits(stock_exe, files["int4-mixed"], p, 1, tmp_path),
+                           prompt_logits(stock_exe, files["int4-mixed"], p, ubatch, tmp_path)) for p in range(len(PROMPTS))]
+    print(f"{model} ubatch {ubatch}: mean KL batched vs one token, ours {np.mean(apart):.2e}, stock {np.mean(stock_apart):.2e}")
+    assert np.mean(apart) <= np.mean(stock_apart) + 1e-4
 
 
-def test_kernel_switch_restores_the_stock_paths(models, ours, stock, tmp_path):
+def test_kernel_switch_restores_the_stock_paths(models, native, stock, tmp_path):
     """GGML_CPU_STEP_KERNELS=0 gives stock llama.cpp's numbers exactly: it is how the profile
     of `bench/kernels.py` shows the stock kernels."""
-    ours_exe = compile_native("step_greedy", ours, tmp_path)
+    ours_exe = compile_native("step_greedy", native, tmp_path)
     stock_exe = compile_native("step_greedy", stock, tmp_path)
-    mine, my_logits = greedy(ours_exe, models["int4-mixed"], tmp_path, 5, {"GGML_CPU_STEP_KERNELS": "0"})
-    theirs, their_logits = greedy(stock_exe, models["int4-mixed"], tmp_path, 5)
-    assert mine == theirs and np.array_equal(my_logits, their_logits)
+    for model in ("small", "wide"):
+        mine = prompt_logits(ours_exe, models[model]["int4-mixed"], 0, 5, tmp_path, {"GGML_CPU_STEP_KERNELS": "0"})
+        theirs = prompt_logits(stock_exe, models[model]["int4-mixed"], 0, 5, tmp_path)
+        assert np.array_equal(mine, theirs)
 
 
-def test_profile_counts_nodes_and_the_bytes_they_read(models, ours, tmp_path):
+def test_profile_counts_nodes_and_the_bytes_they_read(models, native, tmp_path):
     from gguf import GGUFReader
 
-    exe = compile_native("step_greedy", ours, tmp_path)
+    model = models["small"]["int4-mixed"]
+    exe = compile_native("step_greedy", native, tmp_path)
     prof = tmp_path / "profile.tsv"
-    tokens, _ = greedy(exe, models["int4-mixed"], tmp_path, 512, {"GGML_CPU_PROFILE": str(prof)})
+    n_predict = 16
+    out = subprocess.run([str(exe), str(model), PROMPTS[0], str(n_predict), str(tmp_path / "l.f32"), "512", "2"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "GGML_CPU_PROFILE": str(prof)})
+    assert out.returncode == 0, out.stderr[-2000:]
     lines = prof.read_text().splitlines()
     head = lines[0].split("\t")
     graphs = int(head[1])
-    assert head[0] == "# graphs" and graphs == 1 + len(tokens)  # the prompt, then one per token
+    assert head[0] == "# graphs" and graphs == 1 + n_predict  # the prompt, then one per token
     rows = list(csv.DictReader(lines[1:], delimiter="\t"))
-    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(models["int4-mixed"]).tensors}
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(model).tensors}
     # every call of the LM head reads the whole output matrix, repacked to the same size
-    out = [r for r in rows if r["name"] == "result_output" and r["op"] == "MUL_MAT"]
-    assert len(out) == 1 and int(out[0]["calls"]) == graphs
-    assert int(out[0]["bytes"]) == graphs * sizes["output.weight"]
+    head_rows = [r for r in rows if r["name"] == "result_output" and r["op"] == "MUL_MAT"]
+    assert len(head_rows) == 1 and int(head_rows[0]["calls"]) == graphs
+    assert int(head_rows[0]["bytes"]) == graphs * sizes["output.weight"]
     # MUL_MAT_ID reads the experts some token chose: here all 8, in every graph
     moe = [r for r in rows if r["op"] == "MUL_MAT_ID" and r["name"] == "ffn_moe_up"]
     assert len(moe) == 3 and all(int(r["calls"]) == graphs for r in moe)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # its vendor/llama.cpp knows `step35`, MTP and buft overrides
 # servers and llama.cpp's own quantization tools, which step-gguf wraps rather than rewrites
 TOOL_TARGETS = ("llama-server", "llama-bench", "ggml-rpc-server", "llama-quantize", "llama-imatrix",
-                "llama-perplexity")
+                "llama-perplexity", "llama-gguf-split")
 LIB_TARGETS = ("llama", "ggml")
 MANIFEST = "step_gguf_runtime.json"  # written into the llama_cpp package and the cache entry
 
@@ -101,6 +101,49 @@ class BuildSpec:
                            list(self.cmake_args), list(self.targets)])
         part = "" if self.series is None else "-stock" if self.series == 0 else f"-p{self.series}"
         return f"{self.backend}{part}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+# The x86 instruction sets the CPU patch set has kernels for, each as the CMake flags of a build
+# that uses only that set (not the build machine's: GGML_NATIVE off) and the /proc/cpuinfo flags
+# a CPU needs to run it. The runtime is built native; these builds check each path on any CPU
+# that can run it (tests/test_kernels.py, bench/kernels.py --isa).
+_AVX2 = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+         "-DGGML_BMI2=ON")
+_AVX512 = (*_AVX2, "-DGGML_AVX512=ON")
+ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx2": (_AVX2, ("avx2", "fma", "f16c", "bmi2")),
+    "avx2-vnni": ((*_AVX2, "-DGGML_AVX_VNNI=ON"), ("avx2", "fma", "f16c", "bmi2", "avx_vnni")),
+    "avx512": (_AVX512, ("avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                         "avx512cd")),
+    "avx512-vnni": ((*_AVX512, "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_VBMI=ON"),
+                    ("avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                     "avx512cd", "avx512_vnni", "avx512vbmi")),
+}
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def isa_spec(isa: str, stock: bool = False) -> BuildSpec:
+    """The whole series (or, `stock`, none of it) built for one x86 instruction set only; never
+    installed."""
+    if isa not in ISA_VARIANTS:
+        raise StepGGUFError(f"unknown instruction set {isa!r}; choose one of {', '.join(ISA_VARIANTS)}")
+    return BuildSpec(cmake_args=ISA_VARIANTS[isa][0], series=0 if stock else len(patch_series()))
+
+
+def runs_here(isa: str) -> bool:
+    return set(ISA_VARIANTS[isa][1]) <= cpu_flags()
+
 
 
 @dataclass(frozen=True)
@@ -204,8 +247,11 @@ def apply_patches(src: Path, n: int | None = None) -> None:
 
 
 def build(spec: BuildSpec, jobs: int | None = None,
-          on_step: Callable[[int, int], None] | None = None) -> RuntimeBuild:
-    """Build (or find in the cache) the runtime for `spec`; nothing is left half-written."""
+          on_step: Callable[[int, int], None] | None = None,
+          on_stage: Callable[[str], None] = lambda what: None) -> RuntimeBuild:
+    """Build (or find in the cache) the runtime for `spec`; nothing is left half-written.
+    `on_stage` names each stage as it starts (downloading, patching, configuring, compiling,
+    packaging); `on_step(done, total)` counts the compile steps."""
     if hit := cached_build(spec):
         log.info("runtime %s found in cache at %s", spec.key, hit.root)
         return hit
@@ -220,13 +266,16 @@ def build(spec: BuildSpec, jobs: int | None = None,
             return hit
         work = final.with_name(final.name + ".partial")
         shutil.rmtree(work, ignore_errors=True)
+        on_stage("fetching the llama-cpp-python source")
         src = extract_sdist(fetch_sdist(), work / "src")
+        on_stage(f"applying {len(patch_series()[:spec.series])} patch(es)")
         apply_patches(src, spec.series)
         log.info("applied %d patch(es), series %s", len(patch_series()[:spec.series]),
                  series_id(spec.series))
-        _cmake_build(spec, work, jobs or os.cpu_count() or 2, on_step)
+        _cmake_build(spec, work, jobs or os.cpu_count() or 2, on_step, on_stage)
         manifest = _manifest(spec, final)
         if not spec.partial:
+            on_stage("packaging the llama_cpp wheel")
             manifest["wheel"] = _package(spec, work).name
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -263,12 +312,14 @@ def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[st
 
 
 def _cmake_build(spec: BuildSpec, work: Path, jobs: int,
-                 on_step: Callable[[int, int], None] | None) -> None:
+                 on_step: Callable[[int, int], None] | None, on_stage: Callable[[str], None]) -> None:
     # ccache keys on paths; relative to `work` they are the same for every cache entry
     env = os.environ | {"CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
     build_dir = work / "build"
+    on_stage("configuring")
     run(cmake_configure_args(spec, work / "src", build_dir), what="configuring llama.cpp",
         env=env, log_file=work / "configure.log")
+    on_stage("compiling")
     run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *spec.targets],
         what="compiling llama.cpp", env=env, log_file=work / "build.log", on_line=_steps(on_step))
 

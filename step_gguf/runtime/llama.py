@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import RuntimeMissingError, StepGGUFError
+from ..gguf_source import first_shard
 from .build import MANIFEST, series_id
 
 if TYPE_CHECKING:
@@ -270,6 +271,7 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
     path = Path(gguf_path)
     if not path.is_file():
         raise StepGGUFError(f"{path} does not exist; convert a checkpoint first (step-gguf convert)")
+    path = first_shard(path)  # any shard of a split model: llama.cpp loads the set from the first
     import llama_cpp  # noqa: PLC0415
     from llama_cpp import Llama  # noqa: PLC0415
 
@@ -328,13 +330,20 @@ def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int
     """Run our `llama-server` for the block's duration; yields its base URL. `plan` gives its
     context, placement, cache, batch and MTP flags (then `n_ctx` is the plan's). It binds to
     loopback unless `host` says otherwise, which needs an `api_key`. `server` runs the
-    llama-server of another build instead (stock llama.cpp, for comparisons)."""
+    llama-server of another build instead (stock llama.cpp, for comparisons). A plan made
+    with a separate draft GGUF (plan.facts(..., draft=)) drafts from it."""
+    if plan is not None and plan.mtp and plan.model.draft:
+        # checked against the model when planned; it must still be there
+        if not Path(plan.model.draft).is_file():
+            raise StepGGUFError(f"draft {plan.model.draft} does not exist any more; plan again")
+        log.info("drafting with the MTP heads of %s", plan.model.draft)
     if host not in LOOPBACK and not api_key:
         raise StepGGUFError(f"serving on {host} exposes the model to the network; give --api-key "
                             "(or serve on 127.0.0.1)")
     server = server or check().tool("llama-server")
     if not Path(gguf_path).is_file():
         raise StepGGUFError(f"{gguf_path} does not exist; give a GGUF file")
+    gguf_path = first_shard(gguf_path)  # any shard of a split model: llama.cpp wants the first
     port = port or free_port()
     args = [str(server), "-m", str(gguf_path), "--host", host, "--port", str(port),
             *(plan.server_flags() if plan is not None else ["-c", str(n_ctx)]), *extra_args]

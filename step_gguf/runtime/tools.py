@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import StepGGUFError
+from ..gguf_source import resolve
 from ..imatrix import load_imatrix, model_shapes
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def imatrix(model_gguf: str | os.PathLike, out: str | os.PathLike,
     leaves nothing new there (an existing file survives). `on_progress(done, total)` follows
     the chunks of `ctx` tokens. Returns `out`.
     """
-    model, out = _existing(Path(model_gguf), "model"), Path(out)
+    # any shard of a split model: llama.cpp loads the set from the first shard's path
+    model, out = resolve(_existing(Path(model_gguf), "model")), Path(out)
     text = _existing(Path(text_file) if text_file else default_text(), "calibration text")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _hidden_beside(out, ".partial.gguf")  # llama-imatrix warns on other suffixes
@@ -181,8 +183,8 @@ def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
     models rank the same token first, percent), ppl and ppl_reference (perplexities), chunks
     and ctx.
     """
-    quant = _existing(Path(quant_gguf), "quantized model")
-    reference = _existing(Path(reference_gguf), "reference model")
+    quant = resolve(_existing(Path(quant_gguf), "quantized model"))
+    reference = resolve(_existing(Path(reference_gguf), "reference model"))
     text = _existing(Path(text_file) if text_file else default_text(), "text")
     logits = _hidden_beside(quant, ".kld-base")  # the reference's log-probs: large, so on disk
     common = ["-c", str(ctx), *_threads(threads)]

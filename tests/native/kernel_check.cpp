@@ -1,11 +1,18 @@
-// Checks step-gguf's x86 kernels (patch 0007/0008) on random inputs, two ways:
+// Checks step-gguf's x86 kernels (patch 0007/0008) two ways:
 //  - kernel: each SIMD kernel (ggml_step_gemv/gemm_*) against the portable C kernel of the same
 //    repacked layout (ggml_gemv/gemm_*_generic), on the same quantized activations;
 //  - op: MUL_MAT and MUL_MAT_ID with the weights in the CPU_REPACK buffer (our path) against the
 //    same op with the weights in a plain CPU buffer (ggml's unpatched op: vec_dot, tiled or
 //    llamafile), through the CPU backend with 2 threads.
-// Prints one line per case: "<level> <type> <shape> <max |difference| / max |reference|>".
+// Inputs are random and adversarial: weights at every code of their type and at its largest
+// codes (raw blocks, so every bit pattern a quantizer can write appears, scales at both ends of
+// their range), activations with outlier channels (as real models have: one channel sets the
+// row's scale) and rows quantized to the largest codes with one sign, so integer sums reach the
+// limits of every intermediate width; shapes include the real experts (4096 x 1280, 1280 x 4096).
+// Prints one line per case: "<level> <type> <what> <max |difference| / max |reference|>".
 // The kernels are looked up by name, so a missing one is reported, not a link error.
+//
+//   kernel_check [--quick]     --quick: the random cases of the small shapes only
 
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -84,19 +91,75 @@ struct weights {
     }
 };
 
-static std::vector<uint8_t> quantize(ggml_type type, int64_t k, int64_t rows) {
-    std::vector<float>   w = randn((size_t) k * rows, 0.05f);
+// Weight patterns. "random": random floats through ggml's quantizer. The others are raw blocks:
+// "codes": uniformly random bytes (every code, every scale), "max": bytes 0xFF (Q4_K/Q5_K/Q6_K
+// at their largest codes and scales, Q8_0 at -1), "min": bytes 0x00 (Q6_K at -32), "q8max":
+// alternating 0x7F / 0x80 runs (Q8_0 at +127 and -128, Q6_K scales at both ends). The fp16
+// super-block scales are then set to a small finite value, so no NaN or Inf enters.
+static const char * const WEIGHTS[] = { "random", "codes", "max", "min", "q8max" };
+
+// byte offsets of the fp16 fields of a block of `type`
+static std::vector<size_t> half_fields(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q8_0: return { 0 };
+        case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K: return { 0, 2 };
+        case GGML_TYPE_Q6_K: return { 208 };
+        default: return {};
+    }
+}
+
+static std::vector<uint8_t> quantize(ggml_type type, int64_t k, int64_t rows, const std::string & pattern = "random") {
     std::vector<uint8_t> q(ggml_row_size(type, k) * rows);
-    ggml_quantize_chunk(type, w.data(), q.data(), 0, rows, k, nullptr);
+    if (pattern == "random") {
+        std::vector<float> w = randn((size_t) k * rows, 0.05f);
+        ggml_quantize_chunk(type, w.data(), q.data(), 0, rows, k, nullptr);
+        return q;
+    }
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (size_t i = 0; i < q.size(); i++) {
+        q[i] = pattern == "codes" ? (uint8_t) byte(rng)
+             : pattern == "max"   ? 0xFF
+             : pattern == "min"   ? 0x00
+             : ((i / 7) % 2 ? 0x80 : 0x7F);
+    }
+    const size_t bsize = ggml_type_size(type);
+    const ggml_fp16_t d = ggml_fp32_to_fp16(pattern == "codes" ? 0.002f : 0.001f);
+    for (size_t b = 0; b < q.size(); b += bsize) {
+        for (size_t off : half_fields(type)) {
+            memcpy(q.data() + b + off, &d, sizeof d);
+        }
+    }
     return q;
 }
 
-// kernel level: SIMD against portable C on one repacked matrix
-static void check_kernels(ggml_type type, int64_t k, ggml_backend_buffer_type_t repack) {
+// Activation patterns: "randn"; "outliers": randn with every 97th channel 300x larger (the
+// row's scale comes from them, the rest quantize small); "pos"/"neg": every value +1 / -1
+// (every code +-127: the largest integer sums); "alt": +1, +1, -1 repeated (the largest codes
+// of both signs, without sums that cancel to zero).
+static const char * const ACTS[] = { "randn", "outliers", "pos", "neg", "alt" };
+
+static std::vector<float> activations(size_t n, const std::string & pattern) {
+    std::vector<float> x = randn(n, 1.0f);
+    for (size_t i = 0; i < n; i++) {
+        if (pattern == "outliers" && i % 97 == 13) {
+            x[i] *= 300.0f;
+        } else if (pattern == "pos" || pattern == "neg") {
+            x[i] = pattern == "pos" ? 1.0f : -1.0f;
+        } else if (pattern == "alt") {
+            x[i] = i % 3 == 2 ? -1.0f : 1.0f;
+        }
+    }
+    return x;
+}
+
+// kernel level: SIMD against portable C on one repacked [n x k] matrix, weights and activations
+// of the given patterns
+static void check_kernels(ggml_type type, int64_t k, int64_t n, const std::string & wpat, const std::string & xpat,
+                          ggml_backend_buffer_type_t repack) {
     const char * tn    = ggml_type_name(type);
     const bool   q8_0  = type == GGML_TYPE_Q8_0;
     const char * act   = q8_0 ? "q8_0" : "q8_K";
-    const int64_t n    = 64;
     const std::string layout = std::string(tn) + "_8x8_" + act;
     auto step_gemv = (kernel_t) sym("ggml_step_gemv_" + layout);
     auto step_gemm = (kernel_t) sym("ggml_step_gemm_" + layout);
@@ -110,11 +173,11 @@ static void check_kernels(ggml_type type, int64_t k, ggml_backend_buffer_type_t 
         failures++;
         return;
     }
-    weights w(type, k, n, 1, repack, quantize(type, k, n));
+    weights w(type, k, n, 1, repack, quantize(type, k, n, wpat));
 
     const int max_rows = 17;
     const int packs    = (max_rows + 3) / 4;
-    std::vector<float> x = randn((size_t) packs * 4 * k, 1.0f);
+    std::vector<float> x = activations((size_t) packs * 4 * k, xpat);
     const size_t row_size = ggml_row_size(q8_0 ? GGML_TYPE_Q8_0 : GGML_TYPE_Q8_K, k);
     std::vector<uint8_t> rows((size_t) max_rows * row_size), pack((size_t) packs * 4 * row_size);
     for (int r = 0; r < max_rows; r++) {
@@ -123,21 +186,23 @@ static void check_kernels(ggml_type type, int64_t k, ggml_backend_buffer_type_t 
     for (int p = 0; p < packs; p++) {
         q_pack(x.data() + (size_t) p * 4 * k, pack.data() + p * 4 * row_size, k);
     }
+    char what[160];
+    snprintf(what, sizeof what, "%s k=%lld n=%lld w=%s x=%s", tn, (long long) k, (long long) n, wpat.c_str(), xpat.c_str());
 
     std::vector<float> got((size_t) max_rows * n), ref((size_t) packs * 4 * n);
     double worst = 0;
-    for (int r = 0; r < max_rows; r++) {
+    for (int r = 0; r < max_rows; r += (n > 256 ? 4 : 1)) {
         c_gemv((int) k, ref.data(), n, w.t->data, rows.data() + r * row_size, 1, (int) n);
         step_gemv((int) k, got.data(), n, w.t->data, rows.data() + r * row_size, 1, (int) n);
         worst = std::max(worst, rel_diff(got.data(), ref.data(), n));
     }
-    printf("kernel %s gemv k=%lld rows=1 %.3g\n", tn, (long long) k, worst);
+    printf("kernel %s gemv rows=1 %.3g\n", what, worst);
 
     c_gemm((int) k, ref.data(), n, w.t->data, pack.data(), packs * 4, (int) n);
     for (int nr : { 1, 2, 3, 4, 5, 7, 8, 9, 17 }) {
         std::fill(got.begin(), got.end(), NAN);
         step_gemm((int) k, got.data(), n, w.t->data, pack.data(), nr, (int) n);
-        printf("kernel %s gemm k=%lld rows=%d %.3g\n", tn, (long long) k, nr, rel_diff(got.data(), ref.data(), (size_t) nr * n));
+        printf("kernel %s gemm rows=%d %.3g\n", what, nr, rel_diff(got.data(), ref.data(), (size_t) nr * n));
     }
 }
 
@@ -177,19 +242,20 @@ static std::vector<float> run_op(ggml_backend_t be, ggml_type type, int64_t k, i
     return y;
 }
 
-static void check_ops(ggml_backend_t be, ggml_type type, ggml_backend_buffer_type_t repack) {
-    const char *  tn = ggml_type_name(type);
+static void check_ops(ggml_backend_t be, ggml_type type, const std::string & wpat, const std::string & xpat,
+                      ggml_backend_buffer_type_t repack) {
+    const std::string tn = std::string(ggml_type_name(type)) + " w=" + wpat + " x=" + xpat;
     const int64_t k = 512, n = 256, n_expert = 16, used = 8;
     {
-        const std::vector<uint8_t> q = quantize(type, k, n);
+        const std::vector<uint8_t> q = quantize(type, k, n, wpat);
         for (int tokens : { 1, 2, 3, 4, 5, 8, 17, 64 }) {
-            const std::vector<float> x   = randn((size_t) k * tokens, 1.0f);
+            const std::vector<float> x   = activations((size_t) k * tokens, xpat);
             const std::vector<float> got = run_op(be, type, k, n, 1, tokens, false, q, repack, x, {});
             const std::vector<float> ref = run_op(be, type, k, n, 1, tokens, false, q, ggml_backend_cpu_buffer_type(), x, {});
-            printf("op %s mul_mat tokens=%d %.3g\n", tn, tokens, rel_diff(got.data(), ref.data(), got.size()));
+            printf("op %s mul_mat tokens=%d %.3g\n", tn.c_str(), tokens, rel_diff(got.data(), ref.data(), got.size()));
         }
     }
-    const std::vector<uint8_t> q = quantize(type, k, n * n_expert);
+    const std::vector<uint8_t> q = quantize(type, k, n * n_expert, wpat);
     for (bool broadcast : { true, false }) {  // gate/up (one row per token) and down (one per slot)
         for (int tokens : { 1, 2, 4, 5, 16, 33 }) {
             std::vector<int32_t> ids;
@@ -201,16 +267,17 @@ static void check_ops(ggml_backend_t be, ggml_type type, ggml_backend_buffer_typ
                 std::shuffle(e.begin(), e.end(), rng);
                 ids.insert(ids.end(), e.begin(), e.begin() + used);
             }
-            const std::vector<float> x   = randn((size_t) k * (broadcast ? 1 : used) * tokens, 1.0f);
+            const std::vector<float> x   = activations((size_t) k * (broadcast ? 1 : used) * tokens, xpat);
             const std::vector<float> got = run_op(be, type, k, n, n_expert, tokens, broadcast, q, repack, x, ids);
             const std::vector<float> ref = run_op(be, type, k, n, n_expert, tokens, broadcast, q, ggml_backend_cpu_buffer_type(), x, ids);
-            printf("op %s mul_mat_id%s tokens=%d %.3g\n", tn, broadcast ? "_bcast" : "", tokens,
+            printf("op %s mul_mat_id%s tokens=%d %.3g\n", tn.c_str(), broadcast ? "_bcast" : "", tokens,
                    rel_diff(got.data(), ref.data(), got.size()));
         }
     }
 }
 
-int main() {
+int main(int argc, char ** argv) {
+    const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
     ggml_backend_load_all();
     ggml_backend_buffer_type_t repack = repack_buft();
     if (!repack) {
@@ -223,9 +290,26 @@ int main() {
     set_threads(be, 2);
     for (ggml_type t : { GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K, GGML_TYPE_Q8_0 }) {
         for (int64_t k : { 256, 4096 }) {
-            check_kernels(t, k, repack);
+            check_kernels(t, k, 64, "random", "randn", repack);
         }
-        check_ops(be, t, repack);
+        check_ops(be, t, "random", "randn", repack);
+        if (quick) {
+            continue;
+        }
+        // every weight pattern against every activation pattern, one superblock row deep enough
+        // that a sum over all of k would show a wrapped intermediate
+        for (const char * wp : WEIGHTS) {
+            for (const char * xp : ACTS) {
+                check_kernels(t, 1024, 64, wp, xp, repack);
+            }
+        }
+        // the real expert shapes: gate/up (4096 in, 1280 out) and down (1280 in, 4096 out)
+        for (const char * xp : { "outliers", "pos" }) {
+            check_kernels(t, 4096, 1280, "codes", xp, repack);
+            check_kernels(t, 1280, 4096, "max", xp, repack);
+        }
+        check_ops(be, t, "codes", "outliers", repack);
+        check_ops(be, t, "max", "pos", repack);
     }
     ggml_backend_free(be);
     return failures ? 1 : 0;

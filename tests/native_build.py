@@ -1,0 +1,28 @@
+"""Our small C++ programs (tests/native/) built against a build of llama.cpp: the installed
+runtime, stock llama.cpp from the same sdist, or the series built for one instruction set."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from step_gguf.runtime import build as b
+
+NATIVE = Path(__file__).parent / "native"
+
+
+def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path) -> Path:
+    """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of `build`."""
+    tree, lib = build.src, build.bin_dir
+    exe = out_dir / f"{name}-{build.root.name}"
+    if not exe.exists():
+        subprocess.run(["g++", "-O2", "-std=c++17", str(NATIVE / f"{name}.cpp"), "-o", str(exe),
+                        f"-I{tree / 'include'}", f"-I{tree / 'ggml' / 'include'}", f"-L{lib}",
+                        "-lllama", "-lggml", "-lggml-base", "-lggml-cpu", "-ldl", f"-Wl,-rpath,{lib}"],
+                       check=True, capture_output=True)
+    return exe
+
+
+def stock_build() -> b.RuntimeBuild:
+    """Stock llama.cpp from the same sdist, built once into the cache (minutes the first time)."""
+    return b.build(b.BuildSpec(series=0))
