@@ -9,7 +9,8 @@
 // their range), activations with outlier channels (as real models have: one channel sets the
 // row's scale) and rows quantized to the largest codes with one sign, so integer sums reach the
 // limits of every intermediate width; shapes include the real experts (4096 x 1280, 1280 x 4096).
-// Prints one line per case: "<level> <type> <what> <max |difference| / max |reference|>".
+// Prints one line per case: "<level> <type> <what> <max |difference| / max |reference|>", and
+// "layout <type> stock 0" for a type this build does not repack (stock's paths run it).
 // The kernels are looked up by name, so a missing one is reported, not a link error.
 //
 //   kernel_check [--quick]     --quick: the random cases of the small shapes only
@@ -174,6 +175,10 @@ static void check_kernels(ggml_type type, int64_t k, int64_t n, const std::strin
         return;
     }
     weights w(type, k, n, 1, repack, quantize(type, k, n, wpat));
+    if (w.t->extra == nullptr) {  // this build leaves the type unrepacked: stock's paths run it
+        printf("layout %s stock 0\n", tn);
+        return;
+    }
 
     const int max_rows = 17;
     const int packs    = (max_rows + 3) / 4;
