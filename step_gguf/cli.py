@@ -704,7 +704,10 @@ def _hold_until_stopped(server, announce: str) -> None:
     the address alone on stdout for scripts, `announce` (formatted with it) on stderr."""
     import signal
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a process started in the background inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler of its own
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         with server as address:
             click.echo(announce.format(address), err=True)

@@ -108,7 +108,7 @@ def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases, request):
     # every row count from a lone row to partial packs beyond two
     assert {int(w.split("rows=")[1]) for w, _ in kernels} >= {1, 2, 3, 4, 5, 8, 9, 17}
     # the adversarial inputs and the real expert shapes are among them
-    assert {w.split(" w=")[1].split()[0] for w, _ in kernels} == {"random", "codes", "max", "min", "q8max"}
+    assert {w.split(" w=")[1].split()[0] for w, _ in kernels} == {"random", "codes", "max", "min", "q8max", "low"}
     assert {w.split(" x=")[1].split()[0] for w, _ in kernels} == {"randn", "outliers", "pos", "neg", "alt"}
     assert any("k=4096 n=1280" in w for w, _ in kernels) and any("k=1280 n=4096" in w for w, _ in kernels)
     bad = [(w, v) for w, v in kernels if not v <= _bound(w)]
@@ -118,7 +118,7 @@ def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases, request):
 def test_repacked_ops_match_ggmls_unpatched_ops(kernel_cases):
     ops = [(what, v) for level, what, v in kernel_cases if level == "op"]
     assert {w.split()[3] for w, _ in ops} == {"mul_mat", "mul_mat_id", "mul_mat_id_bcast"}
-    repacked = 4 - sum(level == "layout" for level, _, _ in kernel_cases) // (2 + 5 * 5 + 4)
+    repacked = 4 - sum(level == "layout" for level, _, _ in kernel_cases) // (2 + 6 * 5 + 4)
     assert len(ops) == repacked * 3 * (8 + 2 * 6)  # repacked types x (random, two adversarial) x cases
     bad = [(w, v) for w, v in ops if not v <= _bound(w)]
     assert not bad, bad

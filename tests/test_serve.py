@@ -52,9 +52,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(scripted):
     port = _free_port()
+    # started as a shell starts a background job, with SIGINT ignored: Ctrl-C (a SIGINT from
+    # anyone) must stop it all the same
     proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(scripted),
                              "--port", str(port), "-c", "2048"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     url = proc.stdout.readline().strip()   # printed once the server is healthy
     assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not url else url
     yield proc, url.removesuffix("/v1"), port

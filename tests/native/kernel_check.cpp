@@ -99,9 +99,23 @@ struct weights {
 // Weight patterns. "random": random floats through ggml's quantizer. The others are raw blocks:
 // "codes": uniformly random bytes (every code, every scale), "max": bytes 0xFF (Q4_K/Q5_K/Q6_K
 // at their largest codes and scales, Q8_0 at -1), "min": bytes 0x00 (Q6_K at -32), "q8max":
-// alternating 0x7F / 0x80 runs (Q8_0 at +127 and -128, Q6_K scales at both ends). The fp16
-// super-block scales are then set to a small finite value, so no NaN or Inf enters.
-static const char * const WEIGHTS[] = { "random", "codes", "max", "min", "q8max" };
+// alternating 0x7F / 0x80 runs (Q8_0 at +127 and -128, Q6_K scales at both ends), "low": every
+// value at its lowest code under the largest scales ("min" zeroes the scales too, so its products
+// vanish): Q6_K at -32 with scales of +127, Q8_0 at -128, Q4_K/Q5_K at 0 with the largest mins.
+// The fp16 super-block scales are then set to a small finite value, so no NaN or Inf enters.
+static const char * const WEIGHTS[] = { "random", "codes", "max", "min", "q8max", "low" };
+
+// byte range [first, last) of the sub-block scales of a block of `type`, and the byte "low" puts
+// there (Q8_0: its values, at -128)
+static void low_fields(ggml_type type, size_t & first, size_t & last, uint8_t & value) {
+    switch (type) {
+        case GGML_TYPE_Q8_0: first = 2;   last = 34;  value = 0x80; break;
+        case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K: first = 4;   last = 16;  value = 0xFF; break;
+        case GGML_TYPE_Q6_K: first = 192; last = 208; value = 0x7F; break;
+        default:             first = last = 0;        value = 0;    break;
+    }
+}
 
 // byte offsets of the fp16 fields of a block of `type`
 static std::vector<size_t> half_fields(ggml_type type) {
@@ -125,12 +139,18 @@ static std::vector<uint8_t> quantize(ggml_type type, int64_t k, int64_t rows, co
     for (size_t i = 0; i < q.size(); i++) {
         q[i] = pattern == "codes" ? (uint8_t) byte(rng)
              : pattern == "max"   ? 0xFF
-             : pattern == "min"   ? 0x00
+             : pattern == "min" || pattern == "low" ? 0x00
              : ((i / 7) % 2 ? 0x80 : 0x7F);
     }
     const size_t bsize = ggml_type_size(type);
     const ggml_fp16_t d = ggml_fp32_to_fp16(pattern == "codes" ? 0.002f : 0.001f);
+    size_t first, last;
+    uint8_t low;
+    low_fields(type, first, last, low);
     for (size_t b = 0; b < q.size(); b += bsize) {
+        if (pattern == "low") {
+            memset(q.data() + b + first, low, last - first);
+        }
         for (size_t off : half_fields(type)) {
             memcpy(q.data() + b + off, &d, sizeof d);
         }
