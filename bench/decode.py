@@ -31,16 +31,17 @@ from typing import NamedTuple
 from _common import checkpoint, machine_parser, work_dir
 
 from step_gguf import plan as planner
+from step_gguf.facts import read_facts
 from step_gguf.probe import ram_bytes, read_bandwidth
 from step_gguf.quantize import quantize
 from step_gguf.recipe import load_recipe
-from step_gguf.runtime import llama
+from step_gguf.runtime import installed, llama, server
 from step_gguf.synth import synth
 
 
 def llama_bench(gguf: Path, threads: int, tokens: int) -> tuple[float, float]:
     """(decode, prompt-512) tok/s from llama-bench."""
-    tool = llama.check().tool("llama-bench")
+    tool = installed.check().tool("llama-bench")
     out = subprocess.run([str(tool), "-m", str(gguf), "-t", str(threads), "-p", "512", "-n",
                           str(tokens), "-r", "3", "-o", "json"], capture_output=True, text=True,
                          check=True)
@@ -59,10 +60,10 @@ def wrapper_decode(gguf: Path, plan: planner.Plan, threads: int, tokens: int) ->
     return tokens / best
 
 
-def server_decode(gguf: Path, tokens: int, **serve_kw) -> llama.Reply:
-    with llama.serve(gguf, **serve_kw) as url:
-        llama.chat(url, [{"role": "user", "content": "warm up"}], max_tokens=4)
-        return llama.chat(url, [{"role": "user", "content": "Tell me a story."}],
+def server_decode(gguf: Path, tokens: int, **serve_kw) -> server.Reply:
+    with server.serve(gguf, **serve_kw) as url:
+        server.chat(url, [{"role": "user", "content": "warm up"}], max_tokens=4)
+        return server.chat(url, [{"role": "user", "content": "Tell me a story."}],
                           max_tokens=tokens)
 
 
@@ -92,7 +93,7 @@ def mtp_rounds(gguf: Path, tokens: int, contenders: list[tuple[str, dict, dict]]
                rounds: int) -> list[MtpResult]:
     """Each contender (label, serve kwargs with MTP off, with MTP on) decodes off then on, all of
     them in turn for `rounds` rounds: the machine's speed drifts, a round's pair shares it."""
-    runs: dict[str, list[tuple[llama.Reply, llama.Reply]]] = {label: [] for label, _, _ in contenders}
+    runs: dict[str, list[tuple[server.Reply, server.Reply]]] = {label: [] for label, _, _ in contenders}
     for _ in range(rounds):
         for label, off_kw, on_kw in contenders:
             runs[label].append((server_decode(gguf, tokens, **off_kw), server_decode(gguf, tokens, **on_kw)))
@@ -110,7 +111,7 @@ def this_machine(bandwidth: float) -> planner.Profile:
 
 def mtp_plans(gguf: Path, machine: planner.Profile) -> tuple[planner.Plan, planner.Plan]:
     """The plans `step-gguf serve` would make for `gguf` at 4096 tokens: MTP off, MTP on."""
-    facts = planner.facts(gguf)
+    facts = read_facts(gguf)
     return planner.plan(facts, machine, 4096, mtp=False), planner.plan(facts, machine, 4096)
 
 
@@ -118,7 +119,7 @@ def mtp_speedups(gguf: Path, machine: planner.Profile, tokens: int, rounds: int 
     """MTP on over off for our runtime (the plan) and plain llama-server with its own flags."""
     off, on = mtp_plans(gguf, machine)
     plain = ["-c", "4096", "--jinja"]
-    draft = ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(planner.facts(gguf).n_nextn)]
+    draft = ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(read_facts(gguf).n_nextn)]
     return mtp_rounds(gguf, tokens, [
         ("step-gguf run/serve (the plan)", {"plan": off}, {"plan": on}),
         ("plain llama-server", {"extra_args": plain}, {"extra_args": plain + draft})], rounds)

@@ -44,7 +44,7 @@ from step_gguf.probe import read_bandwidth
 from step_gguf.quantize import quantize
 from step_gguf.recipe import load_recipe
 from step_gguf.runtime import build as b
-from step_gguf.runtime import llama
+from step_gguf.runtime import installed
 
 BATCHES = (1, 2, 4, 8)
 PROMPT = 512
@@ -67,7 +67,7 @@ def models(work: Path, preset: str, recipes: list[Path]) -> dict[str, Path]:
         bf16 = work / f"{preset}-bf16.gguf"
         print(f"converting and quantizing {src} to {out['Q4_K_M']} ...", flush=True)
         convert(src, bf16, outtype="bf16")
-        subprocess.run([str(llama.check().tool("llama-quantize")), str(bf16), str(out["Q4_K_M"]), "Q4_K_M"],
+        subprocess.run([str(installed.check().tool("llama-quantize")), str(bf16), str(out["Q4_K_M"]), "Q4_K_M"],
                        check=True, capture_output=True)
         bf16.unlink()
     return out
@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, action="append", default=[], help="also time `preset` "
                     "quantized with this recipe file, e.g. a variant of `step-gguf recipes "
                     "int4-mixed --toml` (repeatable)")
+    ap.add_argument("--only", choices=["int4-mixed", "Q4_K_M"], action="append", default=[],
+                    help="time only this model (repeatable) [both, and each --recipe]")
     ap.add_argument("--isa", choices=list(b.ISA_VARIANTS), default=None, help="build stock and ours "
                     "for this instruction set only (default: this CPU's own, the installed runtime)")
     a = ap.parse_args()
@@ -198,10 +200,12 @@ def main() -> None:
     if a.shares:  # the series up to 0006 (stock kernels, profile only), 0007 and 0008 (0009/0010: MTP only)
         for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 2):
             builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-bench")
-    builds["ours"] = (b.build(b.isa_spec(a.isa)).bin_dir if a.isa else llama.check().bin_dir) / "llama-bench"
+    builds["ours"] = (b.build(b.isa_spec(a.isa)).bin_dir if a.isa else installed.check().bin_dir) / "llama-bench"
     ggufs = models(work, a.preset, a.recipe)
 
     for name, gguf in ggufs.items():
+        if a.only and name not in a.only:
+            continue
         print(f"\ntiming {gguf.name} ...", flush=True)
         t, bw = timings(builds, gguf, a.threads, a.rounds)
         profs = {n: (profile(builds["ours"], gguf, a.threads, n, work, {"GGML_CPU_STEP_KERNELS": "0"}),

@@ -34,7 +34,7 @@ from pathlib import Path
 # run as a script, bench/ is on sys.path
 from _common import Timing, best, checkpoint, description, llama_cpp_convert_cmd, measure, read_through, remove
 
-from step_gguf.runtime import llama, tools
+from step_gguf.runtime import installed, tools
 
 SCHEME = "int4-mixed"
 FTYPE = "Q4_K_M"
@@ -74,7 +74,7 @@ def contenders(work: Path, src: Path, threads: int | None, with_llama_cpp: bool)
     step_gguf = [sys.executable, "-m", "step_gguf.cli"]
 
     def stock_quantize(bf16: Path, out: Path) -> Step:
-        cmd = [str(llama.check().tool("llama-quantize")), str(bf16), str(out), FTYPE,
+        cmd = [str(installed.check().tool("llama-quantize")), str(bf16), str(out), FTYPE,
                *([str(threads)] if threads else [])]
         return Step(f"llama-quantize {FTYPE}", cmd, bf16, out)
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 from gguf import GGMLQuantizationType as Q
 
-from .convert import FLOAT_TYPES, TensorPlan
+from .tensor_plan import FLOAT_TYPES, TensorPlan
 from .errors import StepGGUFError
 from .imatrix import Imatrix
 from .recipe import NEEDS_IMATRIX, PINNED_1D, PINNED_ROUTER, Recipe, Rule, fallback, tensor_bytes

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .convert import FLOAT_TYPES, TensorPlan
+from .tensor_plan import FLOAT_TYPES, TensorPlan
 from .imatrix import Imatrix
 from .sensitivity import measure_tensor, usage
 

@@ -182,20 +182,21 @@ class GGUFSource:
 
     @property
     def arch(self) -> str | None:
-        f = self.fields.get("general.architecture")
+        f = self.fields.get(gguf.Keys.General.ARCHITECTURE)
         return f.contents() if f is not None else None
 
     def get_field(self, key: str):
         return self.fields.get(key)
 
     def kv(self, key: str, default: Any = _MISSING) -> Any:
-        """The value of the architecture's key `key` (`step35.` + key): the default for a
-        missing key, or a one-line SourceError without one."""
-        f = self.fields.get(f"{self.arch}.{key}")
+        """The value of an architecture key, named as gguf.Keys names it ("{arch}.block_count"):
+        the default for a missing key, or a one-line SourceError without one."""
+        name = key.format(arch=self.arch)
+        f = self.fields.get(name)
         if f is not None:
             return f.contents()
         if default is _MISSING:
-            raise SourceError(f"{self.path} lacks the key {self.arch}.{key}")
+            raise SourceError(f"{self.path} lacks the key {name}")
         return default
 
 
@@ -256,7 +257,7 @@ def _open_set(path: Path, reader: gguf.GGUFReader, count: int) -> GGUFSource:
             raise SourceError(f"{p.name} belongs to a model of {r_total} tensors, {paths[0].name} to one "
                               f"of {total}: the shards come from two different models; download "
                               "all shards of one model")
-    if first.get_field("general.architecture") is None:
+    if first.get_field(gguf.Keys.General.ARCHITECTURE) is None:
         raise SourceError(f"{paths[0].name} holds no metadata: it is not the first shard of a model "
                           "(files of another set, or renamed); download the set again")
     source = _assemble(paths[0], paths, readers)

@@ -165,40 +165,8 @@ class Step35Config:
         n_layer = _bounded("num_hidden_layers", c["num_hidden_layers"], 1, 4096)
         n_nextn = _bounded("num_nextn_predict_layers", c.get("num_nextn_predict_layers", 0), 0, 64)
         n_all = n_layer + n_nextn
-
-        def per_layer(value, default):
-            values = list(value) if isinstance(value, list) else [value] * n_all
-            return values[:n_all] + [default] * (n_all - len(values))
-
-        # MTP entries default to full attention, as llama.cpp's own converter assumes
-        layer_types = per_layer(c.get("layer_types") or ["full_attention"] * n_layer, "full_attention")
-        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise CheckpointError(f"unsupported layer_types {sorted(unknown)}")
-        is_swa = tuple(t == "sliding_attention" for t in layer_types)
-
-        factors = per_layer(c.get("partial_rotary_factors") or [0.5 if not s else 1.0 for s in is_swa], 0.5)
-        for i, (f, swa) in enumerate(zip(factors, is_swa)):
-            if float(f) != (1.0 if swa else 0.5):
-                raise CheckpointError(
-                    f"layer {i}: partial_rotary_factor {f} is not representable in llama.cpp's step35 "
-                    "(it rotates half the dims on full layers, all on sliding layers)"
-                )
-
-        thetas = per_layer(c.get("rope_theta", 10000.0), None)
-        full_t = {float(t) for t, s in zip(thetas[:n_layer], is_swa) if not s}
-        swa_t = {float(t) for t, s in zip(thetas[:n_layer], is_swa) if s}
-        if len(full_t) > 1 or len(swa_t) > 1:
-            raise CheckpointError("rope_theta differs between layers of one attention type; "
-                                  "llama.cpp's step35 has one base for full and one for sliding layers")
-        theta_full = full_t.pop() if full_t else 10000.0
-        theta_swa = swa_t.pop() if swa_t else theta_full
-
-        scaling = c.get("rope_scaling")
-        if scaling:
-            kind = scaling.get("rope_type") or scaling.get("type")
-            if kind != "llama3":
-                raise CheckpointError(f"rope_scaling type {kind!r} is not supported (only llama3)")
+        is_swa = _sliding_layers(c, n_layer, n_all)
+        theta_full, theta_swa, scaling = _rope(c, is_swa, n_layer, n_all)
 
         other = c.get("attention_other_setting") or {}
         n_head = int(c["num_attention_heads"])
@@ -206,16 +174,9 @@ class Step35Config:
         n_head_swa = int(other.get("num_attention_heads", n_head))
         n_kv_swa = int(other.get("num_attention_groups", n_kv))
 
-        moe_enum = c.get("moe_layers_enum")
-        if isinstance(moe_enum, str):
-            moe_layers = frozenset(int(x) for x in moe_enum.split(",") if x.strip())
-        elif isinstance(moe_enum, list):
-            moe_layers = frozenset(int(x) for x in moe_enum)
-        else:
-            moe_layers = frozenset(range(3, n_layer))
-
         def limits(key):
-            return tuple(0.0 if v is None else float(v) for v in per_layer(c.get(key) or [0.0] * n_layer, 0.0))
+            return tuple(0.0 if v is None else float(v)
+                         for v in _per_layer(c.get(key) or [0.0] * n_layer, 0.0, n_all))
 
         block = tuple(int(x) for x in (quant or {}).get("weight_block_size", (128, 128)))
 
@@ -231,10 +192,10 @@ class Step35Config:
             sliding_window=int(c.get("sliding_window") or 0),
             rope_theta=theta_full,
             rope_theta_swa=theta_swa,
-            rope_scaling=dict(scaling) if scaling else None,
+            rope_scaling=scaling,
             context_length=int(c.get("max_position_embeddings", 4096)),
             intermediate_size=int(c["intermediate_size"]),
-            moe_layers=moe_layers,
+            moe_layers=_moe_layers(c, n_layer),
             n_expert=int(c.get("moe_num_experts", c.get("n_routed_experts", 0))),
             n_expert_used=int(c.get("moe_top_k", c.get("num_experts_per_tok", 0))),
             expert_ff=int(c.get("moe_intermediate_size", 0)),
@@ -348,3 +309,55 @@ class Step35Config:
                 smooth = (orig / wavelen - low) / (high - low)
                 factors.append(1.0 / ((1 - smooth) / factor + smooth))
         return factors + [1.0] * (self.head_dim // 2 - len(factors))
+
+
+def _per_layer(value, default, n_all: int) -> list:
+    """A per-layer config value (a list, or one value for every layer) over all `n_all` layers,
+    padded with `default`."""
+    values = list(value) if isinstance(value, list) else [value] * n_all
+    return values[:n_all] + [default] * (n_all - len(values))
+
+
+def _sliding_layers(c: dict, n_layer: int, n_all: int) -> tuple[bool, ...]:
+    """Which layers use sliding-window attention; each must rotate the share of its dims that
+    llama.cpp's step35 rotates (half on full layers, all on sliding ones)."""
+    # MTP entries default to full attention, as llama.cpp's own converter assumes
+    layer_types = _per_layer(c.get("layer_types") or ["full_attention"] * n_layer, "full_attention", n_all)
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise CheckpointError(f"unsupported layer_types {sorted(unknown)}")
+    is_swa = tuple(t == "sliding_attention" for t in layer_types)
+    factors = _per_layer(c.get("partial_rotary_factors") or [0.5 if not s else 1.0 for s in is_swa], 0.5, n_all)
+    for i, (f, swa) in enumerate(zip(factors, is_swa)):
+        if float(f) != (1.0 if swa else 0.5):
+            raise CheckpointError(
+                f"layer {i}: partial_rotary_factor {f} is not representable in llama.cpp's step35 "
+                "(it rotates half the dims on full layers, all on sliding layers)"
+            )
+    return is_swa
+
+
+def _rope(c: dict, is_swa: tuple[bool, ...], n_layer: int, n_all: int) -> tuple[float, float, dict | None]:
+    """(RoPE base of the full layers, of the sliding layers, llama3 scaling or None)."""
+    thetas = _per_layer(c.get("rope_theta", 10000.0), None, n_all)
+    full_t = {float(t) for t, s in zip(thetas[:n_layer], is_swa) if not s}
+    swa_t = {float(t) for t, s in zip(thetas[:n_layer], is_swa) if s}
+    if len(full_t) > 1 or len(swa_t) > 1:
+        raise CheckpointError("rope_theta differs between layers of one attention type; "
+                              "llama.cpp's step35 has one base for full and one for sliding layers")
+    theta_full = full_t.pop() if full_t else 10000.0
+    scaling = c.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind != "llama3":
+            raise CheckpointError(f"rope_scaling type {kind!r} is not supported (only llama3)")
+    return theta_full, swa_t.pop() if swa_t else theta_full, dict(scaling) if scaling else None
+
+
+def _moe_layers(c: dict, n_layer: int) -> frozenset[int]:
+    moe_enum = c.get("moe_layers_enum")
+    if isinstance(moe_enum, str):
+        return frozenset(int(x) for x in moe_enum.split(",") if x.strip())
+    if isinstance(moe_enum, list):
+        return frozenset(int(x) for x in moe_enum)
+    return frozenset(range(3, n_layer))

@@ -17,17 +17,18 @@ from typing import Callable
 import gguf
 from gguf import GGMLQuantizationType as Q
 
-from .convert import (FLOAT_TYPES, OpenedCheckpoint, OutputJob, SplitLimits, TensorPlan, checkpoint_jobs,
-                      open_checkpoint, plan_shapes, write_metadata, write_outputs,
-                      write_shape_only)
+from .convert import OpenedCheckpoint, checkpoint_jobs, open_checkpoint, write_metadata
+from .output import OutputJob, SplitLimits, write_outputs, write_shape_only
+from .tensor_plan import FLOAT_TYPES, TensorPlan, plan_shapes
 from .errors import SourceError, StepGGUFError, describe, malformed
-from .gguf_source import GGUFSource, open_gguf
+from .gguf_source import open_gguf
 from .model import Step35Config
 from .model_card import CardOverrides, load_card
 from .budget import plan_for_budget
 from .equalize import Equalized, equalize
 from .imatrix import Imatrix, load_imatrix
 from .recipe import NEEDS_IMATRIX, Recipe, tensor_bytes
+from .runtime.build import cache_dir
 from .vocab import NORMAL, Vocab
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,16 @@ class Source:
     plans: list[TensorPlan]
     write_kv: Callable[[gguf.GGUFWriter], None]
     top_k: int                    # experts each token uses
-    fp8_block: tuple[int, int] = (128, 128)
     opened: OpenedCheckpoint | None = None   # checkpoint sources: config, vocab
     cfg: Step35Config | None = None          # checkpoint and config sources
 
     @property
     def readable(self) -> bool:
         return self.kind != "config"
+
+    def opened_with_plans(self) -> OpenedCheckpoint:
+        """A checkpoint source's opened checkpoint, with the plans as they are now."""
+        return replace(self.opened, plans=self.plans)
 
 
 def _placeholder_vocab(n: int) -> Vocab:
@@ -71,7 +75,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
         return Source("checkpoint", src, opened.cfg.n_layer, opened.plans,
                       lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", opened.card),
-                      opened.cfg.n_expert_used, opened.cfg.fp8_block, opened, opened.cfg)
+                      opened.cfg.n_expert_used, opened, opened.cfg)
     if not src.is_file():
         raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
     if src.suffix == ".json":
@@ -81,7 +85,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         card = load_card(src.parent, cfg)
         return Source("config", src, cfg.n_layer, plans,
                       lambda w: write_metadata(w, cfg, vocab, mtp != "drop", card),
-                      cfg.n_expert_used, cfg.fp8_block, cfg=cfg)
+                      cfg.n_expert_used, cfg=cfg)
     return _open_gguf(src, recipe)
 
 
@@ -98,9 +102,9 @@ def _config(path: Path) -> Step35Config:
 
 # keys a re-encoded GGUF must not inherit: the writer sets them anew (split.*: a split source's
 # shard keys; a split output gets its own)
-_DERIVED_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version",
-                 "general.alignment", "quantize.", "step_gguf.", "split.",
-                 gguf.Keys.General.QUANTIZED_BY)
+_DERIVED_KEYS = ("GGUF.", gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
+                 gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ALIGNMENT, "quantize.",
+                 "step_gguf.", "split.", gguf.Keys.General.QUANTIZED_BY)
 
 
 def _open_gguf(path: Path, recipe: Recipe) -> Source:
@@ -108,17 +112,10 @@ def _open_gguf(path: Path, recipe: Recipe) -> Source:
         return _read_gguf(path, recipe)
 
 
-def read_step35_gguf(path: Path) -> tuple[GGUFSource, Callable]:
-    """A Step 3.5 GGUF (one file or any shard of a split set; see gguf_source), checked, and a
-    getter of its `step35.` keys: kv(key, default) gives the default for a missing key, kv(key)
-    refuses it. The source reads like gguf's reader: `.tensors`, `.fields`, `.get_field`."""
-    source = open_gguf(path)
-    return source, source.kv
-
-
 def _read_gguf(path: Path, recipe: Recipe) -> Source:
-    reader, kv = read_step35_gguf(path)
-    n_layer = int(kv("block_count", 0)) - int(kv("nextn_predict_layers", 0))
+    reader = open_gguf(path)  # one file or any shard of a split set, checked
+    kv = reader.kv
+    n_layer = int(kv(gguf.Keys.LLM.BLOCK_COUNT, 0)) - int(kv(gguf.Keys.LLM.NEXTN_PREDICT_LAYERS, 0))
     plans = []
     for t in reader.tensors:  # in shard order, each pointing into its shard
         shape = t.torch_shape
@@ -133,7 +130,7 @@ def _read_gguf(path: Path, recipe: Recipe) -> Source:
     def write_kv(w: gguf.GGUFWriter) -> None:
         for name, value, vtype, sub in fields:
             w.add_key_value(name, value, vtype, sub_type=sub)
-    top_k = kv("expert_used_count", 1)  # a scalar, or llama.cpp's per-layer array form
+    top_k = kv(gguf.Keys.LLM.EXPERT_USED_COUNT, 1)  # a scalar, or llama.cpp's per-layer array form
     return Source("gguf", path, n_layer, plans, write_kv,
                   max(int(k) for k in top_k) if isinstance(top_k, list) and top_k else int(top_k or 1))
 
@@ -218,6 +215,11 @@ def price_stock(src: str | os.PathLike, ftype: str, *, mtp: str = "keep",
     return StockPricing(ftype, total, types)
 
 
+# llama-quantize's record of the importance data it used (llama.cpp's LLM_KV_QUANTIZE_IMATRIX_*;
+# gguf-py has no names for them)
+_IMATRIX_FILE, _IMATRIX_DATASET = "quantize.imatrix.file", "quantize.imatrix.dataset"
+_IMATRIX_ENTRIES, _IMATRIX_CHUNKS = "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"
+
 # ---------------------------------------------------------------- quantizing
 
 def _requantize_check(source: Source, allow: bool) -> None:
@@ -265,11 +267,11 @@ def attach_imatrix(plans: list[TensorPlan], imat: Imatrix | None, recipe: Recipe
 def imatrix_kv(imat: Imatrix) -> Callable[[gguf.GGUFWriter], None]:
     """The keys llama-quantize records about the importance data it used."""
     def write(w: gguf.GGUFWriter) -> None:
-        w.add_string("quantize.imatrix.file", imat.path.name)
+        w.add_string(_IMATRIX_FILE, imat.path.name)
         if imat.datasets:
-            w.add_string("quantize.imatrix.dataset", imat.datasets[0])
-        w.add_int32("quantize.imatrix.entries_count", len(imat))
-        w.add_int32("quantize.imatrix.chunks_count", imat.chunk_count)
+            w.add_string(_IMATRIX_DATASET, imat.datasets[0])
+        w.add_int32(_IMATRIX_ENTRIES, len(imat))
+        w.add_int32(_IMATRIX_CHUNKS, imat.chunk_count)
     return write
 
 
@@ -300,6 +302,25 @@ class QuantizeResult:
     source_bytes: int
     recipe: Recipe
     equalized: tuple[Equalized, ...] = ()
+
+
+def _jobs(source: Source, out: Path, mtp: str, draft_out: Path | None, card: CardOverrides | None,
+          extra: list[Callable[[gguf.GGUFWriter], None]]) -> list[OutputJob]:
+    """The files quantizing `source` writes: its metadata (a GGUF's own keys, with the card's
+    overrides) and the `extra` keys after it."""
+    def kv(w: gguf.GGUFWriter) -> None:
+        for write in extra:
+            write(w)
+
+    if source.opened is not None:
+        return checkpoint_jobs(source.opened_with_plans(), out, mtp=mtp, extra_kv=kv, draft_out=draft_out)
+
+    def write_kv(w: gguf.GGUFWriter) -> None:
+        source.write_kv(w)
+        if card is not None:
+            card.write(w)
+        kv(w)
+    return [OutputJob(out, source.plans, write_kv)]
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
@@ -334,35 +355,16 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
         on_stage("equalizing")
         plans, report = equalize(plans, imat, source.top_k)
     if target is not None:
-        from .runtime.build import cache_dir  # noqa: PLC0415
-
         budget = target.resolve(sum(p.n_params for p in plans))
         recipe = plan_for_budget(plans, imat, source.top_k, budget, recipe.name,
                                  cache_dir() / "sensitivity",
                                  on_tensor=lambda name: on_stage(f"measuring {name}"))
         plans = attach_imatrix(retype(plans, recipe, source.n_layer), imat, recipe)
     source.plans = plans
-    out = Path(out)
-
-    def kv(w: gguf.GGUFWriter) -> None:
-        recipe_kv(recipe)(w)
-        if imat is not None:
-            imatrix_kv(imat)(w)
-
-    if source.opened is not None:
-        opened = replace(source.opened, plans=plans)
-        jobs = checkpoint_jobs(opened, out, mtp=mtp, extra_kv=kv,
-                               draft_out=Path(draft_out) if draft_out is not None else None)
-    else:
-        def write_kv(w: gguf.GGUFWriter) -> None:
-            source.write_kv(w)
-            if card is not None:
-                card.write(w)
-            kv(w)
-        jobs = [OutputJob(out, plans, write_kv)]
+    jobs = _jobs(source, Path(out), mtp, Path(draft_out) if draft_out is not None else None, card,
+                 [recipe_kv(recipe)] + ([imatrix_kv(imat)] if imat is not None else []))
     jobs[0] = replace(jobs[0], split=split)
     on_stage("writing")
-    written = write_outputs(jobs, on_start, on_bytes, fp8_block=source.fp8_block, threads=threads,
-                            resume=resume)
+    written = write_outputs(jobs, on_start, on_bytes, threads=threads, resume=resume)
     return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe,
                           tuple(report))

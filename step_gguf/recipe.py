@@ -23,6 +23,7 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 
 from .errors import StepGGUFError
+from .model_facts import layer_of_gguf
 
 RECIPES = "step_gguf.recipes"  # the top-level quant/ folder, as packaged
 
@@ -147,14 +148,6 @@ class Choice:
     @property
     def fell_back(self) -> bool:
         return self.qtype != self.rule.qtype
-
-
-_BLK = re.compile(r"^blk\.(\d+)\.")
-
-
-def layer_of_gguf(name: str) -> int | None:
-    m = _BLK.match(name)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from .convert import TensorPlan, transformed_rows
+from .tensor_data import transformed_rows
+from .tensor_plan import TensorPlan
 from .imatrix import Imatrix
 
 MAX_MATRICES = 8    # experts sampled per stacked tensor
@@ -72,15 +73,14 @@ class Measured:
     relative_error: dict[str, float]
 
 
-def measure_tensor(plan: TensorPlan, qtypes: list[Q], use: Usage,
-                   fp8_block: tuple[int, int] = (128, 128)) -> Measured:
+def measure_tensor(plan: TensorPlan, qtypes: list[Q], use: Usage) -> Measured:
     """Quantize a sample of the plan's rows (with its own transforms and importance data) to
     each type with ggml, and compare."""
     from .runtime import ggml  # noqa: PLC0415
 
     mats: dict[int, list] = {}
     for m, r0, n in sample(plan, use):
-        x = transformed_rows(plan, m, r0, n, fp8_block)
+        x = transformed_rows(plan, m, r0, n)
         imat = plan.imatrix[m] if plan.imatrix is not None else None
         errs = []
         for t in qtypes:

@@ -53,5 +53,13 @@ def gguf_file(workdir, checkpoint):
 @pytest.fixture(scope="session")
 def runtime():
     """The patched runtime; a missing one fails the test (CI must build it, not skip)."""
-    from step_gguf.runtime import llama
-    return llama.check()
+    from step_gguf.runtime import installed
+    return installed.check()
+
+
+def pytest_collection_modifyitems(items):
+    """A test that takes the runtime fixture, directly or through another fixture, needs the
+    runtime: it carries the marker, so `-m "not runtime"` runs where none is built."""
+    for item in items:
+        if "runtime" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.runtime)

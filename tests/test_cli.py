@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from step_gguf.cli import main
 
 
-@pytest.mark.parametrize("command", [[], ["convert"], ["synth"], ["quantize"], ["runtime", "build"],
-                                     ["plan"], ["run"], ["chat"], ["serve"], ["demo"]])
-def test_every_command_explains_itself(command):
-    result = CliRunner().invoke(main, [*command, "--help"])
+def _commands(group: click.Group, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize("path, command", [((), main), *_commands(main)], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_every_command_explains_itself(path, command):
+    """Every command's --help says what it does and what each of its options means."""
+    result = CliRunner().invoke(main, [*path, "--help"])
     assert result.exit_code == 0
-    assert "Usage:" in result.output and len(result.output.splitlines()) > 5
+    assert (command.help or "").strip(), f"{' '.join(path)} has no description"
+    text = "".join(result.output.split())  # however click wraps it (at spaces and hyphens)
+    assert "".join(command.help.split("\n\n")[0].split()) in text
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name != "help":
+            assert (param.help or "").strip(), f"{' '.join(path)} {param.opts[0]} has no help"
+            assert param.opts[0] in result.output
 
 
 def test_demo_runs_the_whole_flow(runtime):
@@ -39,7 +53,7 @@ def test_run_on_a_missing_file_says_so(runtime, tmp_path):
 def test_a_long_build_shows_its_stages_and_compile_steps(capsys):
     """Off a terminal (CI, a log) a 15-minute build prints its stages and a line at every tenth
     of the compile steps, not one "compiling" line."""
-    from step_gguf.cli import _StepProgress
+    from step_gguf.cli.progress import _StepProgress
 
     progress = _StepProgress()
     progress.stage("configuring")

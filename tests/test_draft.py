@@ -16,8 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from step_gguf import plan as P
+from step_gguf.facts import _with_draft, read_facts
 from step_gguf.cli import main
-from step_gguf.convert import SplitLimits, convert
+from step_gguf.convert import convert
+from step_gguf.output import SplitLimits
 from step_gguf.draft import beside, draft_path, resolve
 from step_gguf.errors import StepGGUFError
 from step_gguf.model import Step35Config
@@ -114,11 +116,11 @@ def test_plan_places_and_counts_a_separate_draft_as_the_embedded_heads(pair, che
 
 
 def test_a_separate_draft_of_the_real_model_is_planned_as_its_embedded_heads():
-    real = P.facts(REAL)
+    real = read_facts(REAL)
     heads = [t for t in real.tensors if (t.layer or 0) >= real.n_layer]
     trunk = replace(real, tensors=tuple(t for t in real.tensors if t not in heads))
     draft = replace(real, tensors=tuple(heads) + tuple(t for t in real.tensors if t.name in SHARED))
-    pair = P._with_draft(trunk, draft, "d.gguf")
+    pair = _with_draft(trunk, draft, "d.gguf")
     a, b = (P.plan(m, P.machine("gpu-24gb"), 65536) for m in (real, pair))
     for da, db in zip(a.devices, b.devices):
         assert da.extra == db.extra
@@ -155,7 +157,7 @@ def test_a_wrong_draft_is_one_line(pair, checkpoint, tmp_path):
     _one_line_error(_cli("plan", stray, *PLAN_ARGS), "found beside stray.gguf", "--no-mtp")
     assert _cli("plan", stray, "--no-mtp", *PLAN_ARGS).exit_code == 0
     with pytest.raises(StepGGUFError, match="another model"):
-        P.facts(trunk, draft=draft_path(other))
+        read_facts(trunk, draft=draft_path(other))
 
 
 # ---------------------------------------------------------------- on the runtime
@@ -205,10 +207,10 @@ def test_run_drafts_with_a_separate_draft_as_with_embedded_heads(scripted_pair):
 @pytest.mark.runtime
 @pytest.mark.parametrize("given", [True, False], ids=["given", "found"])
 def test_serve_drafts_with_a_separate_draft(scripted_pair, given):
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import process, server
 
     _, trunk, draft = scripted_pair
-    port = llama.free_port()
+    port = process.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(trunk),
                              *(["--draft", str(draft)] if given else []),
                              "--port", str(port), "-c", "2048"],
@@ -216,7 +218,7 @@ def test_serve_drafts_with_a_separate_draft(scripted_pair, given):
     try:
         url = proc.stdout.readline().strip()
         assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not url else url
-        reply = llama.chat(url.removesuffix("/v1"), [{"role": "user", "content": "weather?"}],
+        reply = server.chat(url.removesuffix("/v1"), [{"role": "user", "content": "weather?"}],
                            max_tokens=32)
         assert reply.reasoning.strip() == "".join(REASONING)
         assert reply.draft_tokens > 0 and reply.acceptance >= 0.9

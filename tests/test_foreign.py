@@ -386,7 +386,7 @@ def _free_port() -> int:
 
 @pytest.mark.runtime
 def test_serve_answers_over_loopback(foreign):
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import server
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(foreign("split")),
@@ -395,7 +395,7 @@ def test_serve_answers_over_loopback(foreign):
     try:
         url = proc.stdout.readline().strip()
         assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not url else url
-        reply = llama.chat(url.removesuffix("/v1"), [{"role": "user", "content": "hi"}], max_tokens=16)
+        reply = server.chat(url.removesuffix("/v1"), [{"role": "user", "content": "hi"}], max_tokens=16)
         assert reply.text.strip() == "".join(SCRIPT)
     finally:
         if proc.poll() is None:

@@ -48,11 +48,10 @@ PROMPTS = (
 )
 ISAS = ("native", "avx2", *[i for i in os.environ.get("STEP_GGUF_KERNEL_ISAS", "").split(",") if i])
 
-pytestmark = [
-    pytest.mark.runtime,
-    pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in b.cpu_flags(),
-                       reason="the kernels of patch 0007 are for x86 with AVX2"),
-]
+pytestmark = pytest.mark.runtime
+# the SIMD kernels of patch 0007; the profile (0006) and the kernel switch run everywhere
+x86_kernels = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in b.cpu_flags(),
+                                 reason="the kernels of patch 0007 are for x86 with AVX2")
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +98,7 @@ def _maddubs(isa: str) -> bool:
                 or "avx_vnni" in flags)
 
 
+@x86_kernels
 def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases, request):
     kernels = [(what, v) for level, what, v in kernel_cases if level == "kernel"]
     types = {what.split()[0] for what, _ in kernels}
@@ -115,6 +115,7 @@ def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases, request):
     assert not bad, bad
 
 
+@x86_kernels
 def test_repacked_ops_match_ggmls_unpatched_ops(kernel_cases):
     ops = [(what, v) for level, what, v in kernel_cases if level == "op"]
     assert {w.split()[3] for w, _ in ops} == {"mul_mat", "mul_mat_id", "mul_mat_id_bcast"}
@@ -185,6 +186,7 @@ def errors(exe: Path, stock_exe: Path, files: dict[str, Path], recipe: str, ubat
                     prompt_logits(exe, files[recipe], p, ubatch, tmp)) for p in range(len(PROMPTS))]
 
 
+@x86_kernels
 @pytest.mark.parametrize("model", ["small", "wide"])
 @pytest.mark.parametrize("recipe", ["int4-mixed", "Q4_K_M"])
 def test_our_kernels_add_no_error_to_stocks(models, ours, stock, model, recipe, tmp_path):
@@ -203,6 +205,7 @@ def test_our_kernels_add_no_error_to_stocks(models, ours, stock, model, recipe, 
                                   prompt_logits(stock_exe, files[recipe], p, 1, tmp_path)) for p in range(len(PROMPTS)))
 
 
+@x86_kernels
 @pytest.mark.parametrize("model,ubatch", [("small", 5), ("small", 512), ("wide", 5)])
 def test_batched_prompt_adds_no_error(models, ours, stock, model, ubatch, tmp_path):
     """The batched paths (packs of 4 rows, the last partial, experts read once for all their

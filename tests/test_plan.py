@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from step_gguf import plan as P
+from step_gguf.facts import read_facts
 from step_gguf.cli import main
 from step_gguf.errors import StepGGUFError
 
@@ -22,7 +23,7 @@ Q4_K, Q5_K = EXPERT_WEIGHTS // 256 * 144, EXPERT_WEIGHTS // 256 * 176
 
 @pytest.fixture(scope="module")
 def real():
-    return P.facts(REAL)   # priced under int4-mixed, from the config alone
+    return read_facts(REAL)   # priced under int4-mixed, from the config alone
 
 
 @pytest.mark.parametrize("ctx, expected", [
@@ -112,7 +113,7 @@ def test_long_context_quantizes_the_cache_where_f16_does_not_fit(real):
 
 def test_unified_memory_shares_one_pool(real):
     p = P.plan(real, P.machine("dgx-spark"), 32768)
-    _, usable_ram = P._usable(P.machine("dgx-spark"))
+    _, usable_ram = P.usable(P.machine("dgx-spark"))
     assert sum(d.bytes for d in p.devices) <= usable_ram
     assert "--no-mmap" in p.server_args("m.gguf")
 
@@ -198,3 +199,20 @@ def test_rpc_hosts_take_the_first_layers_before_a_gpu(real):
 def test_rpc_hosts_stay_unused_when_the_model_fits(real):
     p = P.plan(real, P.machine("cpu"), 32768, rpc=_hosts(64))
     assert not p.rpc and "--rpc" not in p.server_args("m") and "fits this machine" in p.notes[-1]
+
+
+def test_a_context_above_the_models_keeps_every_note(real):
+    """Capped at the model's context, the plan still says why its cache is q8_0."""
+    p = P.plan(real, P.machine("gpu-24gb"), 2 * real.n_ctx_train)
+    assert p.ctx == real.n_ctx_train and p.kv_type == "q8_0"
+    assert any("context capped" in n for n in p.notes)
+    assert any("KV cache in q8_0" in n for n in p.notes)
+
+
+def test_a_failed_local_fit_leaves_no_note_in_the_rpc_plan(real):
+    """A GPU too small for the non-expert weights, too little RAM: the hosts take the first
+    layers and the GPU runs the rest, so no note may say that everything runs on the CPU."""
+    machine = P.machine("custom", vram_gb=6, gpu_bw_gbs=500, ram_gb=48, mem_bw_gbs=80)
+    p = P.plan(real, machine, 32768, rpc=_hosts(64, 64))
+    assert [d.name for d in p.devices][:2] == ["GPU", "CPU"] and p.rpc
+    assert not any("everything runs on the CPU" in n for n in p.notes), p.notes

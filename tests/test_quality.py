@@ -89,10 +89,9 @@ def test_imatrix_lowers_kld_further(made, kld):
     assert with_imatrix < kld(made["stock-imatrix"])  # stock given the same imatrix
 
 
-def test_equalization_lowers_kld_or_stays_off(made, kld):
-    if not made["equalized"]:
-        assert made["int4-imatrix-eq"].read_bytes() == made["int4-imatrix"].read_bytes()
-        return
+def test_equalization_switches_on_and_lowers_kld(made, kld):
+    # the outlier input channels of the quant preset are what equalization is for
+    assert made["equalized"], "equalization kept no scales on a model with outlier channels"
     assert made["int4-imatrix-eq"].stat().st_size == made["int4-imatrix"].stat().st_size
     assert kld(made["int4-imatrix-eq"]) < kld(made["int4-imatrix"])
 

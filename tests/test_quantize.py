@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 
 from step_gguf.cli import main
-from step_gguf.convert import OutputJob
+from step_gguf.output import OutputJob
 from step_gguf.quantize import KV_RECIPE, KV_RECIPE_TOML, dry_run, price_stock, quantize
 from step_gguf.recipe import Recipe, RecipeError, load_recipe
 
@@ -218,7 +217,7 @@ def test_gguf_source_gives_the_same_file_and_records_the_recipe(mini, tmp_path):
 def test_equalization_leaves_the_f32_function_unchanged(mini, mini_imatrix, tmp_path, runtime):
     """Scales folded into every norm and its consumers (alpha 0.5, F32 storage): the logits stay
     those of the plain F32 file, while the stored tensors really changed."""
-    from step_gguf.convert import write_outputs
+    from step_gguf.output import write_outputs
     from step_gguf.equalize import fold
     from step_gguf.imatrix import load_imatrix
     from step_gguf.quantize import open_source
@@ -264,7 +263,7 @@ def test_requantizing_needs_consent(mini, tmp_path):
 def test_quantized_gguf_runs_in_our_runtime_and_server(mini, tmp_path, runtime):
     import urllib.request
 
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import llama, server
 
     src, _ = mini
     out = tmp_path / "int4.gguf"
@@ -272,7 +271,7 @@ def test_quantized_gguf_runs_in_our_runtime_and_server(mini, tmp_path, runtime):
     with llama.load(out, n_ctx=256, logits_all=True) as m:
         logits = m.logits(m.tokenize("Step three point five"))
         assert logits.shape[1] == m.n_vocab and np.isfinite(logits).all()
-    with llama.serve(out, n_ctx=256) as url:
+    with server.serve(out, n_ctx=256) as url:
         req = urllib.request.Request(f"{url}/completion", data=json.dumps(
             {"prompt": "Step three", "n_predict": 4}).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -335,3 +334,24 @@ def test_a_failure_mid_write_leaves_the_existing_output(checkpoint, tmp_path, ru
     assert result.exit_code != 0 and "NaN" in result.output
     assert out.read_bytes() == b"precious"
     assert not list(tmp_path.glob(".keep.gguf*"))
+
+
+@pytest.mark.runtime
+def test_fp8_blocks_other_than_128_measure_as_their_bf16_twin(workdir, runtime):
+    """Budget mode measures each tensor from the checkpoint's own FP8 block size (here 64 x 64):
+    the FP8 source and its dequantized BF16 conversion give the same measured errors, up to
+    the BF16 rounding of the dequantized values (seen: 0.3%)."""
+    from step_gguf.budget import measure
+    from step_gguf.convert import convert
+    from step_gguf.quantize import open_source
+    from step_gguf.synth import synth
+
+    fp8 = synth(workdir / "fp8-64", "small", seed=7, fp8=True, fp8_block=64)
+    twin = convert(fp8, workdir / "fp8-64-bf16.gguf", outtype="bf16").outputs[0]
+    recipe = load_recipe("int4-mixed")
+    got, want = (measure((s := open_source(src, recipe)).plans, None, s.top_k, None) for src in (fp8, twin))
+    scaled = {p.name for p in open_source(fp8, recipe).plans if p.scale is not None}
+    assert scaled and set(got) == set(want)
+    for name in scaled & set(got):
+        for qtype, error in want[name].items():
+            assert got[name][qtype] == pytest.approx(error, rel=0.02), (name, qtype)

@@ -8,7 +8,6 @@ derandomized so CI runs the same cases every time): about 20 s in all on 2 cores
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal

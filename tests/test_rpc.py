@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from step_gguf import plan as P
+from step_gguf.facts import read_facts
 from step_gguf.errors import StepGGUFError
 
 CTX, UBATCH = 256, 32
@@ -49,7 +50,7 @@ def test_split_model_gives_the_single_host_logits(runtime, hosts, gguf_file):
     from step_gguf.runtime import llama, rpc
 
     path = gguf_file("tiny", "bf16")
-    m = P.facts(path)
+    m = read_facts(path)
     asked = rpc.memory(list(hosts))
     assert set(asked) == set(hosts) and all(v > 0 for v in asked.values())
     first, second = rpc.hosts(",".join(hosts), 10e9)
@@ -85,24 +86,24 @@ def test_split_model_gives_the_single_host_logits(runtime, hosts, gguf_file):
 
 
 def test_llama_server_over_rpc_answers_as_the_single_host(runtime, hosts, gguf_file):
-    from step_gguf.runtime import llama, rpc
+    from step_gguf.runtime import rpc, server
 
     path = gguf_file("tiny", "bf16")
-    m = P.facts(path)
+    m = read_facts(path)
     p = _spread_over_three(m, *rpc.hosts(",".join(hosts), 10e9), mtp=True)
     assert p.server_flags()[p.server_flags().index("--rpc") + 1] == ",".join(hosts)
     messages = [{"role": "user", "content": "hello there"}]
     replies = []
     for plan in (p, P.plan(m, P.machine("cpu"), CTX, n_ubatch=UBATCH, checkpoints=0)):
-        with llama.serve(path, plan=plan) as url:
-            replies.append(llama.chat(url, messages, max_tokens=24))
+        with server.serve(path, plan=plan) as url:
+            replies.append(server.chat(url, messages, max_tokens=24))
     assert replies[0].text == replies[1].text and replies[0].completion_tokens == 24
 
 
 def test_unreachable_or_malformed_hosts_are_refused(runtime):
-    from step_gguf.runtime import llama, rpc
+    from step_gguf.runtime import process, rpc
 
-    dead = f"127.0.0.1:{llama.free_port()}"
+    dead = f"127.0.0.1:{process.free_port()}"
     with pytest.raises(StepGGUFError, match="cannot reach the RPC host .*step-gguf rpc-server"):
         rpc.hosts(dead, 10e9)
     for bad, why in (("localhost", "HOST:PORT"), ("a:70000", "HOST:PORT"), ("a:1=x", "GiB"),

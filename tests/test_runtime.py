@@ -10,6 +10,7 @@ import pytest
 
 from step_gguf.errors import RuntimeMissingError, StepGGUFError
 from step_gguf.runtime import build as b
+from step_gguf.runtime import installed
 
 
 def test_every_patch_in_the_series_applies_cleanly(tmp_path):
@@ -67,11 +68,9 @@ def test_built_tools_run_and_carry_the_identity(runtime):
 
 
 def test_stale_runtime_is_refused_with_the_fix(runtime, monkeypatch):
-    from step_gguf.runtime import llama
-
-    monkeypatch.setattr(llama, "series_id", lambda: "0123456789abcdef")
+    monkeypatch.setattr(installed, "series_id", lambda: "0123456789abcdef")
     with pytest.raises(RuntimeMissingError, match="needs 0123456789abcdef.*step-gguf runtime build"):
-        llama.check()
+        installed.check()
 
 
 def test_unpatched_runtime_is_refused(runtime, monkeypatch):
@@ -81,20 +80,18 @@ def test_unpatched_runtime_is_refused(runtime, monkeypatch):
         pass
 
     monkeypatch.setattr(lib, "_lib", Unpatched())
-    from step_gguf.runtime import llama
     with pytest.raises(RuntimeMissingError, match="not built from step-gguf's patches"):
-        llama.check()
+        installed.check()
 
 
 def test_cli_reports_missing_runtime_in_one_line(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     from step_gguf.cli import main
-    from step_gguf.runtime import llama
 
     def missing():
         raise RuntimeMissingError("llama-cpp-python is not installed; run `step-gguf runtime build`")
-    monkeypatch.setattr(llama, "check", missing)
+    monkeypatch.setattr(installed, "check", missing)
     result = CliRunner().invoke(main, ["run", str(tmp_path / "m.gguf")])
     assert result.exit_code == 1
     assert result.output.strip() == "Error: llama-cpp-python is not installed; run `step-gguf runtime build`"

@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -67,10 +65,10 @@ def served(scripted):
 
 
 def test_reasoning_and_tool_call_are_parsed(served):
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import server
 
     _, url, _ = served
-    reply = llama.chat(url, ASK, tools=TOOLS, max_tokens=64)
+    reply = server.chat(url, ASK, tools=TOOLS, max_tokens=64)
     assert reply.reasoning.strip() == "".join(REASONING)
     assert reply.text.strip() == ""
     [call] = reply.tool_calls
@@ -79,11 +77,11 @@ def test_reasoning_and_tool_call_are_parsed(served):
 
 
 def test_streaming_gives_the_same_reply(served):
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import server
 
     _, url, _ = served
     pieces: list[tuple[str, str]] = []
-    reply = llama.chat(url, ASK, tools=TOOLS, max_tokens=64, on_text=lambda k, t: pieces.append((k, t)))
+    reply = server.chat(url, ASK, tools=TOOLS, max_tokens=64, on_text=lambda k, t: pieces.append((k, t)))
     assert len(pieces) > 1   # really streamed
     assert "".join(t for k, t in pieces if k == "reasoning").strip() == "".join(REASONING)
     [call] = reply.tool_calls
@@ -92,11 +90,11 @@ def test_streaming_gives_the_same_reply(served):
 
 
 def test_sixteen_concurrent_clients(served):
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import server
 
     _, url, _ = served
     with ThreadPoolExecutor(16) as pool:
-        replies = list(pool.map(lambda i: llama.chat(url, ASK, tools=TOOLS, max_tokens=64,
+        replies = list(pool.map(lambda i: server.chat(url, ASK, tools=TOOLS, max_tokens=64,
                                                      seed=i), range(16)))
     assert all(r.tool_calls and r.tool_calls[0]["function"]["name"] == "get_weather"
                for r in replies)
@@ -154,9 +152,36 @@ def test_serving_beyond_loopback_needs_a_key(scripted):
 
 def test_api_key_is_enforced(scripted):
     from step_gguf.errors import StepGGUFError
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import server
 
-    with llama.serve(scripted, n_ctx=512, api_key="sesame") as url:
+    with server.serve(scripted, n_ctx=512, api_key="sesame") as url:
         with pytest.raises(StepGGUFError, match="401"):
-            llama.chat(url, ASK, max_tokens=4)
-        assert llama.chat(url, ASK, max_tokens=4, api_key="sesame").completion_tokens > 0
+            server.chat(url, ASK, max_tokens=4)
+        assert server.chat(url, ASK, max_tokens=4, api_key="sesame").completion_tokens > 0
+
+
+def test_serve_on_ipv6_loopback_answers(scripted):
+    """`--host ::1` is loopback too: the address printed is a valid URL ([::1] in brackets) and
+    a client reaches the server through it."""
+    from step_gguf.runtime import server
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(scripted), "--host", "::1",
+                             "--port", str(port), "-c", "1024"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url == f"http://[::1]:{port}/v1", proc.stderr.read() if not url else url
+        assert server.chat(url.removesuffix("/v1"), ASK, max_tokens=4).completion_tokens > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("host, url", [("127.0.0.1", "http://127.0.0.1:8080"), ("0.0.0.0", "http://127.0.0.1:8080"),
+                                       ("::1", "http://[::1]:8080"), ("::", "http://[::1]:8080"),
+                                       ("192.168.1.5", "http://192.168.1.5:8080")])
+def test_base_url_of_each_bind_address(host, url):
+    from step_gguf.runtime.server import base_url
+
+    assert base_url(host, 8080) == url

@@ -19,10 +19,10 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server(runtime, gguf_file, tmp_path_factory):
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import server as runtime_server
 
     log = tmp_path_factory.mktemp("server") / "llama-server.log"
-    with llama.serve(gguf_file("tiny", "bf16"), n_ctx=256, extra_args=["-np", "1"], log_path=log) as url:
+    with runtime_server.serve(gguf_file("tiny", "bf16"), n_ctx=256, extra_args=["-np", "1"], log_path=log) as url:
         yield url
 
 
@@ -76,14 +76,14 @@ def _greedy(url: str) -> dict:
 def test_mtp_drafting_runs_and_keeps_greedy_output(layout, runtime, gguf_file, split_gguf, server):
     """llama.cpp drafts with the converted MTP heads (from the same GGUF, or from the separate
     draft GGUF); speculative decoding must not change the greedy continuation."""
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import server as runtime_server
 
     plain = _greedy(server)
     if layout == "combined":
         model, extra = gguf_file("tiny", "bf16"), ["--spec-type", "draft-mtp"]
     else:
         model, extra = split_gguf[0], ["--spec-type", "draft-mtp", "-md", str(split_gguf[1])]
-    with llama.serve(model, n_ctx=256, extra_args=["-np", "1", *extra]) as url:
+    with runtime_server.serve(model, n_ctx=256, extra_args=["-np", "1", *extra]) as url:
         drafted = _greedy(url)
     assert drafted["content"] == plain["content"]
     assert drafted["timings"]["draft_n"] > 0  # the MTP heads really ran

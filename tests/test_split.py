@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from step_gguf.cli import main
-from step_gguf.convert import ALIGN, SplitLimits, convert, parse_split_size
+from step_gguf.convert import convert
+from step_gguf.output import SplitLimits, parse_split_size
 from step_gguf.errors import SourceError, StepGGUFError
 from step_gguf.gguf_source import first_shard, open_gguf, parse_shard_name, shard_path
 from step_gguf.quantize import quantize
@@ -406,7 +407,7 @@ def test_our_shards_are_the_bytes_llama_cpps_gguf_split_writes(runtime, tiny, wh
 
 @pytest.mark.runtime
 def test_our_split_output_loads_in_llama_cpp_with_the_unsplit_logits(runtime, shards, whole, tmp_path):
-    from step_gguf.runtime import llama
+    from step_gguf.runtime import llama, server
 
     tokens = list(range(5, 200, 3))
     with llama.load(whole, n_ctx=256, logits_all=True, exact=True) as m:
@@ -415,8 +416,8 @@ def test_our_split_output_loads_in_llama_cpp_with_the_unsplit_logits(runtime, sh
         with llama.load(p, n_ctx=256, logits_all=True, exact=True) as m:
             assert np.array_equal(m.logits(tokens), want)
     # and through llama-server, as run/chat/serve use it
-    with llama.serve(shards[3], n_ctx=256) as url:
-        reply = llama.chat(url, [{"role": "user", "content": "Hi"}], max_tokens=4, seed=0)
+    with server.serve(shards[3], n_ctx=256) as url:
+        reply = server.chat(url, [{"role": "user", "content": "Hi"}], max_tokens=4, seed=0)
     assert reply.completion_tokens == 4
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import StepGGUFError
-from .tools import run
+from .process import run
 
 log = logging.getLogger(__name__)
 

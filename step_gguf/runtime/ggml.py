@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RuntimeMissingError
-from . import llama
+from .installed import check
 
 _F32P = ctypes.POINTER(ctypes.c_float)
 
@@ -29,7 +29,7 @@ class _TypeTraits(ctypes.Structure):
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    llama.check()
+    check()
     import llama_cpp  # noqa: PLC0415 (only once the runtime is known to be ours)
 
     lib_dir = Path(llama_cpp.__file__).parent / "lib"

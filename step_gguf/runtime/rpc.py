@@ -19,7 +19,9 @@ from typing import Iterator, Sequence
 
 from ..errors import StepGGUFError
 from ..plan import GiB, RpcHost
-from . import llama
+from .devices import rpc_device
+from .installed import check
+from .process import child, free_port
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def memory(endpoints: Sequence[str]) -> dict[str, int]:
     for e in endpoints:
         if why := _refused(e):
             raise StepGGUFError(f"cannot reach the RPC host {e} ({why}); {_START}")
-    server = llama.check().tool("llama-server")
+    server = check().tool("llama-server")
     try:
         out = subprocess.run([str(server), "--rpc", ",".join(endpoints), "--list-devices"],
                              capture_output=True, text=True, timeout=60)
@@ -111,7 +113,7 @@ def devices(endpoints: Sequence[str]) -> list[int]:
     if new:
         memory(new)  # probe first: a failed handshake in-process would abort it
         for e in new:
-            _registered[e] = llama.rpc_device(e)
+            _registered[e] = rpc_device(e)
     return [_registered[e] for e in endpoints]
 
 
@@ -119,11 +121,11 @@ def devices(endpoints: Sequence[str]) -> list[int]:
 def start(port: int | None = None, host: str = "127.0.0.1", threads: int | None = None,
           log_path: Path | None = None, startup_timeout: float = 30.0) -> Iterator[str]:
     """Run our ggml-rpc-server for the block's duration; yields its HOST:PORT."""
-    binary = llama.check().tool("ggml-rpc-server")
-    port = port or llama.free_port()
+    binary = check().tool("ggml-rpc-server")
+    port = port or free_port()
     args = [str(binary), "-H", host, "-p", str(port), "-t", str(threads or os.cpu_count() or 1)]
     endpoint = f"{host}:{port}"
-    with llama.child(args, f"ggml-rpc-server on {endpoint} (is the port taken?)",
+    with child(args, f"ggml-rpc-server on {endpoint} (is the port taken?)",
                      lambda: _refused(endpoint, timeout=1.0) is None, startup_timeout, log_path):
         log.info("ggml-rpc-server listening on %s", endpoint)
         yield endpoint

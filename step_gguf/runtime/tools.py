@@ -1,20 +1,14 @@
-"""llama.cpp's command-line tools, run as child processes: importance matrices and KL divergence.
-
-`run()` is the one way step-gguf runs a tool to completion (the runtime build uses it too): output
-goes to a log file, and a failure becomes a one-line StepGGUFError naming the step and the
-tool's last meaningful line. `imatrix()` and `kld()` wrap `llama-imatrix` and
-`llama-perplexity` from our runtime build.
-"""
+"""llama.cpp's command-line tools from our runtime build, run to completion as child processes
+(`process.run`): importance matrices (`llama-imatrix`), KL divergence (`llama-perplexity`) and
+the stock quantizer's dry run (`llama-quantize`)."""
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import re
 import secrets
 import struct
-import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +16,8 @@ from typing import Callable, Sequence
 from ..errors import StepGGUFError
 from ..gguf_source import resolve
 from ..imatrix import load_imatrix, model_shapes
+from .installed import check
+from .process import error_line, run
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +25,6 @@ log = logging.getLogger(__name__)
 # so that the last meaningful line of a failure is the error itself
 _TOOL_ARGS = ("--log-prefix", "--no-log-timestamps")
 _TOOL_ENV = {"GGML_NO_BACKTRACE": "1"}
-_ERROR_PREFIX = "E "
-
-
-def _error(line: str) -> str | None:
-    """The message of a line llama.cpp's log prefix marks as an error."""
-    return line[len(_ERROR_PREFIX):].strip() if line.startswith(_ERROR_PREFIX) else None
 
 
 def default_text() -> Path:
@@ -43,57 +33,7 @@ def default_text() -> Path:
     return Path(str(resources.files("step_gguf.recipes") / "calibration.txt"))
 
 
-def run(args: Sequence[str | os.PathLike], what: str, *, env: dict[str, str] | None = None,
-        log_file: Path | None = None, on_line: Callable[[str], None] | None = None,
-        separators: str = "\n") -> None:
-    """Run `args` to completion; stdout and stderr go, together, to `log_file` and, cut at any of
-    `separators`, line by line to `on_line`.
-
-    A non-zero exit raises a one-line StepGGUFError "`what` failed: <line>", where <line> is the
-    last line marked as an error by llama.cpp's log prefix, or else the last non-blank one.
-    """
-    argv = [str(a) for a in args]
-    log.debug("running %s", " ".join(argv))
-    cut = re.compile("[" + re.escape(separators) + "]")
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    last = error = ""
-
-    def take(line: str) -> None:
-        nonlocal last, error
-        line = line.rstrip()
-        if line.strip():
-            last = line
-            error = _error(line) or error
-        if on_line:
-            on_line(line)
-
-    try:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    except OSError as exc:
-        raise StepGGUFError(f"{what} failed: cannot start {argv[0]} ({exc.strerror})") from None
-    assert proc.stdout is not None
-    with proc, open(log_file or os.devnull, "w", buffering=1) as sink:
-        try:
-            pending = ""
-            # read1: whatever the child has written so far, so progress without newlines shows
-            while chunk := proc.stdout.read1(1 << 16):
-                text = decoder.decode(chunk)
-                sink.write(text)
-                *lines, pending = cut.split(pending + text)
-                for line in lines:
-                    take(line)
-            take(pending + decoder.decode(b"", final=True))
-        except BaseException:  # a callback raised, or Ctrl-C: do not leave the tool running
-            proc.kill()
-            raise
-        if proc.wait() != 0:
-            where = f"; full log: {log_file}" if log_file else ""
-            raise StepGGUFError(f"{what} failed: {error or last or 'no output'}{where}")
-
-
 def _tool(name: str, args: Sequence[str | os.PathLike], what: str, **kw) -> None:
-    from .llama import check  # noqa: PLC0415 (llama imports build, which imports this module)
-
     run([check().tool(name), *args, *_TOOL_ARGS], what, env=os.environ | _TOOL_ENV, **kw)
 
 
@@ -238,7 +178,7 @@ def _logits_problem(path: Path) -> str | None:
 
 
 def _last_error(lines: list[str]) -> str | None:
-    return next((e for line in reversed(lines) if (e := _error(line))), None)
+    return next((e for line in reversed(lines) if (e := error_line(line))), None)
 
 
 # "[  12/ 805] blk.0.attn_q.weight  - [ 4096, 8192, 1, 1], type =   bf16, size = 64.00 MiB -> 18.00 MiB (q4_K)"
@@ -248,7 +188,6 @@ _DRY_RUN_ROW = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*
 def stock_dry_run(model_gguf: str | os.PathLike, ftype: str) -> dict[str, str]:
     """The type llama.cpp's own quantizer gives each tensor of `model_gguf` for `ftype`
     (e.g. Q4_K_M), from `llama-quantize --dry-run`: tensor name -> ggml type name."""
-    from .llama import check  # noqa: PLC0415
 
     types: dict[str, str] = {}
 

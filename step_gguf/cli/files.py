@@ -1,0 +1,332 @@
+"""Commands that write model files: convert, quantize (and its dry run), recipes, synth."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..convert import MTP_MODES, OUTTYPES
+from ..errors import StepGGUFError
+from ..synth import PRESETS
+from .progress import _ByteBar, _human
+
+
+def _card_options(f):
+    """--name, --basename, --license: the model card's fields, over what the checkpoint says."""
+    for option in reversed([
+        click.option("--name", "card_name", default=None, metavar="TEXT", help="general.name "
+                     "[from README.md's front matter, config.json or the folder name]."),
+        click.option("--basename", "card_basename", default=None, metavar="TEXT",
+                     help="general.basename, the model family (e.g. Step-3.5-Flash)."),
+        click.option("--license", "card_license", default=None, metavar="ID",
+                     help="general.license (e.g. apache-2.0) [from README.md's front matter]."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _card(name: str | None, basename: str | None, license_id: str | None):
+    from ..model_card import CardOverrides
+
+    return CardOverrides(name, basename, license_id)
+
+
+def _split_options(f):
+    """--split-max-size, --split-max-tensors: llama.cpp's gguf-split flags, for the output."""
+    for option in reversed([
+        click.option("--split-max-size", default=None, metavar="SIZE",
+                     help="Write OUT as shards OUT-00001-of-0000N.gguf ... (llama.cpp's gguf-split "
+                          "layout, loaded from the first shard), each file at most SIZE: 50G "
+                          "(50*10^9 bytes, as gguf-split reads it), 500M, 48GiB or bytes."),
+        click.option("--split-max-tensors", type=click.IntRange(1), default=None, metavar="N",
+                     help="Shards of at most N tensors each (with --split-max-size: whichever "
+                          "limit comes first)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _split(max_size: str | None, max_tensors: int | None):
+    from ..output import SplitLimits, parse_split_size
+
+    if max_size is None and max_tensors is None:
+        return None
+    return SplitLimits(parse_split_size(max_size) if max_size else 0, max_tensors or 0)
+
+
+@click.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output GGUF path (written aside and renamed when complete).")
+@click.option("--outtype", type=click.Choice(list(OUTTYPES)), default="bf16",
+              show_default=True, help="Type of the weight matrices; norms, biases and the "
+              "router stay F32.")
+@click.option("--mtp", "mtp", type=click.Choice(MTP_MODES), default="keep",
+              show_default=True, help="Multi-token-prediction layers: keep them in the GGUF, "
+              "drop them, or split them into a separate draft GGUF (--draft-out).")
+@click.option("--draft-out", type=click.Path(path_type=Path), default=None,
+              help="Draft GGUF for --mtp split (default: OUT with a -mtp suffix).")
+@click.option("--tokenizer-pre", default=None, metavar="NAME",
+              help="llama.cpp pre-tokenizer name, overriding detection from tokenizer.json.")
+@click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
+              "output an interrupted run of the same conversion left.")
+@_card_options
+@_split_options
+def convert(src: Path, out: Path, outtype: str, mtp: str, draft_out: Path | None,
+            tokenizer_pre: str | None, no_resume: bool, card_name: str | None,
+            card_basename: str | None, card_license: str | None, split_max_size: str | None,
+            split_max_tensors: int | None) -> None:
+    """Convert the Step 3.5 checkpoint folder SRC to a GGUF file.
+
+    Reads config.json itself (Step 3.5 or the Step 3.7 text_config wrapper), accepts BF16, F16,
+    F32 and FP8 (block-scaled) weights, validates every tensor shape before writing, and
+    streams tensor by tensor with bounded memory.
+
+    \b
+    Example:
+      step-gguf convert ./Step-3.5-Flash -o step35-q8_0.gguf --outtype q8_0
+    """
+    from ..convert import convert as run_convert
+    from ..draft import draft_path
+
+    if mtp == "split" and draft_out is None:
+        draft_out = draft_path(out)  # where run/serve/plan look for it
+    bar = _ByteBar(f"converting {src.name}")
+    start = time.perf_counter()
+    try:
+        result = run_convert(src, out, outtype=outtype, mtp=mtp,
+                             draft_out=draft_out if mtp == "split" else None,
+                             tokenizer_pre=tokenizer_pre, resume=not no_resume,
+                             card=_card(card_name, card_basename, card_license),
+                             split=_split(split_max_size, split_max_tensors),
+                             on_start=bar.start, on_bytes=bar.advance)
+    finally:
+        bar.close()
+    secs = time.perf_counter() - start
+    for path in result.outputs:
+        click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
+    click.echo(f"{result.n_tensors} tensors, {_human(result.source_bytes)} read in {secs:.1f} s "
+               f"({_human(result.source_bytes / max(secs, 1e-9))}/s)")
+
+
+def _print_plan(pricing, stock=None) -> None:
+    """The per-tensor plan as a table, then totals by type and against stock."""
+    stock_types = stock.types if stock else {}
+    width = max((len(r.name) for r in pricing.rows), default=10)
+    head = f"{'tensor':<{width}}  {'type':<7} {'bytes':>10}"
+    click.echo(head + ("  stock  " if stock else "  ") + "why")
+    for r in pricing.rows:
+        extra = f"  {stock_types.get(r.name, '?'):<6} " if stock else "  "
+        click.echo(f"{r.name:<{width}}  {r.qtype:<7} {_human(r.bytes):>10}{extra}{r.why}")
+    click.echo("")
+    for qtype, n in pricing.by_type().items():
+        click.echo(f"  {qtype:<7} {_human(n):>10}  {100 * n / max(pricing.total_bytes, 1):5.1f}%")
+    click.echo(f"{pricing.recipe}: {_human(pricing.total_bytes)} ({pricing.total_bytes} bytes), "
+               f"{pricing.bpw:.3f} bits per weight")
+    if stock:
+        ratio = pricing.total_bytes / stock.total_bytes
+        click.echo(f"stock {stock.ftype} (llama.cpp's quantizer): {_human(stock.total_bytes)} "
+                   f"({stock.total_bytes} bytes); {pricing.recipe} is {ratio:.3f}x its size")
+
+
+@click.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Output GGUF (written aside and renamed when complete).")
+@click.option("--scheme", default=None, metavar="NAME", help="Built-in recipe: int4-mixed "
+              "(default), int8, int3-mixed, int2-mixed; or one ggml type for every matrix (Q8_0).")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
+              help="Your own recipe file (TOML; `step-gguf recipes int4-mixed --toml` prints one "
+              "to start from).")
+@click.option("--dry-run", is_flag=True, help="Print the per-tensor plan and its size; read no weight.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.option("--compare-stock", default=None, metavar="FTYPE", help="Also price a stock "
+              "llama.cpp type mix (e.g. Q4_K_M) with llama.cpp's own quantizer.")
+@click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
+              help="Importance matrix (step-gguf imatrix) weighting each input channel.")
+@click.option("--equalize/--no-equalize", "equalization", default=None,
+              help="Per-channel equalization from the --imatrix statistics: fold scales into each "
+              "norm and the matrices it feeds, kept only where they lower the measured error "
+              "[on with --imatrix].")
+@click.option("--target-size", default=None, metavar="SIZE", help="Budget mode: choose each "
+              "tensor's type to fit SIZE (e.g. 100GiB; tensor data, as llama.cpp counts model "
+              "size) with the least measured error.")
+@click.option("--target-bpw", type=float, default=None, metavar="X", help="Budget mode with a "
+              "bits-per-weight target instead of a size.")
+@click.option("--allow-requantize", is_flag=True, help="Accept a source GGUF that is already "
+              "quantized (its rounding error adds to the new one).")
+@click.option("--mtp", type=click.Choice(MTP_MODES), default="keep",
+              show_default=True, help="MTP blocks: keep, drop, or split into --draft-out "
+              "(checkpoint sources).")
+@click.option("--draft-out", type=click.Path(path_type=Path), default=None,
+              help="Draft GGUF for --mtp split (default: OUT with a -mtp suffix).")
+@click.option("-t", "--threads", type=int, default=None, help="Quantizing threads [all cores].")
+@click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
+              "output an interrupted run of the same command left.")
+@_card_options
+@_split_options
+def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
+             dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
+             equalization: bool | None, target_size: str | None, target_bpw: float | None,
+             allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None,
+             no_resume: bool, card_name: str | None, card_basename: str | None,
+             card_license: str | None, split_max_size: str | None,
+             split_max_tensors: int | None) -> None:
+    """Quantize SRC (a checkpoint folder or a GGUF) to a mixed-precision GGUF in one pass.
+
+    A recipe picks each tensor's ggml type by name and layer; ggml's own quantizers encode
+    it, on all cores, streaming with bounded memory. SRC may also be a bare config.json for
+    --dry-run, so the real model can be priced without its weights.
+
+    \b
+    Examples:
+      step-gguf quantize ./Step-3.5-Flash -o step35-int4.gguf
+      step-gguf quantize config.json --dry-run --compare-stock Q4_K_M
+      step-gguf quantize ./Step-3.5-Flash -o step35-int3.gguf --scheme int3-mixed --imatrix imatrix.gguf
+      step-gguf quantize ./Step-3.5-Flash -o step35-100g.gguf --imatrix imatrix.gguf --target-size 100GiB
+    """
+    from .. import quantize as q
+    from ..budget import parse_size
+    from ..recipe import load_recipe
+
+    if scheme and recipe_file:
+        raise click.UsageError("give --scheme or --recipe, not both")
+    if target_size and target_bpw:
+        raise click.UsageError("give --target-size or --target-bpw, not both")
+    if dry_run and (target_size or target_bpw):
+        raise click.UsageError("budget mode measures the weights, so it cannot be a --dry-run; "
+                               "its plan is printed when it runs")
+    recipe = load_recipe(scheme, recipe_file)
+    if dry_run:
+        return _price(src, recipe, mtp, compare_stock, as_json)
+    if out is None:
+        raise click.UsageError("give -o OUT.gguf (or --dry-run to price the plan)")
+    if mtp == "split" and draft_out is None:
+        from ..draft import draft_path
+
+        draft_out = draft_path(out)  # where run/serve/plan look for it
+    target = None
+    if target_size or target_bpw:
+        target = q.Target(parse_size(target_size) if target_size else None, target_bpw)
+        if imatrix_file is None:
+            click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
+    bar = _ByteBar(f"quantizing {src.name} ({recipe.name})")
+    start = time.perf_counter()
+    try:
+        result = q.quantize(src, out, recipe, mtp=mtp, draft_out=draft_out if mtp == "split" else None,
+                            allow_requantize=allow_requantize, imatrix=imatrix_file,
+                            equalization=imatrix_file is not None if equalization is None else equalization,
+                            target=target, threads=threads, resume=not no_resume,
+                            card=_card(card_name, card_basename, card_license),
+                            split=_split(split_max_size, split_max_tensors),
+                            on_stage=_stage, on_start=bar.start, on_bytes=bar.advance)
+    finally:
+        bar.close()
+    _report(result, time.perf_counter() - start, budget=target is not None)
+
+
+def _price(src: Path, recipe, mtp: str, compare_stock: str | None, as_json: bool) -> None:
+    """--dry-run: the plan and its size, beside a stock mix when asked."""
+    import json
+
+    from .. import quantize as q
+
+    pricing = q.dry_run(src, recipe, mtp=mtp)
+    stock = q.price_stock(src, compare_stock, mtp=mtp) if compare_stock else None
+    if as_json:
+        click.echo(json.dumps(pricing.to_json() | ({"stock": stock.to_json()} if stock else {}), indent=1))
+    else:
+        _print_plan(pricing, stock)
+
+
+def _stage(what: str) -> None:
+    if sys.stderr.isatty():
+        click.echo(f"\r\033[K{what}", err=True, nl=False)
+
+
+def _report(result, secs: float, budget: bool) -> None:
+    for e in result.equalized:
+        click.echo(f"equalized {e.norm}: alpha {e.alpha:.2f}, measured error "
+                   f"{e.error_before:.4g} -> {e.error_after:.4g}")
+    if budget:
+        _print_plan(result.pricing)
+    for path in result.outputs:
+        click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
+    click.echo(f"{result.recipe.name}: {result.pricing.bpw:.3f} bits per weight; {_human(result.source_bytes)} "
+               f"read in {secs:.1f} s ({_human(result.source_bytes / max(secs, 1e-9))}/s)")
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--toml", "as_toml", is_flag=True, help="Print the recipe as a file to edit and "
+              "pass to --recipe.")
+def recipes(name: str | None, as_toml: bool) -> None:
+    """List the built-in quantization recipes, or show one's rules (pattern, layers, type, why)."""
+    from ..recipe import builtin_names, load_recipe
+
+    if name is None:
+        for n in builtin_names():
+            click.echo(f"{n:<12} {load_recipe(n).summary}")
+        return
+    recipe = load_recipe(name)
+    if as_toml:
+        click.echo(recipe.to_toml(), nl=False)
+        return
+    click.echo(f"{recipe.name}: {recipe.summary}")
+    width = max(len(r.pattern) for r in recipe.rules)
+    click.echo(f"{'match':<{width}}  {'layers':<16} {'type':<7} why")
+    for r in recipe.rules:
+        click.echo(f"{r.pattern:<{width}}  {(r.layers.text if r.layers else 'all'):<16} "
+                   f"{r.qtype.name:<7} {r.why}")
+
+
+@click.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny",
+              show_default=True, help="tiny: seconds, for tests; small: a larger toy; wide: the "
+              "real per-expert shapes (4096x1280), ~4.8 GB, for speed work; quant: real byte proportions "
+              "and outlier channels, for quantization quality.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Weights are a pure "
+              "function of the seed.")
+@click.option("--fp8", is_flag=True, help="Store projections as float8-e4m3 with block scales, "
+              "as the FP8 releases do.")
+@click.option("--step3p7", is_flag=True, help="Wrap the decoder the Step 3.7 way "
+              "(text_config, model.language_model. prefixes, a vision tower to ignore).")
+@click.option("--chat-template", "template", type=click.Choice(["simple", "step35"]),
+              default="simple", show_default=True,
+              help="step35: Step 3.5 Flash's own template (reasoning block, XML tool calls), "
+                   "taken from the llama.cpp sources in the llama-cpp-python sdist.")
+@click.option("--script", "script_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A JSON list of distinct text pieces: greedy decoding then "
+                                 "emits them in order after any prompt, and the MTP heads "
+                                 "predict them (for testing parsers and drafting).")
+def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template: str,
+          script_file: Path | None) -> None:
+    """Write a synthetic Step 3.5 checkpoint (hub layout, random weights) to the new folder OUT."""
+    import json
+
+    from ..synth import synth as run_synth
+
+    script: list = []
+    if script_file is not None:
+        try:
+            script = json.loads(script_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise StepGGUFError(f"{script_file} is not JSON ({exc})") from None
+        if not isinstance(script, list) or not all(isinstance(x, str) for x in script):
+            raise StepGGUFError(f"{script_file} must hold a JSON list of strings")
+    chat_template = None
+    if template == "step35":
+        from ..runtime.build import STEP35_TEMPLATE, sdist_text
+
+        chat_template = sdist_text(STEP35_TEMPLATE)
+    bar = _ByteBar(f"writing {preset} checkpoint")
+    try:
+        run_synth(out, preset, seed=seed, fp8=fp8, step3p7=step3p7, on_start=bar.start,
+                  on_bytes=bar.advance, script=script, chat_template=chat_template)
+    finally:
+        bar.close()
+    click.echo(f"wrote {out}")

@@ -1,0 +1,302 @@
+"""Commands that run a model: plan, run, chat, serve, rpc-server, each placed by the planner
+and driven through our llama-server."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import StepGGUFError
+from .progress import _human
+
+
+def _profiles_help() -> str:
+    from ..plan import CUSTOM, PROFILES
+
+    return "; ".join(f"{p.name}: {p.what}" for p in PROFILES.values()) + \
+        f"; {CUSTOM}: give --ram and --mem-bw (and --vram, --gpu-bw)"
+
+
+_rpc_option = click.option(
+    "--rpc", default=None, metavar="HOST:PORT[=GiB],...",
+    help="ggml RPC hosts (`step-gguf rpc-server` on each) that take whole layers this machine "
+         "cannot hold; each host's free memory is asked unless given as =GiB. Hosts are taken "
+         "to read memory as fast as this machine.")
+
+
+_draft_option = click.option(
+    "--draft", type=click.Path(path_type=Path), default=None, metavar="FILE",
+    help="Draft with the MTP heads of this separate GGUF (`--mtp split`'s output, or another "
+         "tool's step35 draft) [for a GGUF without heads of its own: NAME-mtp.gguf beside it, "
+         "if there].")
+
+
+def _drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> Path | None:
+    """The separate draft to load (given, or found beside the model); says on stderr which
+    was found unless the output is JSON (which names it)."""
+    from ..draft import resolve
+
+    found = resolve(model, draft, mtp)
+    if say and draft is None and found is not None:
+        click.echo(f"drafting with {found}, found beside {model.name}", err=True)
+    return found
+
+
+def _rpc_hosts(spec: str | None, machine) -> tuple:
+    if not spec:
+        return ()
+    from ..runtime import rpc
+
+    return tuple(rpc.hosts(spec, machine.mem_bw))
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", required=True, metavar="NAME",
+              help="The machine. " + _profiles_help() + ".")
+@click.option("-c", "--ctx", type=click.IntRange(1), default=32768, show_default=True,
+              help="Context length in tokens.")
+@click.option("--scheme", default=None,
+              help="For a checkpoint or config.json: the quantization scheme to price "
+                   "[int4-mixed]. A GGUF is planned as it is.")
+@click.option("--kv-type", default=None, help="KV cache type (f16, q8_0, q4_0, ...) [chosen].")
+@click.option("--parallel", type=click.IntRange(1), default=1, show_default=True,
+              help="Sequences llama-server decodes at once (its -np).")
+@click.option("--no-mtp", is_flag=True, help="Plan without the MTP draft heads.")
+@_draft_option
+@click.option("--vram", type=float, default=None, help="GPU memory, GiB (overrides the profile).")
+@click.option("--ram", type=float, default=None, help="System memory, GiB.")
+@click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s.")
+@click.option("--gpu-bw", type=float, default=None, help="GPU memory read bandwidth, GB/s.")
+@_rpc_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
+         parallel: int, no_mtp: bool, draft: Path | None, vram: float | None, ram: float | None,
+         mem_bw: float | None, gpu_bw: float | None, rpc: str | None, as_json: bool) -> None:
+    """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
+    predicted prompt and decode speed, and the llama-server command that runs it so.
+
+    MODEL is a GGUF, a checkpoint folder or a bare config.json (priced under --scheme, so the
+    real 196B model can be planned without its weights). Everything that runs for every token
+    goes on the GPU first, MTP heads included; then as many routed experts as fit. With
+    --rpc, RPC hosts take whole layers, only those this machine cannot hold.
+    """
+    import json
+
+    from .. import plan as planner
+    from ..facts import read_facts
+
+    machine = planner.machine(profile, vram_gb=vram, ram_gb=ram, mem_bw_gbs=mem_bw,
+                              gpu_bw_gbs=gpu_bw)
+    draft = _drafting(model, draft, not no_mtp, say=not as_json)
+    p = planner.plan(read_facts(model, scheme, draft), machine, ctx, kv_type=kv_type,
+                     mtp=not no_mtp, parallel=parallel, rpc=_rpc_hosts(rpc, machine))
+    # a config or checkpoint is planned as the GGUF it would become; a split GGUF is loaded from
+    # its first shard, whichever shard was named
+    from ..gguf_source import first_shard
+
+    target = str(first_shard(model)) if model.is_file() and model.suffix == ".gguf" else "MODEL.gguf"
+    if as_json:
+        click.echo(json.dumps(p.to_json(target), indent=1))
+        return
+    click.echo(f"{p.model.name} on {machine.name} ({machine.what}), ctx {ctx}, KV {p.kv_type}, "
+               f"batch {p.n_batch}/{p.n_ubatch}, MTP {'on' if p.mtp else 'off'}"
+               + (f" (heads from {Path(p.model.draft).name})" if p.mtp and p.model.draft else ""))
+    classes = p.classes()
+    kinds = sorted({k for per in classes.values() for k in per})
+    for d in p.devices:
+        if d.endpoint:
+            click.echo(f"{d.name} is the RPC host {d.endpoint}")
+    click.echo(f"{'':<22}" + "".join(f"{d.name:>12}" for d in p.devices))
+    for k in kinds:
+        click.echo(f"{k:<22}" + "".join(f"{_human(classes[d.name].get(k, 0)):>12}" for d in p.devices))
+    for k in sorted({k for d in p.devices for k in d.extra}):
+        click.echo(f"{k:<22}" + "".join(f"{_human(d.extra.get(k, 0)):>12}" for d in p.devices))
+    click.echo(f"{'total / usable':<22}" + "".join(
+        f"{_human(d.bytes) + ' / ' + _human(d.capacity):>24}" for d in p.devices))
+    click.echo(f"predicted: prompt {p.predicted_prompt_tps:.0f} tok/s, decode "
+               f"{p.predicted_decode_tps:.1f} tok/s ({p.predicted_decode_tps_full:.1f} at a full "
+               f"context), without MTP drafting")
+    for note in p.notes:
+        click.echo(f"note: {note}")
+    click.echo("llama-server " + shlex.join(p.server_args(target)))
+
+
+def _planned(model: Path, profile: str | None, ctx: int, mtp: bool, rpc: str | None = None,
+             draft: Path | None = None, say: bool = True):
+    """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
+    or without one this machine's memory on the CPU (a GPU build needs --profile); drafting
+    with `draft` or the draft found beside the model, checked before any server starts."""
+    from .. import plan as planner
+    from ..facts import read_facts
+    from ..runtime import installed
+
+    if profile is None:
+        if installed.check().backend != "cpu":
+            raise StepGGUFError("this runtime is built for a GPU: give --profile (see step-gguf "
+                                "plan --help) so that the plan knows its memory")
+        from ..probe import ram_bytes
+
+        machine = planner.machine("cpu", ram_gb=ram_bytes() / planner.GiB)
+    else:
+        machine = planner.machine(profile)
+    draft = _drafting(model, draft, mtp, say)
+    return planner.plan(read_facts(model, draft=draft), machine, ctx, mtp=mtp,
+                        rpc=_rpc_hosts(rpc, machine))
+
+
+def _stream(kind: str, text: str) -> None:
+    # reasoning goes to stderr, dimmed, so that stdout holds the answer alone
+    if kind == "reasoning":
+        click.secho(text, nl=False, err=True, dim=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _model_options(f):
+    for option in reversed([
+        click.option("-c", "--ctx", type=click.IntRange(1), default=4096, show_default=True,
+                     help="Context length."),
+        click.option("--profile", default=None, metavar="NAME",
+                     help="Machine profile for the placement plan (see step-gguf plan) "
+                          "[this machine's CPU]."),
+        click.option("--no-mtp", is_flag=True,
+                     help="Do not draft with MTP heads, the GGUF's or a draft's (on by default "
+                          "when there are some)."),
+        _draft_option,
+        _rpc_option,
+    ]):
+        f = option(f)
+    return click.argument("model", type=click.Path(path_type=Path))(f)
+
+
+@click.command()
+@_model_options
+@click.option("-p", "--prompt", default="Hello! Who are you?", show_default=True,
+              help="User message, sent through the GGUF's chat template.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="Most tokens to generate (reasoning included).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for the server's sampler (answers are greedy: temperature 0).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
+def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+        rpc: str | None, prompt: str, max_tokens: int, seed: int, as_json: bool) -> None:
+    """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
+    with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
+    import json
+
+    from ..runtime import server
+
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json)
+    with server.serve(model, plan=p) as url:
+        reply = server.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                           seed=seed, on_text=None if as_json else _stream)
+    if as_json:
+        click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp,
+                                                 "mtp_draft": p.model.draft if p.mtp else None},
+                              indent=1))
+        return
+    click.echo("")
+    accepted = f", MTP acceptance {reply.acceptance:.0%}" if reply.acceptance is not None else ""
+    click.echo(f"[{reply.prompt_tokens} prompt tokens at {reply.prompt_tps:.1f} tok/s, "
+               f"{reply.completion_tokens} generated at {reply.decode_tps:.1f} tok/s{accepted}]",
+               err=True)
+
+
+@click.command()
+@_model_options
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Most tokens to generate per answer (reasoning included).")
+@click.option("--system", default=None, help="System message.")
+def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+         rpc: str | None, max_tokens: int, system: str | None) -> None:
+    """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
+    from ..runtime import server
+
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft)
+    messages = [{"role": "system", "content": system}] if system else []
+    with server.serve(model, plan=p) as url:
+        while True:
+            try:
+                line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+            except (EOFError, click.Abort):
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = server.chat(url, messages, max_tokens=max_tokens, on_text=_stream)
+            click.echo("")
+            messages.append({"role": "assistant", "content": reply.text})
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the server the way Ctrl-C does
+
+
+def _hold_until_stopped(server, announce: str) -> None:
+    """Keep the `server` context (yielding its address) open until Ctrl-C or SIGTERM; print
+    the address alone on stdout for scripts, `announce` (formatted with it) on stderr."""
+    import signal
+
+    # SIGINT too: a process started in the background inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler of its own
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    try:
+        with server as address:
+            click.echo(announce.format(address), err=True)
+            click.echo(address)
+            sys.stdout.flush()
+            signal.pause()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+
+
+@click.command()
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="Port to listen on (llama-server's own default).")
+@click.option("--api-key", default=None, help="Key clients must send (Authorization: Bearer).")
+def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+          rpc: str | None, host: str, port: int, api_key: str | None) -> None:
+    """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
+    MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
+    import contextlib
+
+    from ..runtime import server
+
+    @contextlib.contextmanager
+    def base_url():
+        with server.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft),
+                         host=host, port=port, api_key=api_key) as url:
+            yield f"{url}/v1"
+
+    _hold_until_stopped(base_url(), f"serving {model.name} at {{}} (OpenAI-compatible); Ctrl-C stops")
+
+
+@click.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. ggml's RPC protocol has no authentication: bind a LAN "
+                   "address only on a network you trust.")
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True,
+              help="Port to listen on (ggml-rpc-server's own default).")
+@click.option("-t", "--threads", type=click.IntRange(1), default=None, help="CPU threads [all cores].")
+def rpc_server(host: str, port: int, threads: int | None) -> None:
+    """Lend this machine's memory to another's `step-gguf run/serve --rpc HOST:PORT`: runs
+    our ggml-rpc-server (same build, same protocol) until Ctrl-C."""
+    from ..runtime import rpc, server
+
+    if host not in server.LOOPBACK:
+        click.echo(f"warning: {host}:{port} accepts unauthenticated RPC from anyone who can "
+                   "reach it", err=True)
+    _hold_until_stopped(rpc.start(port, host, threads),
+                        "ggml RPC host at {0}; use --rpc {0} on the machine that runs the model; "
+                        "Ctrl-C stops")

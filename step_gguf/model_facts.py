@@ -1,0 +1,96 @@
+"""What placement and pricing know of a Step 3.5 model, whichever file it came from: its
+tensors (GGUF names and sizes) and the shapes that size its caches and buffers. Pure data:
+read from a GGUF or a checkpoint by `facts`, consumed by the planner."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_BLK = re.compile(r"^blk\.(\d+)\.")
+# routed expert tensors, by GGUF name
+EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.")
+
+
+def layer_of_gguf(name: str) -> int | None:
+    m = _BLK.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    bytes: int
+    n_params: int
+    draft: bool = False     # from a separate draft GGUF (llama.cpp loads it as a second model)
+
+    @property
+    def layer(self) -> int | None:
+        return layer_of_gguf(self.name)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What placement needs to know about a model, from a GGUF header or a config + recipe."""
+
+    name: str
+    n_layer: int                    # trunk
+    n_nextn: int                    # MTP blocks after the trunk
+    is_swa: tuple[bool, ...]        # per layer, trunk + MTP
+    n_head_kv: tuple[int, ...]
+    head_dim: int
+    window: int
+    n_vocab: int
+    n_embd: int
+    n_expert: int
+    n_expert_used: int
+    expert_ff: int
+    max_heads: int
+    n_ctx_train: int
+    tensors: tuple[Tensor, ...]
+    draft: str | None = None        # the separate draft GGUF whose tensors are among `tensors`
+
+    def kind(self, t: Tensor) -> str:
+        """The class a tensor is reported and placed under."""
+        layer = t.layer
+        if layer is not None and layer >= self.n_layer:
+            return "mtp"
+        if t.draft:  # the draft file's own embeddings, output and norms, loaded a second time
+            return "draft_shared"
+        if EXPERTS.match(t.name):
+            return "experts"
+        if t.name.startswith("token_embd"):
+            return "embeddings"
+        if t.name.startswith("output"):
+            return "output"
+        if "_shexp" in t.name:
+            return "shared"
+        if "attn" in t.name:
+            return "attention"
+        if "ffn_gate_inp" in t.name or "exp_probs" in t.name:
+            return "router"
+        if "norm" in t.name:
+            return "norms"
+        return "dense"
+
+    def read_per_token(self, t: Tensor) -> float:
+        """Bytes one decoded token reads of `t`."""
+        if t.name.startswith("token_embd"):
+            return t.bytes / self.n_vocab
+        if EXPERTS.match(t.name):
+            return t.bytes * self.n_expert_used / self.n_expert
+        return t.bytes
+
+    def active_params(self, t: Tensor) -> float:
+        return self.read_per_token(t) / t.bytes * t.n_params if t.bytes else 0.0
+
+    def in_trunk(self, t: Tensor) -> bool:
+        """Whether a plain decoding step (no drafting) reads `t`."""
+        return not t.draft and (t.layer is None or t.layer < self.n_layer)
+
+    def heads_have_lm_head(self) -> bool:
+        """Whether every MTP head has its own LM head (nextn.shared_head_head): the output
+        matrix then serves the trunk alone, and a draft file's copy of it is never read."""
+        names = {t.name for t in self.tensors}
+        return all(f"blk.{i}.nextn.shared_head_head.weight" in names
+                   for i in range(self.n_layer, self.n_layer + self.n_nextn))

@@ -1,0 +1,56 @@
+"""Memory arithmetic of a placement: the KV cache llama.cpp allocates per layer (window-sized
+on sliding layers), compute buffers, llama-server's context checkpoints, and what a decode
+step reads of the cache."""
+
+from __future__ import annotations
+
+from ..model_facts import ModelFacts
+
+
+KV_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
+            "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+
+
+def pad256(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+def kv_positions(m: ModelFacts, layer: int, ctx: int, n_ubatch: int, n_seq: int = 1) -> int:
+    """Cache cells llama.cpp allocates for `layer` (window-sized sliding cache, unified KV:
+    src/llama-kv-cache-iswa.cpp)."""
+    if m.is_swa[layer] and m.window:
+        return pad256(min(ctx, m.window * n_seq + n_ubatch))
+    return pad256(ctx)
+
+
+def _position_bytes(m: ModelFacts, layer: int, kv_type: str) -> float:
+    """K and V of one cached position of `layer`."""
+    return m.n_head_kv[layer] * m.head_dim * 2 * KV_TYPES[kv_type]
+
+
+def kv_bytes(m: ModelFacts, layers: range, ctx: int, kv_type: str, n_ubatch: int,
+             n_seq: int = 1) -> int:
+    return int(sum(kv_positions(m, i, ctx, n_ubatch, n_seq) * _position_bytes(m, i, kv_type)
+                   for i in layers))
+
+
+def compute_buffer(m: ModelFacts, n_ubatch: int) -> int:
+    """Scratch of one context's graph at `n_ubatch` tokens with flash attention: the f32
+    logits dominate, then the experts' gate/up activations, queries and residual copies."""
+    per_token = m.n_vocab + 2 * m.n_expert_used * m.expert_ff + 3 * m.max_heads * m.head_dim \
+        + 8 * m.n_embd
+    return 4 * n_ubatch * per_token
+
+
+def checkpoint_bytes(m: ModelFacts, kv_type: str, n_ubatch: int) -> int:
+    """One llama-server context checkpoint: the sliding layers' cache of one sequence, at most
+    a window plus a micro-batch of positions."""
+    return int(sum((m.window + n_ubatch) * _position_bytes(m, i, kv_type)
+                   for i in range(m.n_layer) if m.is_swa[i]))
+
+
+def kv_read(m: ModelFacts, pos: int, kv_type: str, layers: range | set[int] | None = None) -> float:
+    """Cache bytes one decode step at position `pos` reads in `layers` (default: the trunk):
+    every past position of a full layer, at most a window of a sliding one."""
+    return sum(min(pos, m.window if m.is_swa[i] and m.window else pos) * _position_bytes(m, i, kv_type)
+               for i in (range(m.n_layer) if layers is None else layers) if i < m.n_layer)

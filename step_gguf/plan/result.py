@@ -1,0 +1,146 @@
+"""What a placement returns: the devices and what each holds, and the llama-server flags
+(context, batches, cache type, GPU layers, CPU overrides, RPC split, MTP drafting) and JSON
+that carry it out."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from ..model_facts import ModelFacts, Tensor, layer_of_gguf
+from .machines import Profile
+from .memory import kv_bytes
+
+
+@dataclass
+class Device:
+    name: str
+    capacity: int               # bytes the plan may use here
+    bandwidth: float            # bytes/s a decode step reads at
+    tensors: list[Tensor] = field(default_factory=list)
+    extra: dict[str, int] = field(default_factory=dict)   # KV, compute buffers, checkpoints
+    kv_layers: set[int] = field(default_factory=set)      # layers whose cache lives here
+    endpoint: str | None = None                           # an RPC host's host:port
+    link_bw: float = 0.0                                  # bytes/s of the network to it
+    output: bool = False                                  # an RPC host holding the output layer
+
+    @property
+    def weights(self) -> int:
+        return sum(t.bytes for t in self.tensors)
+
+    @property
+    def bytes(self) -> int:
+        return self.weights + sum(self.extra.values())
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.bytes
+
+
+@dataclass
+class Plan:
+    model: ModelFacts
+    profile: Profile
+    ctx: int
+    kv_type: str
+    n_batch: int
+    n_ubatch: int
+    parallel: int
+    checkpoints: int
+    mtp: bool
+    devices: list[Device]
+    gpu_layers: int                 # llama.cpp's -ngl: layers (the output counts as one) off the CPU
+    cpu_tensors: list[str]          # tensors overridden to the CPU while the layers are on the GPU
+    predicted_decode_tps: float
+    predicted_decode_tps_full: float
+    predicted_prompt_tps: float
+    notes: list[str]
+    rpc: list[str] = field(default_factory=list)          # every --rpc endpoint, in order
+    tensor_split: list[int] = field(default_factory=list)  # layers per RPC host, then the GPU
+
+    @property
+    def kv_bytes(self) -> int:
+        return kv_bytes(self.model, range(self.model.n_layer), self.ctx, self.kv_type,
+                        self.n_ubatch, self.parallel)
+
+    def classes(self) -> dict[str, dict[str, int]]:
+        """Weight bytes per class on each device."""
+        out: dict[str, dict[str, int]] = {}
+        for d in self.devices:
+            per = out.setdefault(d.name, {})
+            for t in d.tensors:
+                k = self.model.kind(t)
+                per[k] = per.get(k, 0) + t.bytes
+        return out
+
+    def override_patterns(self) -> list[str]:
+        """`-ot` regexes that keep exactly `cpu_tensors` in system memory: one per set of
+        layers, naming the tensors that set keeps there."""
+        by_tensor: dict[str, set[int]] = {}
+        for name in self.cpu_tensors:
+            layer, _, suffix = name.partition(".")[2].partition(".")
+            by_tensor.setdefault(suffix, set()).add(int(layer))
+        by_layers: dict[tuple[int, ...], list[str]] = {}
+        for suffix, layers in by_tensor.items():
+            by_layers.setdefault(tuple(sorted(layers)), []).append(re.escape(suffix))
+        return [rf"^blk\.({'|'.join(map(str, layers))})\.({'|'.join(sorted(tails))})$"
+                for layers, tails in by_layers.items()]
+
+    def server_args(self, model_path: str) -> list[str]:
+        """The llama-server command line that runs the plan."""
+        return ["-m", model_path, *self.server_flags()]
+
+    def server_flags(self) -> list[str]:
+        """llama-server's flags for the plan, all but the model."""
+        args = ["-c", str(self.ctx), "-b", str(self.n_batch),
+                "-ub", str(self.n_ubatch), "-np", str(self.parallel),
+                "--ctx-checkpoints", str(self.checkpoints), "-ctk", self.kv_type,
+                "-ctv", self.kv_type, "-fa", "on", "-ngl", str(self.gpu_layers)]
+        if self.rpc:
+            args += ["--rpc", ",".join(self.rpc),
+                     "--tensor-split", ",".join(map(str, self.tensor_split))]
+        if self.gpu_layers:
+            args += [a for p in self.override_patterns() for a in ("-ot", f"{p}=CPU")]
+        if self.profile.unified:
+            args.append("--no-mmap")  # otherwise the page cache holds a second copy in the pool
+        if self.mtp:
+            # the draft context takes its cache type from the -ctkd/-ctvd pair (f16 otherwise)
+            args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.model.n_nextn),
+                     "-ctkd", self.kv_type, "-ctvd", self.kv_type]
+            if self.model.draft:  # a second model: its own layer count and overrides
+                args += ["--spec-draft-model", self.model.draft, "-ngld", str(self.gpu_layers)]
+                if self.gpu_layers:
+                    args += [a for p in self.draft_cpu_patterns() for a in ("-otd", f"{p}=CPU")]
+        return args + ["--jinja", "--reasoning-format", "deepseek"]
+
+    def draft_cpu_patterns(self) -> list[str]:
+        """`-otd` regexes for the draft model: its experts the plan keeps in system memory, and
+        its copy of the output matrix when no head reads it."""
+        heads = [n for n in self.cpu_tensors if (layer_of_gguf(n) or 0) >= self.model.n_layer]
+        keep = replace(self, cpu_tensors=heads).override_patterns()
+        if self.model.heads_have_lm_head():
+            keep.append(r"^output\.weight$")
+        return keep
+
+    def to_json(self, model_path: str) -> dict:
+        classes = self.classes()
+        return {
+            "model": self.model.name, "profile": self.profile.name, "ctx": self.ctx,
+            "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch, "parallel": self.parallel,
+            "ctx_checkpoints": self.checkpoints, "mtp": self.mtp, "gpu_layers": self.gpu_layers,
+            "draft": self.model.draft if self.mtp else None,
+            "rpc": self.rpc, "tensor_split": self.tensor_split,
+            # a draft file's tensors apart: its copies share names with the model's
+            "devices": [{"name": d.name, "endpoint": d.endpoint, "capacity": d.capacity,
+                         "bytes": d.bytes, "weights": d.weights, "buffers": dict(d.extra),
+                         "classes": classes.get(d.name, {}),
+                         "tensors": [t.name for t in d.tensors if not t.draft],
+                         "draft_tensors": [t.name for t in d.tensors if t.draft]}
+                        for d in self.devices],
+            "cpu_overrides": self.override_patterns() if self.gpu_layers else [],
+            "predicted_decode_tps": round(self.predicted_decode_tps, 3),
+            "predicted_decode_tps_full_ctx": round(self.predicted_decode_tps_full, 3),
+            "predicted_prompt_tps": round(self.predicted_prompt_tps, 3),
+            "server_args": self.server_args(model_path), "notes": self.notes,
+        }

@@ -1,0 +1,84 @@
+"""ggml's device registry in this process, through ctypes: the buffer types and GPUs models
+load onto, and RPC hosts registered as devices."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+from ..errors import RuntimeMissingError, StepGGUFError
+from .installed import _FIX, check
+
+
+_GGML_API = (("ggml_backend_dev_count", ctypes.c_size_t, []),
+             ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+             ("ggml_backend_dev_buffer_type", ctypes.c_void_p, [ctypes.c_void_p]),
+             ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+             ("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
+             ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+             ("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p]),
+             ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+             ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+             ("ggml_backend_register", None, [ctypes.c_void_p]),
+             ("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p]))
+
+
+_DEVICE_GPU, _DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type
+
+
+@functools.cache
+def libggml() -> ctypes.CDLL:
+    """The ggml that libllama itself links: its device registry is the one models load from
+    (llama-cpp-python's own `_ggml` module opens a second copy with a registry of its own)."""
+    check()
+    import llama_cpp  # noqa: PLC0415
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    found = sorted(lib_dir.glob("libggml.so.*"), key=lambda f: len(f.name)) or sorted(lib_dir.glob("libggml.*"))
+    if not found:
+        raise RuntimeMissingError(f"libggml is missing from {lib_dir}; {_FIX}")
+    lib = ctypes.CDLL(str(found[0]))
+    for fn, res, args in _GGML_API:
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    llama_cpp.llama_backend_init()
+    return lib
+
+
+def buffer_type(name: str) -> int:
+    """The ggml buffer type called `name` ("CPU", "CUDA0", ...) on this build's devices."""
+    lib = libggml()
+    names = []
+    for i in range(lib.ggml_backend_dev_count()):
+        buft = lib.ggml_backend_dev_buffer_type(lib.ggml_backend_dev_get(i))
+        names.append(lib.ggml_backend_buft_name(buft).decode())
+        if names[-1] == name:
+            return buft
+    raise StepGGUFError(f"this runtime has no {name} buffer type (it has {', '.join(names)})")
+
+
+def local_gpus() -> list[int]:
+    """This machine's GPU devices, as llama.cpp picks them by default (integrated ones only
+    without a discrete one); RPC hosts are not among them."""
+    lib = libggml()
+    found: dict[int, list[int]] = {_DEVICE_GPU: [], _DEVICE_IGPU: []}
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        kind = lib.ggml_backend_dev_type(dev)
+        reg = lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)).decode()
+        if kind in found and not reg.startswith("RPC"):
+            found[kind].append(dev)
+    return found[_DEVICE_GPU] or found[_DEVICE_IGPU]
+
+
+def rpc_device(endpoint: str) -> int:
+    """Register the ggml RPC server at `endpoint` in this process; its device. The server must
+    have answered already (step_gguf.runtime.rpc probes it): a failed handshake aborts."""
+    lib = libggml()
+    rpc = lib.ggml_backend_reg_by_name(b"RPC")
+    add = rpc and lib.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server")
+    if not add:
+        raise RuntimeMissingError(f"this runtime was built without ggml RPC; {_FIX}")
+    reg = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add)(endpoint.encode())
+    lib.ggml_backend_register(reg)
+    return lib.ggml_backend_reg_dev_get(reg, 0)

@@ -1,0 +1,171 @@
+"""Our llama-server for the length of a block (`serve`), and the one chat client step-gguf
+talks to it with (`chat`, returning a `Reply`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+from ..errors import StepGGUFError
+from ..gguf_source import first_shard
+from .installed import check
+from .process import child, free_port
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@contextlib.contextmanager
+def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int | None = None,
+          host: str = "127.0.0.1", n_ctx: int = 4096, extra_args: Sequence[str] = (),
+          api_key: str | None = None, startup_timeout: float = 120.0,
+          log_path: Path | None = None, server: Path | None = None) -> Iterator[str]:
+    """Run our `llama-server` for the block's duration; yields its base URL. `plan` gives its
+    context, placement, cache, batch and MTP flags (then `n_ctx` is the plan's). It binds to
+    loopback unless `host` says otherwise, which needs an `api_key`. `server` runs the
+    llama-server of another build instead (stock llama.cpp, for comparisons). A plan made
+    with a separate draft GGUF (facts.read(..., draft=)) drafts from it."""
+    if plan is not None and plan.mtp and plan.model.draft:
+        # checked against the model when planned; it must still be there
+        if not Path(plan.model.draft).is_file():
+            raise StepGGUFError(f"draft {plan.model.draft} does not exist any more; plan again")
+        log.info("drafting with the MTP heads of %s", plan.model.draft)
+    if host not in LOOPBACK and not api_key:
+        raise StepGGUFError(f"serving on {host} exposes the model to the network; give --api-key "
+                            "(or serve on 127.0.0.1)")
+    server = server or check().tool("llama-server")
+    if not Path(gguf_path).is_file():
+        raise StepGGUFError(f"{gguf_path} does not exist; give a GGUF file")
+    gguf_path = first_shard(gguf_path)  # any shard of a split model: llama.cpp wants the first
+    port = port or free_port()
+    args = [str(server), "-m", str(gguf_path), "--host", host, "--port", str(port),
+            *(plan.server_flags() if plan is not None else ["-c", str(n_ctx)]), *extra_args]
+    if api_key:
+        args += ["--api-key", api_key]
+    url = base_url(host, port)
+    with child(args, f"llama-server loading {gguf_path}", lambda: _healthy(url),
+               startup_timeout, log_path):
+        yield url
+
+
+def base_url(host: str, port: int) -> str:
+    """The address clients reach a server bound to `host` at: a wildcard bind is reached on
+    loopback, and an IPv6 address goes in brackets (RFC 3986)."""
+    host = {"0.0.0.0": "127.0.0.1", "localhost": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Reply:
+    """One chat turn as llama-server returned it: the answer apart from the reasoning, parsed
+    tool calls, token counts, speeds and what MTP drafting achieved."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tps: float = 0.0
+    decode_tps: float = 0.0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "reasoning": self.reasoning, "tool_calls": self.tool_calls,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2),
+                "mtp": {"drafted": self.draft_tokens, "accepted": self.draft_accepted,
+                        "acceptance": None if self.acceptance is None else round(self.acceptance, 4)}}
+
+
+def chat(url: str, messages: list[dict], *, max_tokens: int = 256, seed: int = 0,
+         temperature: float = 0.0, tools: list[dict] | None = None, api_key: str | None = None,
+         on_text: Callable[[str, str], None] | None = None, timeout: float = 600) -> Reply:
+    """One chat completion from a running server. With `on_text`, the reply streams and each
+    piece is passed on as (kind, text), kind being "reasoning" or "text"."""
+    body = {"messages": messages, "max_tokens": max_tokens, "seed": seed,
+            "temperature": temperature, "stream": on_text is not None}
+    if tools:
+        body["tools"] = tools
+    if on_text is not None:
+        body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json",
+                                  **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    reply = Reply()
+    calls: dict[int, dict] = {}
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if on_text is None:
+                out = json.load(resp)
+                msg = out["choices"][0]["message"]
+                reply.text, reply.reasoning = msg.get("content") or "", msg.get("reasoning_content") or ""
+                reply.tool_calls = msg.get("tool_calls") or []
+                _usage(reply, out)
+                return reply
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                _usage(reply, chunk)
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    for kind, key in (("reasoning", "reasoning_content"), ("text", "content")):
+                        if piece := delta.get(key):
+                            setattr(reply, kind, getattr(reply, kind) + piece)
+                            on_text(kind, piece)
+                    for call in delta.get("tool_calls") or []:
+                        _merge_call(calls.setdefault(call.get("index", 0), {}), call)
+    except urllib.error.HTTPError as exc:
+        raise StepGGUFError(f"llama-server refused the request: {exc.code} "
+                            f"{exc.read().decode(errors='replace')[:200]}") from None
+    except (OSError, ValueError) as exc:
+        raise StepGGUFError(f"talking to llama-server at {url} failed: {exc}") from None
+    reply.tool_calls = [calls[i] for i in sorted(calls)]
+    return reply
+
+
+def _merge_call(into: dict, delta: dict) -> None:
+    """Streamed tool calls arrive as pieces of one call; join them."""
+    into.setdefault("type", "function")
+    if "id" in delta:
+        into["id"] = delta["id"]
+    fn = into.setdefault("function", {"name": "", "arguments": ""})
+    for key in ("name", "arguments"):
+        fn[key] += (delta.get("function") or {}).get(key) or ""
+
+
+def _usage(reply: Reply, out: dict) -> None:
+    if usage := out.get("usage"):
+        reply.prompt_tokens = usage.get("prompt_tokens", reply.prompt_tokens)
+        reply.completion_tokens = usage.get("completion_tokens", reply.completion_tokens)
+    if t := out.get("timings"):
+        reply.prompt_tps = t.get("prompt_per_second", reply.prompt_tps) or 0.0
+        reply.decode_tps = t.get("predicted_per_second", reply.decode_tps) or 0.0
+        reply.draft_tokens = t.get("draft_n", reply.draft_tokens)
+        reply.draft_accepted = t.get("draft_n_accepted", reply.draft_accepted)
