@@ -255,7 +255,7 @@ def _discard_stale(job: OutputJob, lock: Partial, keep: set[Path]) -> None:
             stale.lock()
         except StepGGUFError:
             continue
-        if stale.path.exists() or stale.journal.exists():
+        if stale.left:
             log.warning("removing %s: a partial output of other split limits", stale.path)
             stale.discard()
         stale.unlock()  # removes the lock file a killed run left too

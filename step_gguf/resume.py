@@ -59,6 +59,7 @@ class Partial:
         self.out = out
         self.path = out.with_name(f".{out.name}.partial")
         self.journal = out.with_name(f".{out.name}.partial.json")
+        self._journal_tmp = self.journal.with_name(self.journal.name + ".tmp")  # the next journal
         self._lock_path = out.with_name(f".{out.name}.partial.lock")
         self._lock = None
         self._synced = (0, 0)
@@ -100,7 +101,7 @@ class Partial:
             done, offset = state.get(key, (0, 0))
             if isinstance(done, int) and isinstance(offset, int) and 0 < offset <= self.existing_bytes:
                 point = (done, offset)
-        if point is None and (self.path.exists() or self.journal.exists()):
+        if point is None and self.left:
             why = ("from another plan or version" if isinstance(state, dict)
                    else "left by a run that died before its first tensor")
             log.warning("removing %s: a partial output %s", self.path, why)
@@ -115,16 +116,22 @@ class Partial:
             self._synced, self._since_sync = (done, offset), 0
         state = {"fingerprint": fingerprint, "boot_id": _boot_id(), "written": [done, offset],
                  "synced": list(self._synced)}
-        tmp = self.journal.with_name(self.journal.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.journal)
+        self._journal_tmp.write_text(json.dumps(state))
+        os.replace(self._journal_tmp, self.journal)
+
+    @property
+    def left(self) -> bool:
+        """Whether a run left anything of this partial (a kill can land between a journal's
+        write and its rename)."""
+        return any(f.exists() for f in (self.path, self.journal, self._journal_tmp))
 
     def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.journal.unlink(missing_ok=True)
+        for f in (self.path, self.journal, self._journal_tmp):
+            f.unlink(missing_ok=True)
 
     def finish(self) -> None:
         """Move the complete partial into place and clear its journal and lock."""
         os.replace(self.path, self.out)
         self.journal.unlink(missing_ok=True)
+        self._journal_tmp.unlink(missing_ok=True)
         self.unlock()

@@ -54,7 +54,7 @@ def test_bf16_output_is_bit_exact_and_norms_get_plus_one(checkpoint, gguf_file):
     assert out["rope_freqs.weight"].data.shape == (cfg.head_dim // 2,)
 
 
-def test_q8_0_dequantises_close_to_source(checkpoint, gguf_file):
+def test_q8_0_dequantises_close_to_source(checkpoint, gguf_file, runtime):  # ggml encodes q8_0
     ckpt = Checkpoint(checkpoint("tiny"))
     out = _tensors(gguf_file("tiny", "q8_0"))
     t = out["blk.3.ffn_up_exps.weight"]
@@ -206,7 +206,7 @@ def test_existing_output_survives_a_failed_conversion(tmp_path):
     assert out.read_bytes() == b"previous model"
 
 
-def test_progress_counts_every_source_byte(checkpoint, tmp_path):
+def test_progress_counts_every_source_byte(checkpoint, tmp_path, runtime):  # q8_0: ggml
     seen, totals = [], []
     result = convert(checkpoint("tiny"), tmp_path / "m.gguf", outtype="q8_0",
                      on_start=totals.append, on_bytes=seen.append)

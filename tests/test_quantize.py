@@ -337,21 +337,34 @@ def test_a_failure_mid_write_leaves_the_existing_output(checkpoint, tmp_path, ru
 
 
 @pytest.mark.runtime
-def test_fp8_blocks_other_than_128_measure_as_their_bf16_twin(workdir, runtime):
-    """Budget mode measures each tensor from the checkpoint's own FP8 block size (here 64 x 64):
-    the FP8 source and its dequantized BF16 conversion give the same measured errors, up to
-    the BF16 rounding of the dequantized values (seen: 0.3%)."""
+def test_fp8_blocks_other_than_128_measure_as_their_dequantized_twins(workdir, runtime):
+    """Budget mode measures each tensor with the checkpoint's own FP8 block size (here 64 x 64):
+    the FP8 source gives the errors its dequantized F32 conversion gives (within 1%; seen 0.4%)
+    and its BF16 one (within 8%: BF16 rounding of the values is the size of Q5_K-Q8_0 errors;
+    seen 6%). Measured with 128 x 128 blocks, as before, some tensor is off by more than 10%."""
+    from dataclasses import replace
+
     from step_gguf.budget import measure
     from step_gguf.convert import convert
     from step_gguf.quantize import open_source
     from step_gguf.synth import synth
 
-    fp8 = synth(workdir / "fp8-64", "small", seed=7, fp8=True, fp8_block=64)
-    twin = convert(fp8, workdir / "fp8-64-bf16.gguf", outtype="bf16").outputs[0]
     recipe = load_recipe("int4-mixed")
-    got, want = (measure((s := open_source(src, recipe)).plans, None, s.top_k, None) for src in (fp8, twin))
-    scaled = {p.name for p in open_source(fp8, recipe).plans if p.scale is not None}
-    assert scaled and set(got) == set(want)
-    for name in scaled & set(got):
-        for qtype, error in want[name].items():
-            assert got[name][qtype] == pytest.approx(error, rel=0.02), (name, qtype)
+    fp8 = open_source(synth(workdir / "fp8-64", "small", seed=7, fp8=True, fp8_block=64), recipe)
+    scaled = {p.name for p in fp8.plans if p.scale is not None}
+    assert scaled and all(p.fp8_block == (64, 64) for p in fp8.plans if p.scale is not None)
+
+    def errors(plans):
+        return measure(plans, None, fp8.top_k, None)
+
+    def worst(got, want) -> float:
+        return max(abs(got[n][t] / want[n][t] - 1) for n in scaled & set(got) for t in want[n])
+
+    got = errors(fp8.plans)
+    twins = {}
+    for outtype, bound in (("f32", 0.01), ("bf16", 0.08)):
+        twin = convert(fp8.path, workdir / f"fp8-64-{outtype}.gguf", outtype=outtype).outputs[0]
+        twins[outtype] = errors(open_source(twin, recipe).plans)
+        assert set(got) == set(twins[outtype]) and worst(got, twins[outtype]) <= bound, outtype
+    wrong = [replace(p, fp8_block=(128, 128)) if p.scale is not None else p for p in fp8.plans]
+    assert worst(errors(wrong), twins["f32"]) > 0.1

@@ -353,6 +353,8 @@ def test_partials_of_other_split_limits_are_removed(big, tmp_path):
     _run_killed(["convert", str(big), "-o", str(out), "--outtype", "f16", "--split-max-tensors", "100"],
                 tmp_path / ".m-00002-of-00003.gguf.partial.json", 3, random.Random(1))
     assert len(list(tmp_path.glob(".m-0000*-of-00003.gguf.partial"))) == 2
+    # and a journal a kill caught between its write and its rename
+    (tmp_path / ".m-00003-of-00003.gguf.partial.json.tmp").write_text("{")
     result = _cli("convert", big, "-o", out, "--outtype", "f16", "--split-max-tensors", "150")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
