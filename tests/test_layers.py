@@ -136,3 +136,15 @@ def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path):
     fake.write_text("def f():\n    from .cli import main\n    from . import plan\n")
     ours, _ = _imports("errors", fake, {"cli", "plan", "plan.__init__"})
     assert ours == {"cli", "plan"}
+
+
+def test_modules_and_functions_stay_small():
+    """A module that outgrows ~400 lines, or a function ~60, is doing more than one job."""
+    big = []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            big.append(f"{name}: {len(text.splitlines())} lines")
+        big += [f"{name}.{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(ast.parse(text))
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 60]
+    assert not big, big
