@@ -68,3 +68,13 @@ def test_a_long_build_shows_its_stages_and_compile_steps(capsys):
     assert len(steps) == 11 and steps[-1].strip().startswith("compiled 235/235 steps")
     done = [int(line.split()[1].split("/")[0]) for line in steps]
     assert done == sorted(done) and done[0] == 1
+
+
+def test_run_without_ctx_takes_the_longest_context_and_says_so(runtime, gguf_file):
+    from step_gguf.facts import read_facts
+
+    path = gguf_file("tiny", "bf16")
+    result = CliRunner().invoke(main, ["run", str(path), "-p", "Hi", "-n", "2"])
+    assert result.exit_code == 0, result.output
+    # this machine holds the tiny model's whole context
+    assert f"context: {read_facts(path).n_ctx_train} tokens" in result.stderr

@@ -15,6 +15,7 @@ import gguf
 import pytest
 from click.testing import CliRunner
 
+from scripted import REASONING, scripted_checkpoint
 from step_gguf import plan as P
 from step_gguf.facts import _with_draft, read_facts
 from step_gguf.cli import main
@@ -162,21 +163,12 @@ def test_a_wrong_draft_is_one_line(pair, checkpoint, tmp_path):
 
 # ---------------------------------------------------------------- on the runtime
 
-REASONING = ["The user", " wants", " the weather", " in Paris."]
-CALL = ["\n</think>\n", "<tool_call>\n<function=get_weather>\n",
-        "<parameter=city>\nParis\n</parameter>\n", "</function>\n</tool_call>"]
-
-
 @pytest.fixture(scope="module")
 def scripted_pair(workdir, runtime):
     """(embedded, trunk, draft) of a scripted model whose heads predict its greedy text."""
-    from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
-    from step_gguf.synth import synth
-
     whole, trunk = workdir / "draft-scripted.gguf", workdir / "draft-scripted-pair" / "trunk.gguf"
     if not whole.exists():
-        ckpt = synth(workdir / "draft-scripted", "tiny", script=REASONING + CALL,
-                     chat_template=sdist_text(STEP35_TEMPLATE), rope_orig_ctx=1024)
+        ckpt = scripted_checkpoint(workdir / "draft-scripted")
         convert(ckpt, whole, outtype="bf16")
         convert(ckpt, trunk, outtype="bf16", mtp="split", draft_out=draft_path(trunk))
     return whole, trunk, draft_path(trunk)

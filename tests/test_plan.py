@@ -216,3 +216,29 @@ def test_a_failed_local_fit_leaves_no_note_in_the_rpc_plan(real):
     p = P.plan(real, machine, 32768, rpc=_hosts(64, 64))
     assert [d.name for d in p.devices][:2] == ["GPU", "CPU"] and p.rpc
     assert not any("everything runs on the CPU" in n for n in p.notes), p.notes
+
+
+def test_longest_context_on_a_24gb_card(real):
+    """Without --ctx, serve/run/chat plan the longest context the machine holds: on a 24 GB card
+    with 128 GB of RAM the real model gets at least 64K (here its whole 256K, in q8_0), and
+    every device stays within what the profile gives it."""
+    machine = P.machine("gpu-24gb")
+    p = P.longest(real, machine)
+    assert p.ctx >= 65536 and p.ctx % 256 == 0
+    assert all(d.bytes <= d.capacity for d in p.devices)
+    gpu, cpu = p.devices
+    assert gpu.bytes <= machine.vram and cpu.bytes <= machine.ram
+    if p.ctx < real.n_ctx_train:  # the longest: 256 tokens more would not fit
+        with pytest.raises(StepGGUFError):
+            P.plan(real, machine, p.ctx + 256)
+
+
+def test_longest_context_stops_where_memory_does(real):
+    """On a CPU machine whose RAM ends before the model's context does, the chosen context
+    fits and the next step of 256 does not."""
+    machine = P.machine("cpu")
+    p = P.longest(real, machine)
+    assert 4096 <= p.ctx < real.n_ctx_train
+    assert sum(d.bytes for d in p.devices) <= P.usable(machine)[1]
+    with pytest.raises(StepGGUFError):
+        P.plan(real, machine, p.ctx + 256)

@@ -14,30 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from click.testing import CliRunner
 
+from scripted import ASK, REASONING, TOOLS, scripted_checkpoint
 from step_gguf.cli import main
-
-REASONING = ["The user", " wants", " the weather", " in Paris."]
-CALL = ["\n</think>\n", "<tool_call>\n<function=get_weather>\n",
-        "<parameter=city>\nParis\n</parameter>\n", "</function>\n</tool_call>"]
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
 
 @pytest.fixture(scope="module")
 def scripted(workdir, runtime):
     from step_gguf.convert import convert
-    from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
-    from step_gguf.synth import synth
 
     out = workdir / "scripted.gguf"
     if not out.exists():
-        # a 4096-token context: the template's tool prompt alone is ~700 tokens
-        ckpt = synth(workdir / "scripted", "tiny", script=REASONING + CALL,
-                     chat_template=sdist_text(STEP35_TEMPLATE), rope_orig_ctx=1024)
-        convert(ckpt, out, outtype="bf16")
+        convert(scripted_checkpoint(workdir / "scripted"), out, outtype="bf16")
     return out
 
 

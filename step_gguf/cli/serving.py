@@ -125,11 +125,12 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     click.echo("llama-server " + shlex.join(p.server_args(target)))
 
 
-def _planned(model: Path, profile: str | None, ctx: int, mtp: bool, rpc: str | None = None,
+def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: str | None = None,
              draft: Path | None = None, say: bool = True):
     """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
     or without one this machine's memory on the CPU (a GPU build needs --profile); drafting
-    with `draft` or the draft found beside the model, checked before any server starts."""
+    with `draft` or the draft found beside the model, checked before any server starts. Without
+    `ctx`, the longest context the machine holds with the model."""
     from .. import plan as planner
     from ..facts import read_facts
     from ..runtime import installed
@@ -144,8 +145,14 @@ def _planned(model: Path, profile: str | None, ctx: int, mtp: bool, rpc: str | N
     else:
         machine = planner.machine(profile)
     draft = _drafting(model, draft, mtp, say)
-    return planner.plan(read_facts(model, draft=draft), machine, ctx, mtp=mtp,
-                        rpc=_rpc_hosts(rpc, machine))
+    facts, hosts = read_facts(model, draft=draft), _rpc_hosts(rpc, machine)
+    if ctx is not None:
+        return planner.plan(facts, machine, ctx, mtp=mtp, rpc=hosts)
+    p = planner.longest(facts, machine, mtp=mtp, rpc=hosts)
+    if say:
+        click.echo(f"context: {p.ctx} tokens, the longest {machine.name} holds with this model "
+                   f"({p.kv_type} cache; --ctx chooses another)", err=True)
+    return p
 
 
 def _stream(kind: str, text: str) -> None:
@@ -158,8 +165,9 @@ def _stream(kind: str, text: str) -> None:
 
 def _model_options(f):
     for option in reversed([
-        click.option("-c", "--ctx", type=click.IntRange(1), default=4096, show_default=True,
-                     help="Context length."),
+        click.option("-c", "--ctx", type=click.IntRange(1), default=None,
+                     help="Context length [the longest the machine holds with the model, up to "
+                          "the model's own: agents' prompts and tool lists alone take 10-20K]."),
         click.option("--profile", default=None, metavar="NAME",
                      help="Machine profile for the placement plan (see step-gguf plan) "
                           "[this machine's CPU]."),
@@ -183,7 +191,7 @@ def _model_options(f):
               help="Seed for the server's sampler (answers are greedy: temperature 0).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
-def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
         rpc: str | None, prompt: str, max_tokens: int, seed: int, as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
@@ -212,7 +220,7 @@ def run(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | 
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
               help="Most tokens to generate per answer (reasoning included).")
 @click.option("--system", default=None, help="System message.")
-def chat(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
          rpc: str | None, max_tokens: int, system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from ..runtime import server
@@ -265,7 +273,7 @@ def _hold_until_stopped(server, announce: str) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
               help="Port to listen on (llama-server's own default).")
 @click.option("--api-key", default=None, help="Key clients must send (Authorization: Bearer).")
-def serve(model: Path, ctx: int, profile: str | None, no_mtp: bool, draft: Path | None,
+def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
           rpc: str | None, host: str, port: int, api_key: str | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""

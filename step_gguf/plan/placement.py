@@ -58,6 +58,27 @@ def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: str | None = Non
                       ["KV cache in q8_0: in f16 the model and cache do not fit"])
 
 
+def longest(m: ModelFacts, profile: Profile, *, floor: int = 4096, **kw) -> Plan:
+    """The plan with the longest context that fits `profile` (KV type and llama-server's
+    checkpoints included), up to the model's own, in steps of 256 (llama.cpp's cache padding);
+    `kw` as for plan(). Raises as plan() does when not even `floor` tokens fit."""
+    step = 256
+    lo = min(floor, m.n_ctx_train)
+    best = plan(m, profile, lo, **kw)
+    try:
+        return plan(m, profile, m.n_ctx_train, **kw)
+    except StepGGUFError:
+        pass
+    fits, fails = lo // step, m.n_ctx_train // step  # memory grows with the context
+    while fails - fits > 1:
+        mid = (fits + fails) // 2
+        try:
+            best, fits = plan(m, profile, mid * step, **kw), mid
+        except StepGGUFError:
+            fails = mid
+    return best
+
+
 @dataclass(frozen=True)
 class _Setup:
     m: ModelFacts
