@@ -24,3 +24,18 @@ def scripted_checkpoint(folder: Path) -> Path:
         synth(folder, "tiny", script=REASONING + CALL, chat_template=sdist_text(STEP35_TEMPLATE),
               rope_orig_ctx=1024)
     return folder
+
+
+GREETING = ["Bonjour", " from", " the", " page", "."]
+
+
+def greeting_checkpoint(folder: Path) -> Path:
+    """A scripted checkpoint whose every answer is the plain text of GREETING (the template
+    opens a reasoning block, which the script closes at once)."""
+    from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
+    from step_gguf.synth import synth
+
+    if not folder.exists():
+        synth(folder, "tiny", script=["\n</think>\n", *GREETING], chat_template=sdist_text(STEP35_TEMPLATE),
+              rope_orig_ctx=1024)
+    return folder

@@ -62,3 +62,22 @@ def test_sliding_window_cache_is_window_sized(runtime, gguf_file, swa_full):
         # and the planner's arithmetic is what llama.cpp allocated (its log rounds to 0.01 MiB)
         assert sum(c.bytes for c in caches) == pytest.approx(
             P.kv_bytes(m, range(m.n_layer), ctx, "f16", 512), abs=2 * 0.005 * 2**20)
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_every_slots_cache_is_what_the_planner_counts(runtime, gguf_file, tmp_path, slots):
+    """llama-server with the plan's flags for `slots` slots of the model's whole context
+    allocates, by its own log, the KV cache the planner counted: a stream per slot."""
+    from step_gguf.runtime import llama, server
+
+    path = gguf_file("tiny", "bf16")
+    m = read_facts(path)
+    p = P.plan(m, P.machine("cpu", ram_gb=16), m.n_ctx_train, mtp=False, parallel=slots)
+    log = tmp_path / "server.log"
+    with server.serve(path, plan=p, log_path=log, extra_args=["-lv", "4"]):  # info: the cache sizes
+        pass
+    caches = [llama.KVCache(int(g.group(2)), int(g.group(3)), round(float(g.group(1)) * 2**20))
+              for g in map(llama._KV_LINE.search, log.read_text().splitlines()) if g]
+    assert sum(c.layers for c in caches) == m.n_layer
+    assert all(c.cells == p.ctx for c in caches)  # cells of one slot's stream
+    assert sum(c.bytes for c in caches) == pytest.approx(p.kv_bytes, abs=2 * 0.005 * 2**20)

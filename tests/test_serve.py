@@ -171,3 +171,45 @@ def test_base_url_of_each_bind_address(host, url):
     from step_gguf.runtime.server import base_url
 
     assert base_url(host, 8080) == url
+
+
+ROUNDS = 12
+
+
+def _tool_loop(url: str, city: str) -> list[tuple[int, int]]:
+    """An agent's loop: ask, get the call, answer it with the tool's result, ROUNDS times;
+    (prompt tokens, prompt tokens evaluated) of each round."""
+    from step_gguf.runtime import server
+
+    messages = [{"role": "user", "content": f"What is the weather in {city}?"}]
+    seen = []
+    for i in range(ROUNDS):
+        reply = server.chat(url, messages, tools=TOOLS, max_tokens=64)
+        [call] = reply.tool_calls
+        seen.append((reply.prompt_tokens, reply.prompt_evaluated))
+        messages += [{"role": "assistant", "content": reply.text, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call.get("id") or f"call{i}",
+                      "content": json.dumps({"city": city, "round": i, "celsius": 10 + i})}]
+    return seen
+
+
+def test_a_tool_loop_on_each_of_two_slots_evaluates_only_its_new_tokens(scripted):
+    """Two agents at once through `serve --parallel 2`, twelve tool rounds each: every round
+    evaluates only what the round added to the conversation (+64 for the template's seams),
+    not the whole history, so each conversation keeps its own slot and cache."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(scripted), "--port", str(port),
+                             "-c", "4096", "--parallel", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url, proc.stderr.read()
+        with ThreadPoolExecutor(2) as pool:
+            loops = list(pool.map(lambda city: _tool_loop(url.removesuffix("/v1"), city), ["Paris", "Oslo"]))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    for seen in loops:
+        assert seen[-1][0] > 2 * seen[0][0]  # the history grew
+        for (before, _), (total, evaluated) in zip(seen, seen[1:]):
+            assert evaluated <= total - before + 64, seen

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import StepGGUFError
+from ..plan import MAX_SLOTS, SLOT_CTX
 from .progress import _human
 
 
@@ -126,11 +127,12 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
 
 
 def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: str | None = None,
-             draft: Path | None = None, say: bool = True):
+             draft: Path | None = None, say: bool = True, parallel: int | None = 1):
     """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
     or without one this machine's memory on the CPU (a GPU build needs --profile); drafting
     with `draft` or the draft found beside the model, checked before any server starts. Without
-    `ctx`, the longest context the machine holds with the model."""
+    `ctx`, the longest context the machine holds with the model; without `parallel`, as many
+    slots as fit (planner.most_slots)."""
     from .. import plan as planner
     from ..facts import read_facts
     from ..runtime import installed
@@ -145,13 +147,19 @@ def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: 
     else:
         machine = planner.machine(profile)
     draft = _drafting(model, draft, mtp, say)
-    facts, hosts = read_facts(model, draft=draft), _rpc_hosts(rpc, machine)
-    if ctx is not None:
-        return planner.plan(facts, machine, ctx, mtp=mtp, rpc=hosts)
-    p = planner.longest(facts, machine, mtp=mtp, rpc=hosts)
+    facts, kw = read_facts(model, draft=draft), {"mtp": mtp, "rpc": _rpc_hosts(rpc, machine)}
+    if parallel is None:
+        p = planner.most_slots(facts, machine, ctx, **kw)
+    elif ctx is not None:
+        return planner.plan(facts, machine, ctx, parallel=parallel, **kw)
+    else:
+        p = planner.longest(facts, machine, parallel=parallel, **kw)
     if say:
-        click.echo(f"context: {p.ctx} tokens, the longest {machine.name} holds with this model "
-                   f"({p.kv_type} cache; --ctx chooses another)", err=True)
+        slots = f"{p.parallel} slots of " if p.parallel > 1 else ""
+        chosen = "" if ctx else f", the longest {machine.name} holds with this model"
+        choose = " and ".join(o for o, given in (("--ctx", ctx), ("--parallel", parallel)) if not given)
+        click.echo(f"context: {slots}{p.ctx} tokens{chosen} ({p.kv_type} cache; {choose} "
+                   f"choose{'s' if ' and ' not in choose else ''} otherwise)", err=True)
     return p
 
 
@@ -273,18 +281,24 @@ def _hold_until_stopped(server, announce: str) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
               help="Port to listen on (llama-server's own default).")
 @click.option("--api-key", default=None, help="Key clients must send (Authorization: Bearer).")
+@click.option("-np", "--parallel", type=click.IntRange(1), default=None,
+              help="Slots: requests served at once, each with its own --ctx [as many as fit, up "
+                   f"to {MAX_SLOTS}, while each keeps {SLOT_CTX // 1024}K tokens].")
 def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-          rpc: str | None, host: str, port: int, api_key: str | None) -> None:
+          rpc: str | None, host: str, port: int, api_key: str | None, parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
     import contextlib
 
-    from ..runtime import server
+    from ..runtime import page, server
 
     @contextlib.contextmanager
     def base_url():
-        with server.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft),
+        with server.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft,
+                                                     parallel=parallel),
                          host=host, port=port, api_key=api_key) as url:
+            click.echo(f"chat page: {url}/" if server.has_page(url) else f"no chat page: {page.NO_PAGE}",
+                       err=True)
             yield f"{url}/v1"
 
     _hold_until_stopped(base_url(), f"serving {model.name} at {{}} (OpenAI-compatible); Ctrl-C stops")

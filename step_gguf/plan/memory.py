@@ -16,11 +16,12 @@ def pad256(n: int) -> int:
 
 
 def kv_positions(m: ModelFacts, layer: int, ctx: int, n_ubatch: int, n_seq: int = 1) -> int:
-    """Cache cells llama.cpp allocates for `layer` (window-sized sliding cache, unified KV:
-    src/llama-kv-cache-iswa.cpp)."""
+    """Cache cells llama.cpp allocates for `layer` with `n_seq` slots of `ctx` tokens each: one
+    stream per slot (llama-server's -np without a unified cache), a sliding layer's stream
+    sized to its window plus a micro-batch (src/llama-kv-cache-iswa.cpp)."""
     if m.is_swa[layer] and m.window:
-        return pad256(min(ctx, m.window * n_seq + n_ubatch))
-    return pad256(ctx)
+        return n_seq * pad256(min(ctx, m.window + n_ubatch))
+    return n_seq * pad256(ctx)
 
 
 def _position_bytes(m: ModelFacts, layer: int, kv_type: str) -> float:

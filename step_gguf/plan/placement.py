@@ -79,6 +79,29 @@ def longest(m: ModelFacts, profile: Profile, *, floor: int = 4096, **kw) -> Plan
     return best
 
 
+# serve's default: as many slots as fit, up to MAX_SLOTS, while each keeps SLOT_CTX (an agent's
+# prompt and tools alone take 10-20K). Idle slots cost only their cache; busy ones decode in
+# one batch, where a step of 4 tokens costs ~1.3 steps of one on our AVX-512 kernels and ~2.7
+# on plain AVX2 (bench/kernels.py): 3x and 1.5x the rate of one user.
+MAX_SLOTS = 4
+SLOT_CTX = 65536
+
+
+def most_slots(m: ModelFacts, profile: Profile, ctx: int | None = None, **kw) -> Plan:
+    """The plan with the most slots, up to MAX_SLOTS, each of `ctx` tokens or, without it, of
+    the longest context that still leaves every slot SLOT_CTX (the model's own when shorter);
+    one slot when two do not fit. `kw` as for plan()."""
+    want = min(SLOT_CTX, m.n_ctx_train)
+    for n in (MAX_SLOTS, 2):
+        try:
+            p = plan(m, profile, ctx, parallel=n, **kw) if ctx else longest(m, profile, parallel=n, **kw)
+        except StepGGUFError:
+            continue
+        if ctx or p.ctx >= want:
+            return p
+    return plan(m, profile, ctx, **kw) if ctx else longest(m, profile, **kw)
+
+
 @dataclass(frozen=True)
 class _Setup:
     m: ModelFacts

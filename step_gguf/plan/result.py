@@ -92,7 +92,8 @@ class Plan:
 
     def server_flags(self) -> list[str]:
         """llama-server's flags for the plan, all but the model."""
-        args = ["-c", str(self.ctx), "-b", str(self.n_batch),
+        # -c is the pool all slots share: each of the -np slots gets ctx of it
+        args = ["-c", str(self.ctx * self.parallel), "-b", str(self.n_batch),
                 "-ub", str(self.n_ubatch), "-np", str(self.parallel),
                 "--ctx-checkpoints", str(self.checkpoints), "-ctk", self.kv_type,
                 "-ctv", self.kv_type, "-fa", "on", "-ngl", str(self.gpu_layers)]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import StepGGUFError
+from . import page
 from .process import run
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class BuildSpec:
     def key(self) -> str:
         blob = json.dumps([LLAMA_CPP_PYTHON_VERSION, series_id(self.series), self.backend,
                            list(self.cmake_args), list(self.targets)])
+        if not self.partial:  # the installed runtime embeds the chat page where npm can build it
+            blob += "|page" if page.available() else ""
         part = "" if self.series is None else "-stock" if self.series == 0 else f"-p{self.series}"
         return f"{self.backend}{part}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
@@ -272,6 +275,9 @@ def build(spec: BuildSpec, jobs: int | None = None,
         apply_patches(src, spec.series)
         log.info("applied %d patch(es), series %s", len(patch_series()[:spec.series]),
                  series_id(spec.series))
+        if not spec.partial and (built := page.chat_page(src / page.UI_DIR, cache_dir() / "ui" /
+                                                         LLAMA_CPP_PYTHON_VERSION, on_stage)):
+            shutil.copytree(built, src / page.UI_DIR / "dist")  # llama.cpp embeds a dist found there
         _cmake_build(spec, work, jobs or os.cpu_count() or 2, on_step, on_stage)
         manifest = _manifest(spec, final)
         if not spec.partial:

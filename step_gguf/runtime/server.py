@@ -67,6 +67,17 @@ def base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def has_page(url: str) -> bool:
+    """Whether the server at `url` serves llama.cpp's chat page (a runtime built with npm)."""
+    # llama-server sends the page gzipped, to clients that take gzip (every browser)
+    req = urllib.request.Request(f"{url}/", headers={"Accept-Encoding": "gzip"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status == 200 and resp.headers.get_content_type() == "text/html"
+    except OSError:
+        return False
+
+
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
@@ -84,6 +95,7 @@ class Reply:
     reasoning: str = ""
     tool_calls: list[dict] = field(default_factory=list)
     prompt_tokens: int = 0
+    prompt_evaluated: int = 0     # of the prompt tokens, those not taken from the slot's cache
     completion_tokens: int = 0
     prompt_tps: float = 0.0
     decode_tps: float = 0.0
@@ -165,6 +177,7 @@ def _usage(reply: Reply, out: dict) -> None:
         reply.prompt_tokens = usage.get("prompt_tokens", reply.prompt_tokens)
         reply.completion_tokens = usage.get("completion_tokens", reply.completion_tokens)
     if t := out.get("timings"):
+        reply.prompt_evaluated = t.get("prompt_n", reply.prompt_evaluated)
         reply.prompt_tps = t.get("prompt_per_second", reply.prompt_tps) or 0.0
         reply.decode_tps = t.get("predicted_per_second", reply.decode_tps) or 0.0
         reply.draft_tokens = t.get("draft_n", reply.draft_tokens)

@@ -1,0 +1,89 @@
+"""Several users on one server: aggregate decode tok/s of 1, 2, 4 and 8 concurrent clients on the
+`wide` checkpoint as int4-mixed, our llama-server against stock llama-server from the same sdist
+with the same flags (the plan's, with that many slots, MTP off: random heads only slow it).
+
+    python bench/serve.py [--work DIR] [--threads N] [--rounds 2] [--tokens 64] [--isa avx2]
+
+Each figure is the median over rounds (ours and stock take turns) of the clients' generated
+tokens over the wall time from the first request to the last reply; the ratio is to one client
+on the same build, and ours against stock at the same number of clients.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+# run as a script, bench/ is on sys.path
+from _common import machine_parser, work_dir
+from decode import this_machine
+from kernels import models
+
+from step_gguf import plan as planner
+from step_gguf.facts import read_facts
+from step_gguf.probe import read_bandwidth
+from step_gguf.runtime import build as b
+from step_gguf.runtime import installed, server
+
+CLIENTS = (1, 2, 4, 8)
+
+
+def _generate(url: str, i: int, tokens: int) -> int:
+    """One client's request, `tokens` generated whatever the model would end on."""
+    body = {"messages": [{"role": "user", "content": f"Tell story number {i}."}], "max_tokens": tokens,
+            "temperature": 0, "ignore_eos": True}
+    req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        return json.load(resp)["usage"]["completion_tokens"]
+
+
+def aggregate(gguf, plan: planner.Plan, llama_server, tokens: int, threads: int) -> float:
+    """Generated tokens per second of all `plan.parallel` clients at once."""
+    n = plan.parallel
+    with server.serve(gguf, plan=plan, server=llama_server, extra_args=["-t", str(threads)]) as url:
+        _generate(url, -1, 4)  # warm up
+        start = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            done = sum(pool.map(lambda i: _generate(url, i, tokens), range(n)))
+        return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = machine_parser(__doc__, "the wide checkpoint and its GGUFs")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens each client generates")
+    ap.add_argument("--isa", choices=list(b.ISA_VARIANTS), default=None,
+                    help="build stock and ours for this instruction set only [this CPU's own]")
+    a = ap.parse_args()
+    if a.isa and not b.runs_here(a.isa):
+        sys.exit(f"this CPU cannot run {a.isa} code")
+    work = work_dir(a.work, "step-gguf-sbench-")
+    builds = {"ours": (b.build(b.isa_spec(a.isa)).tool("llama-server") if a.isa
+                       else installed.check().tool("llama-server")),
+              "stock": b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(series=0)).tool("llama-server")}
+    gguf = models(work, a.preset, [])["int4-mixed"]
+    facts = read_facts(gguf)
+    machine = this_machine(read_bandwidth())
+    rates: dict[tuple[str, int], list[float]] = {}
+    for r in range(a.rounds):
+        print(f"round {r + 1}/{a.rounds}", flush=True)
+        for n in CLIENTS:
+            p = planner.plan(facts, machine, 1024, mtp=False, parallel=n)
+            for name, tool in builds.items():
+                rates.setdefault((name, n), []).append(aggregate(gguf, p, tool, a.tokens, a.threads))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\n{gguf.name}, {a.threads} threads, {a.tokens} tokens a client, median of {a.rounds} rounds"
+          f"{f', built for {a.isa}' if a.isa else ''}: aggregate decode tok/s")
+    print(f"  {'clients':<8} {'stock':>8} {'x one':>6} {'ours':>8} {'x one':>6} {'ours/stock':>10}")
+    for n in CLIENTS:
+        s, o = med["stock", n], med["ours", n]
+        print(f"  {n:<8} {s:8.1f} {s / med['stock', 1]:6.2f} {o:8.1f} {o / med['ours', 1]:6.2f} {o / s:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
