@@ -39,3 +39,23 @@ def greeting_checkpoint(folder: Path) -> Path:
         synth(folder, "tiny", script=["\n</think>\n", *GREETING], chat_template=sdist_text(STEP35_TEMPLATE),
               rope_orig_ctx=1024)
     return folder
+
+
+def start_serve(model: Path, *flags: str):
+    """`step-gguf serve MODEL FLAGS...` as a user starts it, on a free port: (the process, the
+    API address it printed on stdout, its stderr lines up to the "serving ..." announcement)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(model), "--port", str(port),
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    api = proc.stdout.readline().strip()
+    said = []
+    while api and not (said and said[-1].startswith("serving")):  # printed before the address
+        said.append(proc.stderr.readline().strip())
+    assert api == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not api else api
+    return proc, api, said

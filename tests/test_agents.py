@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import sys
 
 import anthropic
 import openai
 import pytest
 
-from scripted import REASONING, SCHEMA, scripted_checkpoint
+from scripted import REASONING, SCHEMA, scripted_checkpoint, start_serve
 
 KEY = "sesame"
 ASK = "What is the weather in Paris?"
@@ -30,14 +27,7 @@ def served(workdir, runtime):
     model = workdir / "agents-scripted.gguf"
     if not model.exists():
         convert(scripted_checkpoint(workdir / "scripted"), model, outtype="bf16")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(model), "--port", str(port),
-                             "-c", "4096", "--api-key", KEY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = proc.stdout.readline().strip()
-    assert url == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not url else url
+    proc, url, _ = start_serve(model, "-c", "4096", "--api-key", KEY)
     yield url.removesuffix("/v1")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0

@@ -8,14 +8,11 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from scripted import GREETING, greeting_checkpoint
+from scripted import GREETING, greeting_checkpoint, start_serve
 from step_gguf.runtime import page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -29,15 +26,7 @@ def served_page(workdir, runtime):
     model = workdir / "greeting.gguf"
     if not model.exists():
         convert(greeting_checkpoint(workdir / "greeting"), model, outtype="bf16")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(model), "--port", str(port),
-                             "-c", "2048"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    api = proc.stdout.readline().strip()
-    said = []
-    while api and not said or not said[-1].startswith("serving"):  # printed before the address
-        said.append(proc.stderr.readline().strip())
+    proc, _, said = start_serve(model, "-c", "2048")
     yield next((line.removeprefix("chat page: ") for line in said if line.startswith("chat page: ")), None), said
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0

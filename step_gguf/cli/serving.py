@@ -292,6 +292,8 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
 
     from ..runtime import page, server
 
+    server.check_exposure(host, api_key)  # before planning: one line, nothing else said
+
     @contextlib.contextmanager
     def base_url():
         with server.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft,

@@ -42,9 +42,7 @@ def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int
         if not Path(plan.model.draft).is_file():
             raise StepGGUFError(f"draft {plan.model.draft} does not exist any more; plan again")
         log.info("drafting with the MTP heads of %s", plan.model.draft)
-    if host not in LOOPBACK and not api_key:
-        raise StepGGUFError(f"serving on {host} exposes the model to the network; give --api-key "
-                            "(or serve on 127.0.0.1)")
+    check_exposure(host, api_key)
     server = server or check().tool("llama-server")
     if not Path(gguf_path).is_file():
         raise StepGGUFError(f"{gguf_path} does not exist; give a GGUF file")
@@ -58,6 +56,13 @@ def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int
     with child(args, f"llama-server loading {gguf_path}", lambda: _healthy(url),
                startup_timeout, log_path):
         yield url
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """Refuse to serve beyond loopback without a key."""
+    if host not in LOOPBACK and not api_key:
+        raise StepGGUFError(f"serving on {host} exposes the model to the network; give --api-key "
+                            "(or serve on 127.0.0.1)")
 
 
 def base_url(host: str, port: int) -> str:
