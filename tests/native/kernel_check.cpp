@@ -160,8 +160,8 @@ static std::vector<uint8_t> quantize(ggml_type type, int64_t k, int64_t rows, co
 
 // Activation patterns: "randn"; "outliers": randn with every 97th channel 300x larger (the
 // row's scale comes from them, the rest quantize small); "pos"/"neg": every value +1 / -1
-// (every code +-127: the largest integer sums); "alt": +1, +1, -1 repeated (the largest codes
-// of both signs, without sums that cancel to zero).
+// (every code -128 in Q8_K, +-127 in Q8_0: the largest integer sums); "alt": +1, +1, -1
+// repeated (the largest codes of both signs, without sums that cancel to zero).
 static const char * const ACTS[] = { "randn", "outliers", "pos", "neg", "alt" };
 
 static std::vector<float> activations(size_t n, const std::string & pattern) {
