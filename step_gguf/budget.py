@@ -31,9 +31,11 @@ from .sensitivity import MAX_MATRICES, MAX_ROWS, Measured, logit_errors, measure
 
 log = logging.getLogger(__name__)
 
-# cheapest first; IQ types only with importance data, as ggml and quality require
-LADDER = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
-LADDER_IMATRIX = (Q.IQ2_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)
+# every type stock llama.cpp runs, cheapest first. IQ4_XS and IQ4_NL quantize without importance
+# data (ggml_quantize_requires_imatrix leaves them out; the field runs IQ4_XS experts widely);
+# the IQ2/IQ3 types only with it: ggml refuses IQ2_XS without, and IQ3 is poor without
+LADDER = (Q.Q2_K, Q.Q3_K, Q.IQ4_XS, Q.IQ4_NL, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+LADDER_IMATRIX = (Q.IQ2_XS, Q.IQ3_XXS, Q.IQ3_S)
 
 
 class BudgetError(StepGGUFError):

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,14 @@ def _job_files(job: OutputJob, scratch: Path) -> list[_File]:
                   _header(ps, job.write_kv if i == 0 else None, scratch, model_plans=job.plans,
                           split=(i, count, n)))
             for i, ps in enumerate(shards)]
+
+
+def file_bytes(jobs: list[OutputJob]) -> int:
+    """The bytes the jobs' files will take, headers (metadata, tensor infos) and alignment
+    padding included, every shard of a split job counted."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [f for job in jobs for f in _job_files(job, Path(tmp) / "header")]
+    return sum(len(f.header) + sum(_padded(p.nbytes) for p in f.plans) for f in files)
 
 
 def _discard_stale(job: OutputJob, lock: Partial, keep: set[Path]) -> None:

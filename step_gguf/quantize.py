@@ -18,13 +18,13 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 
 from .convert import OpenedCheckpoint, checkpoint_jobs, open_checkpoint, write_metadata
-from .output import OutputJob, SplitLimits, write_outputs, write_shape_only
+from .output import OutputJob, SplitLimits, file_bytes, write_outputs, write_shape_only
 from .tensor_plan import FLOAT_TYPES, TensorPlan, plan_shapes
 from .errors import SourceError, StepGGUFError, describe, malformed
 from .gguf_source import open_gguf
 from .model import Step35Config
 from .model_card import CardOverrides, load_card
-from .budget import plan_for_budget
+from .budget import BudgetError, plan_for_budget
 from .equalize import Equalized, equalize
 from .imatrix import Imatrix, load_imatrix
 from .recipe import NEEDS_IMATRIX, Recipe, tensor_bytes
@@ -277,8 +277,9 @@ def imatrix_kv(imat: Imatrix) -> Callable[[gguf.GGUFWriter], None]:
 
 @dataclass(frozen=True)
 class Target:
-    """A size budget: tensor bytes (as llama.cpp's quantizer counts a model's size) or bits
-    per weight."""
+    """A size budget: the bytes of the whole output (header, metadata, the plan stored in it
+    and alignment padding included: what the disk and the loader see), or bits per weight of
+    the tensor data."""
 
     bytes: int | None = None
     bpw: float | None = None
@@ -323,6 +324,27 @@ def _jobs(source: Source, out: Path, mtp: str, draft_out: Path | None, card: Car
     return [OutputJob(out, source.plans, write_kv)]
 
 
+def _fit(source: Source, plans: list[TensorPlan], imat: Imatrix | None, base: str, target: Target,
+         jobs_for: Callable[[Recipe], list[OutputJob]], on_stage: Callable[[str], None]) -> Recipe:
+    """The budget recipe for `target`, applied to `source.plans`. A size target holds the whole
+    output: the tensor budget is the target less what the header, the stored plan and the
+    padding take, measured on the files the recipe makes, and lowered until they fit."""
+    budget = target.resolve(sum(p.n_params for p in plans))
+    limit = budget
+    for _ in range(8):  # the header barely depends on the allocation: one or two rounds
+        recipe = plan_for_budget(plans, imat, source.top_k, limit, base, cache_dir() / "sensitivity",
+                                 on_tensor=lambda name: on_stage(f"measuring {name}"))
+        source.plans = attach_imatrix(retype(plans, recipe, source.n_layer), imat, recipe)
+        if target.bytes is None:
+            return recipe
+        size = file_bytes(jobs_for(recipe))
+        if size <= budget:
+            return recipe
+        # what the file holds beyond the tensor data the allocation counted comes off its budget
+        limit = min(limit - 1, budget - (size - sum(p.nbytes for p in source.plans)))
+    raise BudgetError(f"the output does not fit {budget} bytes with its header; raise --target-size")
+
+
 def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
              mtp: str = "keep", draft_out: str | os.PathLike | None = None,
              imatrix: str | os.PathLike | None = None, equalization: bool = False,
@@ -354,16 +376,17 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
     if equalization:
         on_stage("equalizing")
         plans, report = equalize(plans, imat, source.top_k)
-    if target is not None:
-        budget = target.resolve(sum(p.n_params for p in plans))
-        recipe = plan_for_budget(plans, imat, source.top_k, budget, recipe.name,
-                                 cache_dir() / "sensitivity",
-                                 on_tensor=lambda name: on_stage(f"measuring {name}"))
-        plans = attach_imatrix(retype(plans, recipe, source.n_layer), imat, recipe)
     source.plans = plans
-    jobs = _jobs(source, Path(out), mtp, Path(draft_out) if draft_out is not None else None, card,
-                 [recipe_kv(recipe)] + ([imatrix_kv(imat)] if imat is not None else []))
-    jobs[0] = replace(jobs[0], split=split)
+
+    def jobs_for(r: Recipe) -> list[OutputJob]:
+        made = _jobs(source, Path(out), mtp, Path(draft_out) if draft_out is not None else None, card,
+                     [recipe_kv(r)] + ([imatrix_kv(imat)] if imat is not None else []))
+        return [replace(made[0], split=split), *made[1:]]
+
+    if target is not None:
+        recipe = _fit(source, plans, imat, recipe.name, target, jobs_for, on_stage)
+        plans = source.plans
+    jobs = jobs_for(recipe)
     on_stage("writing")
     written = write_outputs(jobs, on_start, on_bytes, threads=threads, resume=resume)
     return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe,

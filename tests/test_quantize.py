@@ -368,3 +368,51 @@ def test_fp8_blocks_other_than_128_measure_as_their_dequantized_twins(workdir, r
         assert set(got) == set(twins[outtype]) and worst(got, twins[outtype]) <= bound, outtype
     wrong = [replace(p, fp8_block=(128, 128)) if p.scale is not None else p for p in fp8.plans]
     assert worst(errors(wrong), twins["f32"]) > 0.1
+
+
+def test_budget_mode_tries_every_type_stock_runs_as_ggml_allows(runtime):
+    """Without importance data budget mode still weighs IQ4_XS and IQ4_NL (ggml quantizes them
+    without one); the IQ2/IQ3 types only with it. Cheapest first."""
+    from step_gguf.budget import _candidates
+    from step_gguf.recipe import NEEDS_IMATRIX, tensor_bytes
+    from step_gguf.runtime import ggml
+    from step_gguf.tensor_plan import TensorPlan
+
+    experts = TensorPlan("", "blk.3.ffn_up_exps.weight", (8, 1280, 4096), Q.Q4_K)
+    without, with_ = _candidates(experts, False), _candidates(experts, True)
+    assert {Q.IQ4_XS, Q.IQ4_NL} <= set(without)
+    assert not {Q.IQ2_XS, Q.IQ3_XXS, Q.IQ3_S} & set(without)
+    assert {Q.IQ2_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS, Q.IQ4_NL} <= set(with_)
+    assert not any(ggml.requires_imatrix(t) for t in without) and not set(without) & NEEDS_IMATRIX
+    for types in (without, with_):
+        sizes = [tensor_bytes(experts.shape, t) for t in types]
+        assert sizes == sorted(sizes)
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("model, share", [("mini", 0.6), ("mini", 0.85), ("tiny", 0.7)],
+                         ids=["mini-60%", "mini-85%", "tiny-tokenizer-heavy"])
+def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, share):
+    """--target-size bounds the file as written: header, tokenizer, the stored per-tensor plan and
+    padding included. Targets between the cheapest and the dearest plan; on the tiny model the
+    header (vocabulary, merges, template, the stored recipe) is 3% of the file, more than the
+    2% the bound leaves: a budget of tensor data alone would overshoot."""
+    from step_gguf.budget import _candidates
+    from step_gguf.quantize import Target, open_source
+    from step_gguf.recipe import tensor_bytes
+
+    src = mini[0] if model == "mini" else checkpoint("tiny")
+    plans = open_source(src, load_recipe("int4-mixed")).plans
+    cheapest = sum(min((tensor_bytes(p.shape, t) for t in _candidates(p, False)), default=p.nbytes)
+                   if len(p.shape) > 1 else p.nbytes for p in plans)
+    dearest = sum(tensor_bytes(p.shape, Q.Q8_0) if len(p.shape) > 1 else p.nbytes for p in plans)
+    out = tmp_path / "budget.gguf"
+    probe = quantize(src, tmp_path / "probe.gguf", load_recipe("int4-mixed"))
+    header = probe.outputs[0].stat().st_size - sum(p.nbytes for p in plans)
+    target = header + int(cheapest + share * (dearest - cheapest))
+    quantize(src, out, load_recipe("int4-mixed"), target=Target(bytes=target))
+    size = out.stat().st_size
+    print(f"{model}: target {target}, file {size} ({size / target:.4f}), header ~{header}")
+    assert 0.98 * target <= size <= target
+    if model == "tiny":
+        assert header > 0.02 * size

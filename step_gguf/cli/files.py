@@ -152,8 +152,9 @@ def _print_plan(pricing, stock=None) -> None:
               "norm and the matrices it feeds, kept only where they lower the measured error "
               "[on with --imatrix].")
 @click.option("--target-size", default=None, metavar="SIZE", help="Budget mode: choose each "
-              "tensor's type to fit SIZE (e.g. 100GiB; tensor data, as llama.cpp counts model "
-              "size) with the least measured error.")
+              "tensor's type for the least measured error in a file of at most SIZE (e.g. 100GiB: "
+              "the whole file, header, tokenizer and the stored plan included; with --split-max-size, "
+              "all shards together).")
 @click.option("--target-bpw", type=float, default=None, metavar="X", help="Budget mode with a "
               "bits-per-weight target instead of a size.")
 @click.option("--allow-requantize", is_flag=True, help="Accept a source GGUF that is already "
