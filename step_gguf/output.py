@@ -117,7 +117,7 @@ def _write_partial(partial: Partial, header: bytes, plans: list[TensorPlan], res
             for i, p in enumerate(plans[done:], start=done):
                 write_tensor(p, fd, pool, workers, on_bytes)
                 write_all(fd, bytes(-p.nbytes % ALIGN))
-                size = p.nbytes + -p.nbytes % ALIGN
+                size = _padded(p.nbytes)
                 offset += size
                 partial.record(fd, fingerprint, i + 1, offset, size)
     finally:
@@ -131,7 +131,7 @@ def write_shape_only(out: Path, plans: list[TensorPlan],
     head = _header(plans, write_kv, out.with_name(out.name + ".header"))
     with open(out, "wb") as f:
         f.write(head)
-        f.truncate(len(head) + sum(p.nbytes + -p.nbytes % ALIGN for p in plans))
+        f.truncate(len(head) + sum(_padded(p.nbytes) for p in plans))
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,10 @@ class _File:
     plans: list[TensorPlan]
     header: bytes
 
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(_padded(p.nbytes) for p in self.plans)
+
 
 def _job_files(job: OutputJob, scratch: Path) -> list[_File]:
     """The files of `job`: its GGUF, or its shards under its split limits."""
@@ -242,7 +246,7 @@ def file_bytes(jobs: list[OutputJob]) -> int:
     padding included, every shard of a split job counted."""
     with tempfile.TemporaryDirectory() as tmp:
         files = [f for job in jobs for f in _job_files(job, Path(tmp) / "header")]
-    return sum(len(f.header) + sum(_padded(p.nbytes) for p in f.plans) for f in files)
+    return sum(f.size for f in files)
 
 
 def _discard_stale(job: OutputJob, lock: Partial, keep: set[Path]) -> None:
@@ -323,7 +327,7 @@ def write_outputs(jobs: list[OutputJob], on_start: Callable[[int], None],
 
 def _check_space(files: list[_File], partials: list[Partial]) -> None:
     """Fail before writing when the outputs cannot fit, rather than at 90%."""
-    need = sum(len(f.header) + sum(_padded(p.nbytes) for p in f.plans) for f in files)
+    need = sum(f.size for f in files)
     need -= sum(partial.existing_bytes for partial in partials)  # reused, or removed first
     folder = files[0].path.parent
     free = shutil.disk_usage(folder).free

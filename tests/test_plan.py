@@ -248,12 +248,12 @@ def test_serve_by_default_gives_several_slots_each_an_agents_context(real):
     """serve's default on a 24 GB card: as many slots as fit (up to MAX_SLOTS) while each keeps
     SLOT_CTX, at the longest context that leaves them that, within the profile's memory."""
     machine = P.machine("gpu-24gb")
-    p = P.most_slots(real, machine)
+    p = P.serving(real, machine)
     assert p.parallel == P.MAX_SLOTS and p.ctx >= P.SLOT_CTX >= 65536
     assert all(d.bytes <= d.capacity for d in p.devices)
     assert p.kv_bytes == P.kv_bytes(real, range(real.n_layer), p.ctx, p.kv_type, p.n_ubatch, p.parallel)
     assert ["-c", str(p.ctx * p.parallel)] == p.server_flags()[:2] and "-np" in p.server_flags()
     # a machine too small for two slots of SLOT_CTX serves one, at its longest context
     small = P.machine("cpu", ram_gb=124)
-    cpu = P.most_slots(real, small)
+    cpu = P.serving(real, small)
     assert cpu.parallel == 1 and cpu.ctx == P.longest(real, small).ctx

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from click.testing import CliRunner
 
-from scripted import ASK, REASONING, TOOLS, scripted_checkpoint
+from scripted import ASK, REASONING, TOOLS, scripted_checkpoint, start_serve
 from step_gguf.cli import main
 
 @pytest.fixture(scope="module")
@@ -197,13 +197,8 @@ def test_a_tool_loop_on_each_of_two_slots_evaluates_only_its_new_tokens(scripted
     """Two agents at once through `serve --parallel 2`, twelve tool rounds each: every round
     evaluates only what the round added to the conversation (+64 for the template's seams),
     not the whole history, so each conversation keeps its own slot and cache."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(scripted), "--port", str(port),
-                             "-c", "4096", "--parallel", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, url, _ = start_serve(scripted, "-c", "4096", "--parallel", "2")
     try:
-        url = proc.stdout.readline().strip()
-        assert url, proc.stderr.read()
         with ThreadPoolExecutor(2) as pool:
             loops = list(pool.map(lambda city: _tool_loop(url.removesuffix("/v1"), city), ["Paris", "Oslo"]))
     finally:

@@ -132,7 +132,7 @@ def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: 
     or without one this machine's memory on the CPU (a GPU build needs --profile); drafting
     with `draft` or the draft found beside the model, checked before any server starts. Without
     `ctx`, the longest context the machine holds with the model; without `parallel`, as many
-    slots as fit (planner.most_slots)."""
+    slots as fit (planner.serving)."""
     from .. import plan as planner
     from ..facts import read_facts
     from ..runtime import installed
@@ -147,14 +147,9 @@ def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: 
     else:
         machine = planner.machine(profile)
     draft = _drafting(model, draft, mtp, say)
-    facts, kw = read_facts(model, draft=draft), {"mtp": mtp, "rpc": _rpc_hosts(rpc, machine)}
-    if parallel is None:
-        p = planner.most_slots(facts, machine, ctx, **kw)
-    elif ctx is not None:
-        return planner.plan(facts, machine, ctx, parallel=parallel, **kw)
-    else:
-        p = planner.longest(facts, machine, parallel=parallel, **kw)
-    if say:
+    p = planner.serving(read_facts(model, draft=draft), machine, ctx, parallel, mtp=mtp,
+                        rpc=_rpc_hosts(rpc, machine))
+    if say and (ctx is None or parallel is None):
         slots = f"{p.parallel} slots of " if p.parallel > 1 else ""
         chosen = "" if ctx else f", the longest {machine.name} holds with this model"
         choose = " and ".join(o for o, given in (("--ctx", ctx), ("--parallel", parallel)) if not given)

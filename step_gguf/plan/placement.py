@@ -63,12 +63,12 @@ def longest(m: ModelFacts, profile: Profile, *, floor: int = 4096, **kw) -> Plan
     checkpoints included), up to the model's own, in steps of 256 (llama.cpp's cache padding);
     `kw` as for plan(). Raises as plan() does when not even `floor` tokens fit."""
     step = 256
-    lo = min(floor, m.n_ctx_train)
-    best = plan(m, profile, lo, **kw)
     try:
         return plan(m, profile, m.n_ctx_train, **kw)
     except StepGGUFError:
         pass
+    lo = min(floor, m.n_ctx_train)
+    best = plan(m, profile, lo, **kw)
     fits, fails = lo // step, m.n_ctx_train // step  # memory grows with the context
     while fails - fits > 1:
         mid = (fits + fails) // 2
@@ -87,19 +87,25 @@ MAX_SLOTS = 4
 SLOT_CTX = 65536
 
 
-def most_slots(m: ModelFacts, profile: Profile, ctx: int | None = None, **kw) -> Plan:
-    """The plan with the most slots, up to MAX_SLOTS, each of `ctx` tokens or, without it, of
-    the longest context that still leaves every slot SLOT_CTX (the model's own when shorter);
-    one slot when two do not fit. `kw` as for plan()."""
-    want = min(SLOT_CTX, m.n_ctx_train)
+def serving(m: ModelFacts, profile: Profile, ctx: int | None = None, parallel: int | None = None,
+            **kw) -> Plan:
+    """The plan a server runs: `parallel` slots of `ctx` tokens each. Without `ctx`, the longest
+    context that fits; without `parallel`, the most slots, up to MAX_SLOTS, that fit and (when
+    the context is chosen) still leave every slot SLOT_CTX, or the model's own when shorter;
+    one slot when two do not. `kw` as for plan()."""
+    def at(n: int) -> Plan:
+        return plan(m, profile, ctx, parallel=n, **kw) if ctx else longest(m, profile, parallel=n, **kw)
+
+    if parallel is not None:
+        return at(parallel)
     for n in (MAX_SLOTS, 2):
         try:
-            p = plan(m, profile, ctx, parallel=n, **kw) if ctx else longest(m, profile, parallel=n, **kw)
+            p = at(n)
         except StepGGUFError:
             continue
-        if ctx or p.ctx >= want:
+        if ctx or p.ctx >= min(SLOT_CTX, m.n_ctx_train):
             return p
-    return plan(m, profile, ctx, **kw) if ctx else longest(m, profile, **kw)
+    return at(1)
 
 
 @dataclass(frozen=True)
