@@ -1,9 +1,12 @@
-// Checks step-gguf's x86 kernels (patch 0007/0008) two ways:
+// Checks step-gguf's x86 kernels (patches 0007, 0008, 0012) three ways:
 //  - kernel: each SIMD kernel (ggml_step_gemv/gemm_*) against the portable C kernel of the same
 //    repacked layout (ggml_gemv/gemm_*_generic), on the same quantized activations;
 //  - op: MUL_MAT and MUL_MAT_ID with the weights in the CPU_REPACK buffer (our path) against the
 //    same op with the weights in a plain CPU buffer (ggml's unpatched op: vec_dot, tiled or
-//    llamafile), through the CPU backend with 2 threads.
+//    llamafile), through the CPU backend with 2 threads;
+//  - rows: plain (unrepacked) Q6_K at several activation rows (0012), the kernel against stock's
+//    vec_dot row by row, and MUL_MAT on plain weights with our kernels on against the same with
+//    them off (ggml_cpu_step_kernels_on, stock's loop).
 // Inputs are random and adversarial: weights at every code of their type and at its largest
 // codes (raw blocks, so every bit pattern a quantizer can write appears, scales at both ends of
 // their range), activations with outlier channels (as real models have: one channel sets the
@@ -34,6 +37,8 @@
 typedef void (*kernel_t)(int n, float * s, size_t bs, const void * vx, const void * vy, int nr, int nc);
 typedef void (*quant_row_t)(const float * x, void * y, int64_t k);
 typedef void (*quant_pack_t)(const float * x, void * y, int64_t k);
+typedef void (*rows_t)(int n, float * s, size_t bs, const void * vx, const void * vy, size_t by, int nr);
+typedef void (*vec_dot_t)(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 
 static std::mt19937                    rng(1234);
 static std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -311,6 +316,58 @@ static void check_ops(ggml_backend_t be, ggml_type type, const std::string & wpa
     }
 }
 
+// rows level, kernel: our Q6_K rows kernel against stock's vec_dot, one weight row at a time
+static void check_rows_kernel(int64_t k, int64_t n, const std::string & wpat, const std::string & xpat) {
+    auto rows    = (rows_t) sym("ggml_step_vec_dot_rows_q6_K_q8_K");
+    auto vec_dot = (vec_dot_t) sym("ggml_vec_dot_q6_K_q8_K");
+    auto q_row   = (quant_row_t) sym("quantize_row_q8_K");
+    if (!rows || !vec_dot || !q_row) {
+        printf("missing kernel q6_K rows\n");
+        failures++;
+        return;
+    }
+    const std::vector<uint8_t> w = quantize(GGML_TYPE_Q6_K, k, n, wpat);
+    const std::vector<float>   x = activations((size_t) 4 * k, xpat);
+    const size_t wrow = ggml_row_size(GGML_TYPE_Q6_K, k), xrow = ggml_row_size(GGML_TYPE_Q8_K, k);
+    std::vector<uint8_t> a(4 * xrow);
+    for (int r = 0; r < 4; r++) {
+        q_row(x.data() + (size_t) r * k, a.data() + r * xrow, k);
+    }
+    for (int nr = 1; nr <= 4; nr++) {
+        std::vector<float> got((size_t) nr * n, NAN), ref((size_t) nr * n);
+        for (int64_t i = 0; i < n; i++) {
+            rows((int) k, got.data() + i, (size_t) n, w.data() + i * wrow, a.data(), xrow, nr);
+            for (int r = 0; r < nr; r++) {
+                vec_dot((int) k, ref.data() + r * n + i, 0, w.data() + i * wrow, 0, a.data() + r * xrow, 0, 1);
+            }
+        }
+        printf("rows q6_K kernel k=%lld n=%lld w=%s x=%s rows=%d %.3g\n", (long long) k, (long long) n, wpat.c_str(),
+               xpat.c_str(), nr, rel_diff(got.data(), ref.data(), got.size()));
+    }
+}
+
+// rows level, op: MUL_MAT on plain Q6_K weights, our kernels on against off
+static void check_rows_op(ggml_backend_t be, const std::string & wpat, const std::string & xpat) {
+    auto * on = (bool *) sym("ggml_cpu_step_kernels_on");
+    if (!on) {
+        printf("missing kernel switch\n");
+        failures++;
+        return;
+    }
+    const int64_t k = 512, n = 256;
+    const std::vector<uint8_t> q = quantize(GGML_TYPE_Q6_K, k, n, wpat);
+    for (int tokens : { 1, 2, 3, 4, 5, 8, 17, 64 }) {
+        const std::vector<float> x = activations((size_t) k * tokens, xpat);
+        *on = true;
+        const std::vector<float> got = run_op(be, GGML_TYPE_Q6_K, k, n, 1, tokens, false, q, ggml_backend_cpu_buffer_type(), x, {});
+        *on = false;
+        const std::vector<float> ref = run_op(be, GGML_TYPE_Q6_K, k, n, 1, tokens, false, q, ggml_backend_cpu_buffer_type(), x, {});
+        *on = true;
+        printf("rows q6_K op w=%s x=%s tokens=%d %.3g\n", wpat.c_str(), xpat.c_str(), tokens,
+               rel_diff(got.data(), ref.data(), got.size()));
+    }
+}
+
 int main(int argc, char ** argv) {
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
     ggml_backend_load_all();
@@ -345,6 +402,19 @@ int main(int argc, char ** argv) {
         }
         check_ops(be, t, "codes", "outliers", repack);
         check_ops(be, t, "max", "pos", repack);
+    }
+    check_rows_kernel(4096, 64, "random", "randn");
+    check_rows_op(be, "random", "randn");
+    if (!quick) {
+        for (const char * wp : WEIGHTS) {
+            for (const char * xp : ACTS) {
+                check_rows_kernel(1024, 32, wp, xp);
+            }
+        }
+        check_rows_kernel(4096, 1280, "codes", "outliers");
+        check_rows_kernel(1280, 512, "max", "pos");
+        check_rows_op(be, "codes", "outliers");
+        check_rows_op(be, "max", "pos");
     }
     ggml_backend_free(be);
     return failures ? 1 : 0;
