@@ -21,6 +21,7 @@ One process measures everything in turn, on the `wide` checkpoint quantized with
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,14 +71,18 @@ def server_decode(gguf: Path, tokens: int, **serve_kw) -> server.Reply:
 SCRIPT = [f" word{i}" for i in range(200)]  # distinct pieces: one added token each
 
 
-def scripted(work: Path, preset: str) -> Path:
-    """The scripted `preset`-shaped GGUF (made once under `work`)."""
-    gguf = work / f"{preset}-scripted-int4-mixed.gguf"
+def scripted(work: Path, preset: str, head_accuracy: float = 1.0) -> Path:
+    """The scripted `preset`-shaped GGUF whose MTP heads are right on `head_accuracy` of their
+    inputs (made once under `work`; the checkpoint is removed once quantized)."""
+    tag = "" if head_accuracy == 1.0 else f"-heads{head_accuracy:g}"
+    gguf = work / f"{preset}-scripted{tag}-int4-mixed.gguf"
     if not gguf.exists():
-        src = work / f"{preset}-scripted-ckpt"
+        src = work / f"{preset}-scripted{tag}-ckpt"
         print(f"synthesising the scripted {preset} checkpoint at {src} ...", flush=True)
-        synth(src, preset, script=SCRIPT, chat_template="step35")
+        if not src.exists():
+            synth(src, preset, script=SCRIPT, chat_template="step35", head_accuracy=head_accuracy)
         quantize(src, gguf, load_recipe("int4-mixed"))
+        shutil.rmtree(src)
     return gguf
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from .checkpoint import FP8_E4M3_VALUES, INDEX, fp8_scale_shape
 from .errors import StepGGUFError
 from .model import Step35Config
+from .synth_script import head_successors, scripted_weights
 from .synth_tokenizer import model_card, tokenizer_files
 
 
@@ -186,13 +187,16 @@ class _Spec:
 
 
 def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: str,
-                  script: dict[int, int] | None = None) -> list[_Spec]:
+                  script: dict[int, int] | None = None, head_accuracy: float = 1.0) -> list[_Spec]:
     specs = []
     for idx, (name, shape) in enumerate(cfg.expected_shapes().items()):
         stored = name.replace("model.", prefix, 1) if name.startswith("model.") else name
         std = _std(name, shape, p.hidden)
         rng_seed = (seed, idx)
-        if script is not None and (fixed := _scripted(name, shape, script)) is not None:
+        follows = script
+        if script is not None and name.endswith("shared_head.output.weight"):
+            follows = head_successors(script, head_accuracy, (seed, idx))
+        if follows is not None and (fixed := scripted_weights(name, shape, follows)) is not None:
             specs.append(_Spec(stored, "BF16", shape, fixed))
         elif name.endswith("router_bias"):
             specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32")))
@@ -207,40 +211,6 @@ def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: st
         else:
             specs.append(_Spec(stored, "BF16", shape, _gen(rng_seed, shape, std, "BF16")))
     return specs
-
-
-def _scripted(name: str, shape: tuple[int, ...], successor: dict[int, int]):
-    """Weights under which greedy decoding follows `successor` (token -> next token; every
-    token not in it -> successor[-1]), for the trunk and each MTP head alike.
-
-    Every layer's update of the residual stream is zero (o_proj and down projections), so the
-    final hidden state is the current token's embedding. Embeddings are one-hot: channel 0 for
-    any token outside the script, channel k for the script's k-th token. The head maps channel
-    k to its successor's logit; an MTP head reads only the embedding half of its input
-    ([enorm(embedding), hnorm(hidden)] in llama.cpp), so it predicts the same successor.
-    Other weights stay random: attention, routing and norms all run, with no effect on
-    the tokens. Zero-centred norms scale by 1 + w, positive for the random w used here."""
-    channel = {tok: k + 1 for k, tok in enumerate(t for t in successor if t >= 0)}
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        w = np.zeros(shape, np.float32)
-    elif name.endswith("embed_tokens.weight"):
-        w = np.zeros(shape, np.float32)
-        w[:, 0] = 1.0
-        for tok, k in channel.items():
-            w[tok] = 0.0
-            w[tok, k] = 1.0
-    elif name.endswith(("lm_head.weight", "shared_head.output.weight")):
-        w = np.zeros(shape, np.float32)
-        gain = 20.0 / math.sqrt(shape[1])   # a clear winner: logit ~20 against 0
-        w[successor[-1], 0] = gain
-        for tok, k in channel.items():
-            w[successor[tok], k] = gain
-    elif name.endswith("eh_proj.weight"):
-        w = np.zeros(shape, np.float32)
-        w[:, : shape[0]] = np.eye(shape[0], dtype=np.float32)
-    else:
-        return None
-    return lambda: iter([gguf.quants.quantize(w, gguf.GGMLQuantizationType.BF16).tobytes()])
 
 
 _ELEMS_PER_CHUNK = 2**22  # generated at a time: bounded memory on `wide`
@@ -319,11 +289,13 @@ def _write_safetensors(path: Path, specs: list[_Spec], on_bytes: Callable[[int],
 def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool = False,
           step3p7: bool = False, on_start: Callable[[int], None] = lambda total: None,
           on_bytes: Callable[[int], None] = lambda n: None, script: Sequence[str] = (),
-          chat_template: str | None = None, **overrides) -> Path:
+          chat_template: str | None = None, head_accuracy: float = 1.0, **overrides) -> Path:
     """Write a synthetic checkpoint folder at `out` (built aside, renamed when complete).
 
     `script`: pieces of text, each made one token, that greedy decoding emits in order after
-    any prompt, then end of turn; the MTP heads predict the same. `chat_template` replaces the
+    any prompt, then end of turn; the MTP heads predict the same, except that each head
+    predicts a wrong token for a share 1 - `head_accuracy` of its inputs (the draft acceptance
+    the tests and benches set; the output never changes). `chat_template` replaces the
     simple built-in one (e.g. the model's own, from the llama.cpp sources). `overrides` replace
     preset fields (e.g. n_layer=4) for tests that need other shapes.
     """
@@ -333,6 +305,8 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
     if len(set(script)) != len(script) or any(not piece for piece in script):
         raise StepGGUFError("script pieces must be distinct and non-empty: each is one token "
                             "whose successor is fixed")
+    if not 0.0 <= head_accuracy <= 1.0 or (head_accuracy < 1.0 and not script):
+        raise StepGGUFError(f"head accuracy {head_accuracy} needs a script and a value from 0 to 1")
     if len(script) >= p.hidden:
         raise StepGGUFError(f"a script of {len(script)} pieces needs a hidden size above that; "
                             f"{preset} has {p.hidden}")
@@ -352,7 +326,7 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
         ids = {t["content"]: t["id"] for t in tokenizer["tokenizer.json"]["added_tokens"]}
         chain = [ids[piece] for piece in script] + [ids["<|im_end|>"]]
         successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}
-    specs = _tensor_specs(cfg, p, seed, fp8, prefix, successor)
+    specs = _tensor_specs(cfg, p, seed, fp8, prefix, successor, head_accuracy)
     if step3p7:  # a token vision tower: present in 3.7 checkpoints, ignored by the converter
         specs.append(_Spec("model.vision_tower.patch_embed.weight", "BF16", (16, 3 * 4 * 4),
                            _gen((seed, 1 << 20), (16, 48), 0.02, "BF16")))

@@ -11,12 +11,14 @@ from step_gguf.runtime import build as b
 NATIVE = Path(__file__).parent / "native"
 
 
-def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path) -> Path:
-    """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of `build`."""
+def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path, sources: tuple[str, ...] = ()) -> Path:
+    """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of `build`, with
+    the tree's `sources` (paths in it, their folders on the include path) compiled in."""
     tree, lib = build.src, build.bin_dir
     exe = out_dir / f"{name}-{build.root.name}"
     if not exe.exists():
-        subprocess.run(["g++", "-O2", "-std=c++17", str(NATIVE / f"{name}.cpp"), "-o", str(exe),
+        extra = [str(tree / s) for s in sources] + [f"-I{(tree / s).parent}" for s in sources]
+        subprocess.run(["g++", "-O2", "-std=c++17", str(NATIVE / f"{name}.cpp"), *extra, "-o", str(exe),
                         f"-I{tree / 'include'}", f"-I{tree / 'ggml' / 'include'}", f"-L{lib}",
                         "-lllama", "-lggml", "-lggml-base", "-lggml-cpu", "-ldl", f"-Wl,-rpath,{lib}"],
                        check=True, capture_output=True)

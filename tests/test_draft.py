@@ -183,8 +183,9 @@ def _run(*args) -> dict:
 @pytest.mark.runtime
 def test_run_drafts_with_a_separate_draft_as_with_embedded_heads(scripted_pair):
     whole, trunk, draft = scripted_pair
-    embedded, given, found, plain = (_run(whole), _run(trunk, "--draft", draft), _run(trunk),
-                                     _run(trunk, "--no-mtp"))
+    fixed = ("--draft-max", "3")  # the same drafts every run: acceptance is compared below
+    embedded, given, found, plain = (_run(whole, *fixed), _run(trunk, "--draft", draft, *fixed),
+                                     _run(trunk, *fixed), _run(trunk, "--no-mtp"))
     assert embedded["reasoning"].strip() == "".join(REASONING)
     for out in (given, found, plain):
         assert (out["text"], out["reasoning"]) == (embedded["text"], embedded["reasoning"])
@@ -205,7 +206,7 @@ def test_serve_drafts_with_a_separate_draft(scripted_pair, given):
     port = process.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", "serve", str(trunk),
                              *(["--draft", str(draft)] if given else []),
-                             "--port", str(port), "-c", "2048"],
+                             "--port", str(port), "-c", "2048", "--draft-max", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()

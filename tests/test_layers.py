@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parent.parent / "step_gguf"
 LAYERS: list[tuple[str, set[str]]] = [
     ("facts", {"__init__", "errors", "layout", "model", "model_facts", "recipe", "probe"}),
     ("files", {"checkpoint", "gguf_source", "vocab", "imatrix", "resume", "model_card", "draft",
-               "synth", "synth_tokenizer"}),
+               "synth", "synth_script", "synth_tokenizer"}),
     ("native", {"runtime.process", "runtime.page", "runtime.build", "runtime.installed",
                 "runtime.ggml", "runtime.tools"}),
     ("pipeline", {"tensor_plan", "tensor_data", "output", "convert", "sensitivity", "equalize",

@@ -101,17 +101,23 @@ def test_ctrl_c_exits_zero_and_frees_the_port(served):
 
 
 def test_run_json_reports_mtp_acceptance_and_keeps_greedy_tokens(scripted):
+    """The same answer drafting with the adaptive default, three tokens a round, and not at all;
+    the JSON reports what was drafted and accepted, and the rounds by draft length."""
     runner = CliRunner()
     outs = {}
-    for flag in ([], ["--no-mtp"]):
-        r = runner.invoke(main, ["run", str(scripted), "-p", "weather?", "-n", "32", "--json", *flag])
+    for flags in ((), ("--draft-max", "3"), ("--no-mtp",)):
+        r = runner.invoke(main, ["run", str(scripted), "-p", "weather?", "-n", "32", "--json", *flags])
         assert r.exit_code == 0, r.output
-        outs[bool(flag)] = json.loads(r.output)
-    drafted, plain = outs[False], outs[True]
-    assert (drafted["text"], drafted["reasoning"]) == (plain["text"], plain["reasoning"])
-    assert drafted["reasoning"].strip() == "".join(REASONING)
-    assert drafted["mtp"]["drafted"] > 0 and drafted["mtp"]["acceptance"] >= 0.9
-    assert plain["mtp"]["drafted"] == 0
+        outs[flags] = json.loads(r.output)
+    adaptive, fixed, plain = outs[()], outs["--draft-max", "3"], outs["--no-mtp",]
+    for drafted in (adaptive, fixed):
+        assert (drafted["text"], drafted["reasoning"]) == (plain["text"], plain["reasoning"])
+    assert plain["reasoning"].strip() == "".join(REASONING)
+    # the heads are right wherever the script goes on (a draft past its end is not)
+    assert fixed["mtp"]["drafted"] > 0 and fixed["mtp"]["acceptance"] >= 0.9
+    assert adaptive["mtp_draft_max"] == "adaptive" and fixed["mtp_draft_max"] == 3
+    assert sum(adaptive["mtp"]["rounds_by_draft_length"]) > 0
+    assert plain["mtp"]["drafted"] == 0 and plain["mtp_draft_max"] is None
 
 
 def test_a_killed_serve_takes_its_server_with_it(scripted):

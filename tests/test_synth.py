@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 
+import pytest
+
 from click.testing import CliRunner
 
 from step_gguf.checkpoint import Checkpoint
@@ -73,3 +75,25 @@ def test_wide_has_real_expert_shapes_and_benchmark_size():
     assert shapes["model.layers.1.moe.down_proj.weight"][1:] == (4096, 1280)
     bf16_bytes = 2 * sum(math.prod(s) for s in shapes.values())
     assert 4.5e9 < bf16_bytes < 5.2e9
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 0.3, 1.0])
+def test_each_mtp_head_errs_on_its_own_share_of_inputs(accuracy):
+    from step_gguf.synth_script import head_successors
+
+    chain = list(range(100, 141))  # 40 script tokens, then the end of turn
+    successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}
+    heads = [head_successors(successor, accuracy, (0, layer)) for layer in (45, 46, 47)]
+    for head in heads:
+        assert head.keys() == successor.keys()
+        wrong = {t for t in successor if head[t] != successor[t]}
+        assert len(wrong) == round((1 - accuracy) * len(successor))
+        # the wrong token is never the right one, nor anything verification would take
+        assert all(head[t] not in (successor[t], t) for t in wrong)
+    if 0 < accuracy < 1:  # drawn per head: the heads do not err on the same inputs
+        assert len({frozenset(t for t in successor if h[t] != successor[t]) for h in heads}) == 3
+
+
+def test_head_accuracy_needs_a_script(tmp_path):
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "x"), "--head-accuracy", "0.5"])
+    assert result.exit_code == 1 and "needs a script" in result.output and not (tmp_path / "x").exists()

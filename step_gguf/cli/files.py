@@ -304,8 +304,12 @@ def recipes(name: str | None, as_toml: bool) -> None:
               default=None, help="A JSON list of distinct text pieces: greedy decoding then "
                                  "emits them in order after any prompt, and the MTP heads "
                                  "predict them (for testing parsers and drafting).")
+@click.option("--head-accuracy", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="With --script: the share of inputs on which each MTP head predicts right; "
+                   "on the rest it predicts a token verification rejects, so draft acceptance "
+                   "is set while the output stays the script.")
 def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template: str,
-          script_file: Path | None) -> None:
+          script_file: Path | None, head_accuracy: float) -> None:
     """Write a synthetic Step 3.5 checkpoint (hub layout, random weights) to the new folder OUT."""
     import json
 
@@ -327,7 +331,8 @@ def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template:
     bar = _ByteBar(f"writing {preset} checkpoint")
     try:
         run_synth(out, preset, seed=seed, fp8=fp8, step3p7=step3p7, on_start=bar.start,
-                  on_bytes=bar.advance, script=script, chat_template=chat_template)
+                  on_bytes=bar.advance, script=script, chat_template=chat_template,
+                  head_accuracy=head_accuracy)
     finally:
         bar.close()
     click.echo(f"wrote {out}")

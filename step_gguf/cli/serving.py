@@ -35,6 +35,29 @@ _draft_option = click.option(
          "if there].")
 
 
+_draft_max_option = click.option(
+    "--draft-max", type=click.IntRange(1), default=None, metavar="N",
+    help="Draft N tokens every round [chosen each round, up to every MTP head and down to none, "
+         "from the acceptance and cost measured as it runs, so drafting never slows decoding].")
+
+
+def _with_draft_max(p, draft_max: int | None, no_mtp: bool):
+    """`p` drafting a fixed `draft_max` tokens a round (one line when it cannot)."""
+    from dataclasses import replace
+
+    if draft_max is None:
+        return p
+    if no_mtp:
+        raise StepGGUFError("--draft-max and --no-mtp contradict each other; give one")
+    if not p.mtp:
+        raise StepGGUFError(f"--draft-max {draft_max}: {p.model.name} has no MTP heads to draft "
+                            "with (give --draft FILE, or leave --draft-max out)")
+    if draft_max > p.model.n_nextn:
+        raise StepGGUFError(f"--draft-max {draft_max}: {p.model.name} has {p.model.n_nextn} MTP "
+                            f"heads, one per drafted token; give 1 to {p.model.n_nextn}")
+    return replace(p, draft_max=draft_max)
+
+
 def _drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> Path | None:
     """The separate draft to load (given, or found beside the model); says on stderr which
     was found unless the output is JSON (which names it)."""
@@ -68,6 +91,7 @@ def _rpc_hosts(spec: str | None, machine) -> tuple:
               help="Sequences llama-server decodes at once (its -np).")
 @click.option("--no-mtp", is_flag=True, help="Plan without the MTP draft heads.")
 @_draft_option
+@_draft_max_option
 @click.option("--vram", type=float, default=None, help="GPU memory, GiB (overrides the profile).")
 @click.option("--ram", type=float, default=None, help="System memory, GiB.")
 @click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s.")
@@ -75,8 +99,9 @@ def _rpc_hosts(spec: str | None, machine) -> tuple:
 @_rpc_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
-         parallel: int, no_mtp: bool, draft: Path | None, vram: float | None, ram: float | None,
-         mem_bw: float | None, gpu_bw: float | None, rpc: str | None, as_json: bool) -> None:
+         parallel: int, no_mtp: bool, draft: Path | None, draft_max: int | None, vram: float | None,
+         ram: float | None, mem_bw: float | None, gpu_bw: float | None, rpc: str | None,
+         as_json: bool) -> None:
     """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
     predicted prompt and decode speed, and the llama-server command that runs it so.
 
@@ -95,6 +120,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     draft = _drafting(model, draft, not no_mtp, say=not as_json)
     p = planner.plan(read_facts(model, scheme, draft), machine, ctx, kv_type=kv_type,
                      mtp=not no_mtp, parallel=parallel, rpc=_rpc_hosts(rpc, machine))
+    p = _with_draft_max(p, draft_max, no_mtp)
     # a config or checkpoint is planned as the GGUF it would become; a split GGUF is loaded from
     # its first shard, whichever shard was named
     from ..gguf_source import first_shard
@@ -104,7 +130,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
         click.echo(json.dumps(p.to_json(target), indent=1))
         return
     click.echo(f"{p.model.name} on {machine.name} ({machine.what}), ctx {ctx}, KV {p.kv_type}, "
-               f"batch {p.n_batch}/{p.n_ubatch}, MTP {'on' if p.mtp else 'off'}"
+               f"batch {p.n_batch}/{p.n_ubatch}, MTP {'off' if not p.mtp else f'on, drafting {p.draft_max} a round' if p.draft_max else 'on, adaptive draft length'}"
                + (f" (heads from {Path(p.model.draft).name})" if p.mtp and p.model.draft else ""))
     classes = p.classes()
     kinds = sorted({k for per in classes.values() for k in per})
@@ -127,12 +153,13 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
 
 
 def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: str | None = None,
-             draft: Path | None = None, say: bool = True, parallel: int | None = 1):
+             draft: Path | None = None, say: bool = True, parallel: int | None = 1,
+             draft_max: int | None = None):
     """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
     or without one this machine's memory on the CPU (a GPU build needs --profile); drafting
-    with `draft` or the draft found beside the model, checked before any server starts. Without
-    `ctx`, the longest context the machine holds with the model; without `parallel`, as many
-    slots as fit (planner.serving)."""
+    with `draft` or the draft found beside the model, checked before any server starts,
+    `draft_max` tokens a round or as many as pay. Without `ctx`, the longest context the
+    machine holds with the model; without `parallel`, as many slots as fit (planner.serving)."""
     from .. import plan as planner
     from ..facts import read_facts
     from ..runtime import installed
@@ -147,8 +174,8 @@ def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: 
     else:
         machine = planner.machine(profile)
     draft = _drafting(model, draft, mtp, say)
-    p = planner.serving(read_facts(model, draft=draft), machine, ctx, parallel, mtp=mtp,
-                        rpc=_rpc_hosts(rpc, machine))
+    p = _with_draft_max(planner.serving(read_facts(model, draft=draft), machine, ctx, parallel, mtp=mtp,
+                                        rpc=_rpc_hosts(rpc, machine)), draft_max, not mtp)
     if say and (ctx is None or parallel is None):
         slots = f"{p.parallel} slots of " if p.parallel > 1 else ""
         chosen = "" if ctx else f", the longest {machine.name} holds with this model"
@@ -178,6 +205,7 @@ def _model_options(f):
                      help="Do not draft with MTP heads, the GGUF's or a draft's (on by default "
                           "when there are some)."),
         _draft_option,
+        _draft_max_option,
         _rpc_option,
     ]):
         f = option(f)
@@ -195,24 +223,29 @@ def _model_options(f):
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
 def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-        rpc: str | None, prompt: str, max_tokens: int, seed: int, as_json: bool) -> None:
+        draft_max: int | None, rpc: str | None, prompt: str, max_tokens: int, seed: int,
+        as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
     import json
 
     from ..runtime import server
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json)
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json, draft_max=draft_max)
     with server.serve(model, plan=p) as url:
         reply = server.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
                            seed=seed, on_text=None if as_json else _stream)
     if as_json:
         click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp,
-                                                 "mtp_draft": p.model.draft if p.mtp else None},
+                                                 "mtp_draft": p.model.draft if p.mtp else None,
+                                                 "mtp_draft_max": (p.draft_max or "adaptive") if p.mtp else None},
                               indent=1))
         return
     click.echo("")
     accepted = f", MTP acceptance {reply.acceptance:.0%}" if reply.acceptance is not None else ""
+    if p.mtp and reply.draft_rounds:
+        accepted += ", rounds by draft length " + " ".join(
+            f"{k}:{n}" for k, n in enumerate(reply.draft_rounds) if n)
     click.echo(f"[{reply.prompt_tokens} prompt tokens at {reply.prompt_tps:.1f} tok/s, "
                f"{reply.completion_tokens} generated at {reply.decode_tps:.1f} tok/s{accepted}]",
                err=True)
@@ -224,11 +257,11 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
               help="Most tokens to generate per answer (reasoning included).")
 @click.option("--system", default=None, help="System message.")
 def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-         rpc: str | None, max_tokens: int, system: str | None) -> None:
+         draft_max: int | None, rpc: str | None, max_tokens: int, system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from ..runtime import server
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc, draft)
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, draft_max=draft_max)
     messages = [{"role": "system", "content": system}] if system else []
     with server.serve(model, plan=p) as url:
         while True:
@@ -280,7 +313,8 @@ def _hold_until_stopped(server, announce: str) -> None:
               help="Slots: requests served at once, each with its own --ctx [as many as fit, up "
                    f"to {MAX_SLOTS}, while each keeps {SLOT_CTX // 1024}K tokens].")
 def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-          rpc: str | None, host: str, port: int, api_key: str | None, parallel: int | None) -> None:
+          draft_max: int | None, rpc: str | None, host: str, port: int, api_key: str | None,
+          parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
     import contextlib
@@ -292,7 +326,7 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
     @contextlib.contextmanager
     def base_url():
         with server.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft,
-                                                     parallel=parallel),
+                                                     parallel=parallel, draft_max=draft_max),
                          host=host, port=port, api_key=api_key) as url:
             click.echo(f"chat page: {url}/" if server.has_page(url) else f"no chat page: {page.NO_PAGE}",
                        err=True)

@@ -57,6 +57,9 @@ class Plan:
     notes: list[str]
     rpc: list[str] = field(default_factory=list)          # every --rpc endpoint, in order
     tensor_split: list[int] = field(default_factory=list)  # layers per RPC host, then the GPU
+    # tokens MTP drafts a round; None: each round chooses, up to every head, from the measured
+    # acceptance and cost (patch 0013), so that drafting never makes decoding slower
+    draft_max: int | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -106,8 +109,10 @@ class Plan:
             args.append("--no-mmap")  # otherwise the page cache holds a second copy in the pool
         if self.mtp:
             # the draft context takes its cache type from the -ctkd/-ctvd pair (f16 otherwise)
-            args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.model.n_nextn),
+            args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.draft_max or self.model.n_nextn),
                      "-ctkd", self.kv_type, "-ctvd", self.kv_type]
+            if self.draft_max is None:
+                args.append("--spec-draft-adaptive")
             if self.model.draft:  # a second model: its own layer count and overrides
                 args += ["--spec-draft-model", self.model.draft, "-ngld", str(self.gpu_layers)]
                 if self.gpu_layers:
@@ -129,7 +134,8 @@ class Plan:
             "model": self.model.name, "profile": self.profile.name, "ctx": self.ctx,
             "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch, "parallel": self.parallel,
-            "ctx_checkpoints": self.checkpoints, "mtp": self.mtp, "gpu_layers": self.gpu_layers,
+            "ctx_checkpoints": self.checkpoints, "mtp": self.mtp,
+            "draft_max": (self.draft_max or "adaptive") if self.mtp else None, "gpu_layers": self.gpu_layers,
             "draft": self.model.draft if self.mtp else None,
             "rpc": self.rpc, "tensor_split": self.tensor_split,
             # a draft file's tensors apart: its copies share names with the model's

@@ -106,6 +106,8 @@ class Reply:
     decode_tps: float = 0.0
     draft_tokens: int = 0
     draft_accepted: int = 0
+    draft_rounds: list[int] = field(default_factory=list)         # decode rounds by draft length 0, 1, ...
+    draft_acceptance: list[float] = field(default_factory=list)   # by draft position, given the earlier ones
 
     @property
     def acceptance(self) -> float | None:
@@ -116,16 +118,22 @@ class Reply:
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2),
                 "mtp": {"drafted": self.draft_tokens, "accepted": self.draft_accepted,
-                        "acceptance": None if self.acceptance is None else round(self.acceptance, 4)}}
+                        "acceptance": None if self.acceptance is None else round(self.acceptance, 4),
+                        "rounds_by_draft_length": self.draft_rounds,
+                        "acceptance_by_position": [round(a, 4) for a in self.draft_acceptance]}}
 
 
 def chat(url: str, messages: list[dict], *, max_tokens: int = 256, seed: int = 0,
          temperature: float = 0.0, tools: list[dict] | None = None, api_key: str | None = None,
-         on_text: Callable[[str, str], None] | None = None, timeout: float = 600) -> Reply:
+         on_text: Callable[[str, str], None] | None = None, timeout: float = 600,
+         ignore_eos: bool = False) -> Reply:
     """One chat completion from a running server. With `on_text`, the reply streams and each
-    piece is passed on as (kind, text), kind being "reasoning" or "text"."""
+    piece is passed on as (kind, text), kind being "reasoning" or "text". `ignore_eos`
+    generates `max_tokens` whatever the model would end on (for measurements)."""
     body = {"messages": messages, "max_tokens": max_tokens, "seed": seed,
             "temperature": temperature, "stream": on_text is not None}
+    if ignore_eos:
+        body["ignore_eos"] = True
     if tools:
         body["tools"] = tools
     if on_text is not None:
@@ -187,3 +195,5 @@ def _usage(reply: Reply, out: dict) -> None:
         reply.decode_tps = t.get("predicted_per_second", reply.decode_tps) or 0.0
         reply.draft_tokens = t.get("draft_n", reply.draft_tokens)
         reply.draft_accepted = t.get("draft_n_accepted", reply.draft_accepted)
+        reply.draft_rounds = t.get("draft_lengths", reply.draft_rounds)
+        reply.draft_acceptance = t.get("draft_acceptance", reply.draft_acceptance)
