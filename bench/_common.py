@@ -1,9 +1,11 @@
 """What the benchmarks share: a measured child process, a warm page cache, the synthetic
-checkpoint, and llama.cpp's own converter run the way a Step 3.5 user would have to."""
+checkpoint, the files quality is measured with, and llama.cpp's own converter run the way a
+Step 3.5 user would have to."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from step_gguf.runtime.build import extract_sdist, fetch_sdist
 from step_gguf.synth import synth
+
+QUALITY_CTX = 256  # tokens a chunk, for the imatrix and KLD of the quality benches
 
 # llama.cpp's converter, run as a user would, with the two blockers a Step 3.5 user hits
 # bypassed: it reads config.json through transformers (which drops partial_rotary_factors and
@@ -115,6 +119,38 @@ def checkpoint(work: Path, preset: str) -> tuple[Path, int]:
     size = read_through(src)
     print(f"checkpoint {src}: {size / 2**30:.2f} GiB")
     return src, size
+
+
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """A synthetic checkpoint and what its quantizations are measured against: its F32 (the
+    reference) and BF16 (llama-quantize's source) conversions, an imatrix over the start of
+    the calibration text and the text's held-out end to score on."""
+
+    src: Path
+    f32: Path
+    bf16: Path
+    imatrix: Path
+    held_out: Path
+
+
+def quality_files(work: Path, preset: str, seed: int, threads: int) -> Quality:
+    """`preset` at `seed` under `work` with its reference files, each made once."""
+    from step_gguf.convert import convert  # noqa: PLC0415
+    from step_gguf.runtime import tools  # noqa: PLC0415
+
+    q = Quality(work / f"{preset}-{seed}", work / "f32.gguf", work / "bf16.gguf", work / "imatrix.gguf",
+                work / "held-out.txt")
+    if not q.src.exists():
+        synth(q.src, preset, seed=seed)
+    for path, outtype in ((q.f32, "f32"), (q.bf16, "bf16")):
+        if not path.exists():
+            convert(q.src, path, outtype=outtype)
+    text = tools.default_text().read_bytes()
+    q.held_out.write_bytes(text[-6000:])  # the imatrix reads the start of the same text
+    if not q.imatrix.exists():
+        tools.imatrix(q.bf16, q.imatrix, ctx=QUALITY_CTX, chunks=24, threads=threads)
+    return q
 
 
 def llama_cpp_convert_cmd(work: Path, src: Path, out: Path, outtype: str = "bf16") -> list[str]:

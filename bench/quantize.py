@@ -20,11 +20,13 @@ are different type mixes, so output size and KLD are printed beside the times.
 
     python bench/quantize.py [--work DIR] [--keep] [--preset wide] [--repeat 1] [--threads N]
                              [--skip-llama-cpp] [--skip-kld] [--kld-text F] [--kld-ctx 256]
+    python bench/quantize.py --budget [--work DIR] [--seed 11 --seed 23]   (bench/budget.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -104,7 +106,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None,
                     help="folder for the checkpoint (reused if there) and outputs [a temporary one]")
     ap.add_argument("--keep", action="store_true", help="keep the GGUFs (and a temporary --work)")
-    ap.add_argument("--preset", default="wide")
+    ap.add_argument("--preset", default=None, help="synthetic checkpoint preset [wide; quant with --budget]")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every step (fastest kept)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for the quantizers and llama-perplexity [all cores]")
@@ -114,7 +116,18 @@ def main() -> None:
                     help="text the KLD is measured on [the bundled calibration text]")
     ap.add_argument("--kld-chars", type=int, default=2500, help="characters of --kld-text used")
     ap.add_argument("--kld-ctx", type=int, default=256, help="tokens per KLD chunk")
+    ap.add_argument("--budget", action="store_true", help="instead: budget mode (--target-size) "
+                    "against static llama-quantize --tensor-type mixes at stock Q4_K_M's size, by KLD, "
+                    "with and without an imatrix (bench/budget.py; --preset quant by default)")
+    ap.add_argument("--seed", type=int, action="append", default=None,
+                    help="with --budget: a checkpoint seed (repeatable) [11 and 23]")
     a = ap.parse_args()
+    if a.budget:
+        from budget import run  # noqa: PLC0415
+
+        run(a.work, a.preset or "quant", a.seed or [11, 23], a.threads or os.cpu_count() or 1)
+        return
+    a.preset = a.preset or "wide"
 
     temporary = a.work is None
     work = Path(tempfile.mkdtemp(prefix="step-gguf-qbench-")) if temporary else a.work

@@ -1,10 +1,12 @@
 """Budget mode: the type of every tensor chosen to meet a size with the least measured error.
 
-Each quantizable tensor is a group. Its error under each candidate type is measured once
-(sensitivity.py) and cached; then a greedy allocation over each group's lower convex hull of
-(bytes, error) spends the budget where an extra byte removes the most error, which is optimal
-for the convex relaxation. The result is an ordinary recipe (one rule per tensor) stored in the
-GGUF, so the file records exactly how it was made.
+Each quantizable tensor of the trunk is a group. Its error under each candidate type is
+measured once (sensitivity.py) and cached; then a greedy allocation over each group's lower
+convex hull of (bytes, error) spends the budget where an extra byte removes the most error,
+which is optimal for the convex relaxation. The MTP blocks keep the base recipe's types: they
+only draft, so their precision moves the acceptance rate and never the output the error
+measures. The result is an ordinary recipe (one rule per tensor) stored in the GGUF, so the
+file records exactly how it was made.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Callable
 
 from gguf import GGMLQuantizationType as Q
 
+from .model_facts import layer_of_gguf
 from .tensor_plan import FLOAT_TYPES, TensorPlan
 from .errors import StepGGUFError
 from .imatrix import Imatrix
@@ -90,11 +93,17 @@ def _cache_key(plans: list[TensorPlan], imat: Imatrix | None) -> str:
     return h.hexdigest()[:20]
 
 
+def _drafts(plan: TensorPlan, n_layer: int) -> bool:
+    return (layer_of_gguf(plan.name) or 0) >= n_layer
+
+
 def measure(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, cache: Path | None,
             on_tensor: Callable[[str], None] = lambda name: None,
-            threads: int | None = None) -> dict[str, dict[str, float]]:
-    """tensor -> {type: error on the logit scale} for every quantizable tensor; the per-tensor
-    measurements run on all cores and are cached in `cache`/<key>.json as they finish."""
+            threads: int | None = None, routing_weight: float = 1.0) -> dict[str, dict[str, float]]:
+    """tensor -> {type: error on the logit scale} for every quantizable tensor, weighed by how
+    much the depth it enters at moves the output where the imatrix measured it (`step-gguf
+    imatrix` does); the per-tensor measurements run on all cores and are cached in
+    `cache`/<key>.json as they finish."""
     path = cache / f"{_cache_key(plans, imat)}.json" if cache is not None else None
     raw: dict[str, dict] = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     todo = []
@@ -121,12 +130,14 @@ def measure(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, cache: Pa
                 os.replace(tmp, path)
     measured = {n: Measured(r["energy"], r["relative_error"]) for n, r in raw.items()
                 if n in {p.name for p in plans}}
-    return logit_errors(measured, [p.name for p in plans])
+    return logit_errors(measured, [p.name for p in plans], imat.propagation if imat is not None else None,
+                        routing_weight)
 
 
 def allocate(plans: list[TensorPlan], errors: dict[str, dict[str, float]], target: int,
-             base: str) -> Recipe:
-    """The least-error recipe whose file holds at most `target` bytes of tensor data."""
+             base: str, n_layer: int) -> Recipe:
+    """The least-error recipe whose file holds at most `target` bytes of tensor data; the MTP
+    blocks (layers from `n_layer` on) keep their planned types."""
     fixed = sum(p.nbytes for p in plans if p.name not in errors)
     hulls = {p.name: _hull([(tensor_bytes(p.shape, Q[t]), e, Q[t]) for t, e in errors[p.name].items()])
              for p in plans if p.name in errors}
@@ -156,15 +167,19 @@ def allocate(plans: list[TensorPlan], errors: dict[str, dict[str, float]], targe
         offer(name)
     rules = [Rule("^" + re.escape(name) + "$", hulls[name][step[name]][2],
                   f"measured error {hulls[name][step[name]][1]:.4g}") for name in hulls]
+    rules += [Rule("^" + re.escape(p.name) + "$", p.qtype, "MTP block: drafts only, the base recipe's type")
+              for p in plans if _drafts(p, n_layer) and p.name not in hulls and p.qtype not in FLOAT_TYPES]
     log.info("budget plan: %d bytes of %d", total, target)
     return Recipe(f"{base}-budget", f"per-tensor types for at most {target} bytes, least measured "
                   "error", tuple(rules) + (Rule(".", Q.F32, "not quantized"),))
 
 
 def plan_for_budget(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, target: int,
-                    base: str, cache: Path | None,
+                    base: str, cache: Path | None, n_layer: int, routing_weight: float = 1.0,
                     on_tensor: Callable[[str], None] = lambda name: None) -> Recipe:
-    """Measure (or reuse) every tensor's error per type, then allocate `target` bytes."""
+    """Measure (or reuse) every trunk tensor's error per type, then allocate `target` bytes."""
     ready = [replace(p, imatrix=imat[p.name]) if imat is not None and p.name in imat and p.imatrix is None
              and p.qtype not in FLOAT_TYPES else p for p in plans]
-    return allocate(ready, measure(ready, imat, top_k, cache, on_tensor), target, base)
+    trunk = [p for p in ready if not _drafts(p, n_layer)]
+    errors = measure(trunk, imat, top_k, cache, on_tensor, routing_weight=routing_weight)
+    return allocate(ready, errors, target, base, n_layer)

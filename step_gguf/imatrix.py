@@ -7,6 +7,10 @@ experts for a 3-D expert tensor, whose rows are counted per expert, and 1 otherw
 llama-quantize turns them into importance values `in_sum2 / count` in float32, 1.0 for a matrix
 that saw no token; `Imatrix` gives the same float32 values, so ggml gets bit-identical data
 through our quantizer.
+
+`step-gguf imatrix` adds how a perturbation of the residual stream at each depth moves the
+output (runtime/propagation.py) as two arrays under PROPAGATION_POINTS/PROPAGATION_GAINS;
+llama-quantize ignores them, budget mode weighs each tensor's error by them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from .errors import StepGGUFError, malformed
 
 SUMS, COUNTS = ".in_sum2", ".counts"
+PROPAGATION_POINTS, PROPAGATION_GAINS = "step_gguf.propagation.points", "step_gguf.propagation.gains"
 # llama-quantize refuses a GGUF imatrix without all three
 _KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 _RECOMPUTE = "recompute it with `step-gguf imatrix`"
@@ -51,9 +56,11 @@ class Imatrix(Mapping[str, np.ndarray]):
     """An importance matrix: weight tensor name -> importance values (n_mat, n_per_row), float32."""
 
     def __init__(self, path: Path, entries: dict[str, ImatrixEntry], datasets: tuple[str, ...],
-                 chunk_count: int, chunk_size: int) -> None:
+                 chunk_count: int, chunk_size: int, propagation: dict[str, float] | None = None) -> None:
         self.path, self.entries, self.datasets = path, entries, datasets
         self.chunk_count, self.chunk_size = chunk_count, chunk_size
+        # stream point -> KL divergence per unit of relative perturbation there, when measured
+        self.propagation = propagation
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.entries[name].importance
@@ -131,6 +138,7 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
             raise bad("imatrix.datasets is not a list of strings")
         datasets = tuple(meta["imatrix.datasets"].contents())
         chunk_count, chunk_size = (int(meta[key].contents()) for key in _KEYS[1:])
+        propagation = _propagation(reader, bad)
 
         entries: dict[str, ImatrixEntry] = {}
         for name, sums_t in tensors.items():
@@ -148,7 +156,45 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
         raise bad(f"{orphans[0]} has no {orphans[0][: -len(COUNTS)] + SUMS} partner")
     if not entries:
         raise bad(f"no {SUMS}/{COUNTS} tensors: not an importance matrix")
-    return Imatrix(path, entries, datasets, chunk_count, chunk_size)
+    return Imatrix(path, entries, datasets, chunk_count, chunk_size, propagation)
+
+
+def _propagation(reader: gguf.GGUFReader, bad) -> dict[str, float] | None:
+    points, gains = reader.fields.get(PROPAGATION_POINTS), reader.fields.get(PROPAGATION_GAINS)
+    if points is None and gains is None:
+        return None
+    names = points.contents() if points is not None else []
+    values = gains.contents() if gains is not None else []
+    if len(names) != len(values) or not all(isinstance(v, float) and v >= 0 and np.isfinite(v) for v in values):
+        raise bad(f"{PROPAGATION_POINTS} and {PROPAGATION_GAINS} must pair names with non-negative gains")
+    return dict(zip(names, values))
+
+
+def with_propagation(path: str | os.PathLike, gains: dict[str, float]) -> None:
+    """Rewrite the importance matrix at `path` with `gains` (stream point -> gain) added; its
+    own keys and tensors are kept as they are."""
+    path = Path(path)
+    reader = gguf.GGUFReader(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.propagation")
+    writer = gguf.GGUFWriter(tmp, arch="", endianess=reader.endianess)
+    try:
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in (PROPAGATION_POINTS, PROPAGATION_GAINS):
+                continue
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+        writer.add_array(PROPAGATION_POINTS, list(gains))
+        writer.add_array(PROPAGATION_GAINS, [float(v) for v in gains.values()])
+        for t in reader.tensors:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())),
+                              raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _entry(weight: str, sums: np.ndarray, counts: np.ndarray, bad) -> ImatrixEntry:

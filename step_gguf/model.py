@@ -97,6 +97,12 @@ def normalise_name(name: str) -> str | None:
     return None
 
 
+def routing_weight(scale: float, normalized: bool, top_k: int) -> float:
+    """A chosen expert's typical weight in the MoE output: the top-k weights sum to `scale` when
+    normalized; otherwise each is at most `scale`."""
+    return scale / max(top_k, 1) if normalized else scale
+
+
 @dataclass(frozen=True)
 class Step35Config:
     hidden_size: int
@@ -128,6 +134,10 @@ class Step35Config:
     @property
     def n_layer_all(self) -> int:
         return self.n_layer + self.n_nextn
+
+    @property
+    def routing_weight(self) -> float:
+        return routing_weight(self.expert_weights_scale, self.expert_weights_norm, self.n_expert_used)
 
     @property
     def leading_dense(self) -> int:

@@ -22,7 +22,7 @@ from .output import OutputJob, SplitLimits, file_bytes, write_outputs, write_sha
 from .tensor_plan import FLOAT_TYPES, TensorPlan, plan_shapes
 from .errors import SourceError, StepGGUFError, describe, malformed
 from .gguf_source import open_gguf
-from .model import Step35Config
+from .model import Step35Config, routing_weight
 from .model_card import CardOverrides, load_card
 from .budget import BudgetError, plan_for_budget
 from .equalize import Equalized, equalize
@@ -49,6 +49,7 @@ class Source:
     top_k: int                    # experts each token uses
     opened: OpenedCheckpoint | None = None   # checkpoint sources: config, vocab
     cfg: Step35Config | None = None          # checkpoint and config sources
+    routing_weight: float = 1.0   # what the router multiplies a chosen expert's output by, typically
 
     @property
     def readable(self) -> bool:
@@ -75,7 +76,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
         return Source("checkpoint", src, opened.cfg.n_layer, opened.plans,
                       lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", opened.card),
-                      opened.cfg.n_expert_used, opened, opened.cfg)
+                      opened.cfg.n_expert_used, opened, opened.cfg, opened.cfg.routing_weight)
     if not src.is_file():
         raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
     if src.suffix == ".json":
@@ -85,7 +86,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
         card = load_card(src.parent, cfg)
         return Source("config", src, cfg.n_layer, plans,
                       lambda w: write_metadata(w, cfg, vocab, mtp != "drop", card),
-                      cfg.n_expert_used, cfg=cfg)
+                      cfg.n_expert_used, cfg=cfg, routing_weight=cfg.routing_weight)
     return _open_gguf(src, recipe)
 
 
@@ -131,8 +132,10 @@ def _read_gguf(path: Path, recipe: Recipe) -> Source:
         for name, value, vtype, sub in fields:
             w.add_key_value(name, value, vtype, sub_type=sub)
     top_k = kv(gguf.Keys.LLM.EXPERT_USED_COUNT, 1)  # a scalar, or llama.cpp's per-layer array form
-    return Source("gguf", path, n_layer, plans, write_kv,
-                  max(int(k) for k in top_k) if isinstance(top_k, list) and top_k else int(top_k or 1))
+    top_k = max(int(k) for k in top_k) if isinstance(top_k, list) and top_k else int(top_k or 1)
+    routing = routing_weight(float(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
+                             bool(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False)), top_k)
+    return Source("gguf", path, n_layer, plans, write_kv, top_k, routing_weight=routing)
 
 
 # ---------------------------------------------------------------- pricing
@@ -333,6 +336,7 @@ def _fit(source: Source, plans: list[TensorPlan], imat: Imatrix | None, base: st
     limit = budget
     for _ in range(8):  # the header barely depends on the allocation: one or two rounds
         recipe = plan_for_budget(plans, imat, source.top_k, limit, base, cache_dir() / "sensitivity",
+                                 source.n_layer, source.routing_weight,
                                  on_tensor=lambda name: on_stage(f"measuring {name}"))
         source.plans = attach_imatrix(retype(plans, recipe, source.n_layer), imat, recipe)
         if target.bytes is None:

@@ -111,7 +111,13 @@ _DOWNSTREAM = [
     (re.compile(r"^(blk\.\d+\.)ffn_(gate|up)_shexp\.weight$"), r"\1ffn_down_shexp.weight"),
     (re.compile(r"^(blk\.\d+\.)ffn_(gate|up)\.weight$"), r"\1ffn_down.weight"),
 ]
+# How far a depth's measured gain carries into a quantized tensor's cost. Single-group changes on
+# two synthetic checkpoints (bench/sensitivity.py: 19 groups each moved to Q2_K) follow about the
+# square root of the gains, which span 27x from the embeddings to the output (log error of the
+# prediction 0.46-0.52 at 0.5, 0.71 at 1), and budget mode's files came out best with it
+GAIN_POWER = 0.5
 _HEADS = re.compile(r"^output\.weight$|nextn\.shared_head_head\.weight$")
+_ROUTED = re.compile(r"_exps\.weight$")
 
 
 def _writer(name: str) -> str:
@@ -121,14 +127,34 @@ def _writer(name: str) -> str:
     return name
 
 
-def logit_errors(measured: dict[str, Measured], order: list[str]) -> dict[str, dict[str, float]]:
-    """Each tensor's error as a relative perturbation of what reaches the logits.
+def stream_point(name: str) -> str | None:
+    """The point of the residual stream a tensor's error enters (runtime/propagation.py's names):
+    its own or its writer's; None for tensors outside the trunk's stream (the MTP blocks)."""
+    writer = _writer(name)
+    if writer == "token_embd.weight":
+        return "embd"
+    if _HEADS.search(name):
+        return "output" if name == "output.weight" else None
+    m = re.match(r"^blk\.(\d+)\.(attn_output|ffn_down(_exps|_shexp)?)\.weight$", writer)
+    if m is None:
+        return None
+    return f"{'attn' if m.group(2) == 'attn_output' else 'ffn'}-{m.group(1)}"
+
+
+def logit_errors(measured: dict[str, Measured], order: list[str],
+                 gains: dict[str, float] | None = None, routing_weight: float = 1.0) -> dict[str, dict[str, float]]:
+    """Each tensor's error on one scale: the relative perturbation it causes where it enters
+    the residual stream, times how much a perturbation there moves the output.
 
     A matrix writing into the residual stream perturbs it by its error over the stream's energy
-    at that point (the embedding plus every earlier writer, taken as independent). An inner
+    at that point (the embedding plus every earlier writer, taken as independent); a routed
+    expert writes its output times its routing weight, so its energy counts that squared. An inner
     matrix (q/k/v, gate/up) perturbs its writer's output by its own relative error. The heads
-    perturb the logits directly. Through the final norm and head, a relative perturbation of the
-    stream is one of the logits, so all these are comparable. `order` is the model's tensor order.
+    perturb the logits directly. `gains` (point -> KL divergence per unit of relative
+    perturbation, measured on the model: runtime/propagation.py) weigh each point, to the power
+    GAIN_POWER; without them every point counts alike, as if a relative perturbation reached
+    the logits unchanged.
+    `order` is the model's tensor order.
     """
     stream = 0.0
     weight: dict[str, float] = {}
@@ -139,10 +165,13 @@ def logit_errors(measured: dict[str, Measured], order: list[str]) -> dict[str, d
         if _HEADS.search(name):
             weight[name] = 1.0
         elif writer == name:  # token_embd, attn_output, ffn_down*, nextn.eh_proj
-            stream += measured[name].energy
-            weight[name] = measured[name].energy / stream
+            energy = measured[name].energy * (routing_weight ** 2 if _ROUTED.search(name) else 1.0)
+            stream += energy
+            weight[name] = energy / stream
     for name in measured:
         if name not in weight:
             writer = _writer(name)
             weight[name] = weight.get(writer, 0.0) if writer != name else 0.0
+    if gains:
+        weight = {n: w * gains.get(stream_point(n) or "", 1.0) ** GAIN_POWER for n, w in weight.items()}
     return {n: {t: r * weight[n] for t, r in m.relative_error.items()} for n, m in measured.items()}

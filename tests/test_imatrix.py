@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from step_gguf.cli import main
 from step_gguf.errors import StepGGUFError
-from step_gguf.imatrix import ImatrixError, load_imatrix, model_shapes
+from step_gguf.imatrix import PROPAGATION_GAINS, PROPAGATION_POINTS, ImatrixError, load_imatrix, model_shapes
 from step_gguf.model import Step35Config
 from step_gguf.runtime import build as b
 
@@ -20,14 +20,18 @@ CTX, CHUNKS = 64, 4
 
 
 def _write(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], *,
-           meta: bool = True, chunk_size: int = 512) -> Path:
-    """An imatrix GGUF laid out as llama-imatrix writes it."""
+           meta: bool = True, chunk_size: int = 512, gains: tuple | None = None) -> Path:
+    """An imatrix GGUF laid out as llama-imatrix writes it (with `gains`: (points, values) as
+    `step-gguf imatrix` adds them)."""
     w = gguf.GGUFWriter(path, arch="")
     if meta:
         w.add_string("general.type", "imatrix")
         w.add_array("imatrix.datasets", ["calibration.txt"])
         w.add_uint32("imatrix.chunk_count", 3)
         w.add_uint32("imatrix.chunk_size", chunk_size)
+    if gains is not None:
+        w.add_array(PROPAGATION_POINTS, list(gains[0]))
+        w.add_array(PROPAGATION_GAINS, list(gains[1]))
     for name, (sums, counts) in entries.items():
         if sums is not None:
             w.add_tensor(name + ".in_sum2", np.asarray(sums, np.float32))
@@ -85,6 +89,10 @@ BREAKAGES = {
               lambda p, rng: _write(p, {"blk.0.attn_q.weight": (np.ones((1, 8)), np.array([-2.0]))})),
     "no-meta": ("no imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size metadata",
                 lambda p, rng: _write(p, _valid(rng), meta=False)),
+    "gains-unpaired": ("must pair names with non-negative gains",
+                       lambda p, rng: _write(p, _valid(rng), gains=(["embd", "output"], [1.0]))),
+    "gains-negative": ("must pair names with non-negative gains",
+                       lambda p, rng: _write(p, _valid(rng), gains=(["embd"], [-1.0]))),
 }
 
 
@@ -295,3 +303,25 @@ def test_cli_eval_json(runtime, gguf_file, short_text):
     assert set(stats) == {"kld_mean", "kld_p99", "top1_pct", "ppl", "ppl_reference", "chunks", "ctx"}
     text = CliRunner().invoke(main, args).output
     assert f"mean KLD        {stats['kld_mean']:.6f}" in text and "same top token" in text
+
+
+@pytest.mark.runtime
+def test_imatrix_measures_how_each_depth_moves_the_output(tiny_imatrix, gguf_file, short_text):
+    """`step-gguf imatrix` stores, for every point of the residual stream (embeddings, each
+    layer after attention and after its FFN, the final norm), the KL divergence per unit of
+    relative noise added there: measured on the model, reproducible (seeded noise), finite and
+    different from point to point, and llama-quantize still reads the file (test above)."""
+    from step_gguf.runtime import propagation
+
+    model = gguf_file("tiny", "f32")
+    stored = load_imatrix(tiny_imatrix[0]).propagation
+    n_layer = len([k for k in stored if k.startswith("ffn-")])
+    assert list(stored) == list(propagation.points(n_layer)) and n_layer == 8
+    assert all(np.isfinite(g) and g > 0 for g in stored.values())
+    assert len({round(g, 6) for g in stored.values()}) > n_layer  # depths differ
+    again = propagation.measure_file(model, short_text, ctx=CTX)
+    assert again == pytest.approx(stored, rel=1e-6)
+    # twice the noise, twice the divergence: the gain is a slope, not one noise level's reading
+    double = propagation.measure_file(model, short_text, ctx=CTX, eps=2 * propagation.EPS)
+    ratios = [double[p] / stored[p] for p in stored]
+    assert 0.7 < float(np.median(ratios)) < 1.4, ratios

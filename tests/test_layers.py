@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("files", {"checkpoint", "gguf_source", "vocab", "imatrix", "resume", "model_card", "draft",
                "synth", "synth_script", "synth_tokenizer"}),
     ("native", {"runtime.process", "runtime.page", "runtime.build", "runtime.installed",
-                "runtime.ggml", "runtime.tools"}),
+                "runtime.ggml", "runtime.propagation", "runtime.tools"}),
     ("pipeline", {"tensor_plan", "tensor_data", "output", "convert", "sensitivity", "equalize",
                   "budget", "quantize", "facts"}),
     ("planner", {"plan.__init__", "plan.machines", "plan.memory", "plan.result", "plan.speed",

@@ -401,11 +401,16 @@ def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, 
     from step_gguf.quantize import Target, open_source
     from step_gguf.recipe import tensor_bytes
 
+    from step_gguf.model_facts import layer_of_gguf
+
     src = mini[0] if model == "mini" else checkpoint("tiny")
-    plans = open_source(src, load_recipe("int4-mixed")).plans
-    cheapest = sum(min((tensor_bytes(p.shape, t) for t in _candidates(p, False)), default=p.nbytes)
-                   if len(p.shape) > 1 else p.nbytes for p in plans)
-    dearest = sum(tensor_bytes(p.shape, Q.Q8_0) if len(p.shape) > 1 else p.nbytes for p in plans)
+    source = open_source(src, load_recipe("int4-mixed"))
+    plans = source.plans
+    # the MTP blocks keep the recipe's types; the trunk's range is what the budget moves in
+    fixed = [len(p.shape) < 2 or (layer_of_gguf(p.name) or 0) >= source.n_layer for p in plans]
+    cheapest = sum(p.nbytes if f else min((tensor_bytes(p.shape, t) for t in _candidates(p, False)), default=p.nbytes)
+                   for p, f in zip(plans, fixed))
+    dearest = sum(p.nbytes if f else tensor_bytes(p.shape, Q.Q8_0) for p, f in zip(plans, fixed))
     out = tmp_path / "budget.gguf"
     probe = quantize(src, tmp_path / "probe.gguf", load_recipe("int4-mixed"))
     header = probe.outputs[0].stat().st_size - sum(p.nbytes for p in plans)
@@ -416,3 +421,54 @@ def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, 
     assert 0.98 * target <= size <= target
     if model == "tiny":
         assert header > 0.02 * size
+
+
+@pytest.mark.runtime
+def test_budget_mode_leaves_the_mtp_blocks_at_the_recipes_types(mini, tmp_path):
+    """The MTP blocks only draft: their precision moves acceptance, never the output the budget's
+    error measures, so they keep the base recipe's type (int4-mixed: Q4_K) at any target, and
+    the trunk takes the budget."""
+    from step_gguf.quantize import KV_RECIPE_TOML, Target, open_source
+
+    src = mini[0]
+    n_layer = open_source(src, load_recipe("int4-mixed")).n_layer
+    probe = quantize(src, tmp_path / "probe.gguf", load_recipe("int4-mixed")).outputs[0].stat().st_size
+    for share, name in ((0.8, "low.gguf"), (1.3, "high.gguf")):
+        out = tmp_path / name
+        quantize(src, out, load_recipe("int4-mixed"), target=Target(bytes=int(share * probe)))
+        tensors = _tensors(out)
+        mtp = {n: t.tensor_type for n, t in tensors.items()
+               if n.startswith(f"blk.{n_layer}.") and len(t.shape) > 1 and "router" not in n and "gate_inp" not in n}
+        assert mtp and set(mtp.values()) == {Q.Q4_K}, mtp
+        trunk = {t.tensor_type for n, t in tensors.items() if n.startswith("blk.1.") and n.endswith("_exps.weight")}
+        assert trunk != {Q.Q4_K} or share == 0.8, trunk  # the budget moved the trunk
+        field = gguf.GGUFReader(out).fields[KV_RECIPE_TOML]
+        assert "MTP block" in bytes(field.parts[field.data[0]]).decode()
+
+
+def test_depth_gains_weigh_each_tensor_where_it_enters_the_stream():
+    """A tensor's error counts at the point where it (or the matrix writing its output) enters
+    the residual stream, times the gain measured there; tensors outside the trunk keep theirs."""
+    from step_gguf.sensitivity import GAIN_POWER, Measured, logit_errors, stream_point
+
+    assert stream_point("token_embd.weight") == "embd" and stream_point("output.weight") == "output"
+    assert stream_point("blk.3.attn_q.weight") == stream_point("blk.3.attn_output.weight") == "attn-3"
+    for name in ("blk.3.ffn_up_exps.weight", "blk.3.ffn_down_exps.weight", "blk.3.ffn_gate_shexp.weight"):
+        assert stream_point(name) == "ffn-3"
+    assert stream_point("blk.0.ffn_gate.weight") == "ffn-0"
+    assert stream_point("blk.8.nextn.eh_proj.weight") is None
+    assert stream_point("blk.8.nextn.shared_head_head.weight") is None
+    names = ["token_embd.weight", "blk.3.attn_q.weight", "blk.3.attn_output.weight", "blk.3.ffn_up_exps.weight",
+             "blk.3.ffn_down_exps.weight", "blk.8.nextn.eh_proj.weight", "output.weight"]
+    measured = {n: Measured(1.0 + i, {"Q4_K": 0.01 * (i + 1)}) for i, n in enumerate(names)}
+    plain = logit_errors(measured, names)
+    weighed = logit_errors(measured, names, {"embd": 2.0, "attn-3": 3.0, "ffn-3": 5.0, "output": 7.0})
+    factor = {n: (weighed[n]["Q4_K"] / plain[n]["Q4_K"]) ** (1 / GAIN_POWER) for n in names}
+    assert factor == pytest.approx({"token_embd.weight": 2.0, "blk.3.attn_q.weight": 3.0,
+                                    "blk.3.attn_output.weight": 3.0, "blk.3.ffn_up_exps.weight": 5.0,
+                                    "blk.3.ffn_down_exps.weight": 5.0, "blk.8.nextn.eh_proj.weight": 1.0,
+                                    "output.weight": 7.0})
+    # a routed expert writes its output times its routing weight: its energy counts that squared
+    routed = logit_errors(measured, names, routing_weight=0.5)
+    assert routed["blk.3.ffn_up_exps.weight"]["Q4_K"] < plain["blk.3.ffn_up_exps.weight"]["Q4_K"]
+    assert routed["blk.3.attn_q.weight"]["Q4_K"] == plain["blk.3.attn_q.weight"]["Q4_K"]

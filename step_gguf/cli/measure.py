@@ -28,7 +28,10 @@ def imatrix(model: Path, out: Path, text_file: Path | None, ctx: int, chunks: in
     Runs MODEL over the calibration text and records, for every weight matrix (each expert
     separately), the mean squared activation of each input channel. Low-bit quantization
     uses it (step-gguf quantize --imatrix) to keep the channels that matter most precise.
-    Compute it on the highest-precision GGUF you have (BF16 or Q8_0).
+    Then it measures how much noise added at each depth of MODEL (after the embeddings, after
+    each layer's attention and FFN) moves its output, on one chunk: budget mode
+    (--target-size) weighs every tensor's error by the depth it enters at. Compute it on the
+    highest-precision GGUF you have (BF16 or Q8_0).
 
     \b
     Example:
@@ -38,25 +41,29 @@ def imatrix(model: Path, out: Path, text_file: Path | None, ctx: int, chunks: in
     from ..imatrix import load_imatrix
     from ..runtime import tools
 
-    bar = _ByteBar(f"imatrix of {model.name}")
-    done_before = 0
+    bars = {"chunks": _ByteBar(f"imatrix of {model.name}"), "depths": _ByteBar("depth gains")}
+    done_before = dict.fromkeys(bars, 0)
 
-    def on_progress(done: int, total: int) -> None:
-        nonlocal done_before
-        if not done_before:
-            bar.start(total)
-        bar.advance(done - done_before)
-        done_before = done
+    def following(which: str):
+        def on_progress(done: int, total: int) -> None:
+            if not done_before[which]:
+                bars["chunks"].close()  # done by the time the depths start
+                bars[which].start(total)
+            bars[which].advance(done - done_before[which])
+            done_before[which] = done
+        return on_progress
 
     start = time.perf_counter()
     try:
         tools.imatrix(model, out, text_file, ctx=ctx, chunks=chunks, threads=threads,
-                      on_progress=on_progress)
+                      on_progress=following("chunks"), on_gains=following("depths"))
     finally:
-        bar.close()
+        for bar in bars.values():
+            bar.close()
     result = load_imatrix(out)
     click.echo(f"wrote {out} ({len(result)} matrices, {result.chunk_count} chunks of "
-               f"{result.chunk_size} tokens) in {time.perf_counter() - start:.1f} s")
+               f"{result.chunk_size} tokens, gains of {len(result.propagation or {})} depths) in "
+               f"{time.perf_counter() - start:.1f} s")
 
 
 @click.command("eval")

@@ -40,6 +40,7 @@ class _ByteBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 class _StepProgress:

@@ -28,7 +28,8 @@ class _TypeTraits(ctypes.Structure):
 
 
 @functools.cache
-def _lib() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
+    """libggml-base of our runtime, its quantizer's functions typed."""
     check()
     import llama_cpp  # noqa: PLC0415 (only once the runtime is known to be ours)
 
@@ -50,14 +51,14 @@ def _lib() -> ctypes.CDLL:
 
 
 def requires_imatrix(qtype: int) -> bool:
-    return bool(_lib().ggml_quantize_requires_imatrix(int(qtype)))
+    return bool(library().ggml_quantize_requires_imatrix(int(qtype)))
 
 
 def quantize(rows: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> memoryview:
     """Encode float32 `rows` (n_rows x n_per_row) as `qtype`; `imatrix` has n_per_row weights."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, cols = rows.shape
-    lib = _lib()
+    lib = library()
     out = np.empty(lib.ggml_row_size(int(qtype), cols) * n, dtype=np.uint8)
     imat = None
     if imatrix is not None:
@@ -70,7 +71,7 @@ def quantize(rows: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) ->
 
 def dequantize(raw: bytes | memoryview, qtype: int, n_values: int) -> np.ndarray:
     """ggml-encoded bytes -> flat float32 array of `n_values`."""
-    traits = _lib().ggml_get_type_traits(int(qtype)).contents
+    traits = library().ggml_get_type_traits(int(qtype)).contents
     out = np.empty(n_values, dtype=np.float32)
     src = np.frombuffer(raw, dtype=np.uint8)
     traits.to_float(src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(_F32P), n_values)

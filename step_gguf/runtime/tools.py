@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 from ..errors import StepGGUFError
 from ..gguf_source import resolve
-from ..imatrix import load_imatrix, model_shapes
+from ..imatrix import load_imatrix, model_shapes, with_propagation
+from . import propagation
 from .installed import check
 from .process import error_line, run
 
@@ -59,13 +60,16 @@ _CHUNK_DONE = re.compile(r"^\[(\d+)\]")  # llama-imatrix prints "[3]5.1234," as 
 def imatrix(model_gguf: str | os.PathLike, out: str | os.PathLike,
             text_file: str | os.PathLike | None = None, *, ctx: int = 512, chunks: int | None = None,
             threads: int | None = None,
-            on_progress: Callable[[int, int], None] | None = None) -> Path:
+            on_progress: Callable[[int, int], None] | None = None,
+            on_gains: Callable[[int, int], None] | None = None) -> Path:
     """Compute the importance matrix of `model_gguf` over `text_file` (default: the bundled
-    calibration text) with llama-imatrix and write it, in GGUF form, to `out`.
+    calibration text) with llama-imatrix and write it, in GGUF form, to `out`, with how a
+    perturbation at each depth of the model moves its output (propagation.measure, on the
+    text's first `ctx` tokens: 2 * layers + 3 forward passes of one chunk).
 
     The file appears at `out` only once complete and checked against the model; a failure
     leaves nothing new there (an existing file survives). `on_progress(done, total)` follows
-    the chunks of `ctx` tokens. Returns `out`.
+    the chunks of `ctx` tokens, `on_gains(done, total)` the depths. Returns `out`.
     """
     # any shard of a split model: llama.cpp loads the set from the first shard's path
     model, out = resolve(_existing(Path(model_gguf), "model")), Path(out)
@@ -94,6 +98,8 @@ def imatrix(model_gguf: str | os.PathLike, out: str | os.PathLike,
         if missing:
             log.warning("%d matrices of %s got no statistics (e.g. %s); they will be quantized "
                         "without importance data", len(missing), model, missing[0])
+        with_propagation(tmp, propagation.measure_file(model, text, ctx=ctx, threads=threads,
+                                                       on_progress=on_gains))
         os.replace(tmp, out)
         log_file.unlink()
     finally:
