@@ -111,3 +111,31 @@ def test_unreachable_or_malformed_hosts_are_refused(runtime):
         with pytest.raises(StepGGUFError, match=why):
             rpc.parse(bad)
     assert rpc.parse("10.0.0.2:50052=64, [::1]:9") == [("10.0.0.2:50052", 64 << 30), ("[::1]:9", None)]
+
+
+_AFTER_A_HOST_WENT_AWAY = """
+import sys
+from step_gguf.runtime import llama, propagation, rpc
+
+with rpc.start(threads=1) as host:
+    rpc.devices([host])  # registered in this process for good, as a split load leaves it
+gains = propagation.measure(sys.argv[1], " ".join(["hello there"] * 40), ctx=32)
+with llama.load(sys.argv[1], n_ctx=64) as m:
+    m.logits([5, 6, 7])
+print(len(gains))
+"""
+
+
+def test_in_process_loads_outlive_a_registered_host(runtime, gguf_file):
+    """llama.cpp asks every registered device when a load names none, and a host that is gone
+    aborts the process: every in-process load (the wrapper, the depth gains of imatrix) names
+    its devices. In a child process, so that an abort fails this test, not the whole run."""
+    import subprocess
+    import sys
+
+    path = gguf_file("tiny", "q8_0")
+    done = subprocess.run([sys.executable, "-c", _AFTER_A_HOST_WENT_AWAY, str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    n_layer = read_facts(path).n_layer
+    assert done.stdout.split()[-1] == str(2 * n_layer + 2)  # embd, 2 per layer, output

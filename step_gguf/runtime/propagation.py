@@ -77,6 +77,10 @@ class _Probe:
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
+        # no devices, named: by default llama.cpp asks every registered device, RPC hosts this
+        # process registered earlier included, and a host that is gone aborts the process
+        self._no_devices = (ctypes.c_void_p * 1)()
+        mp.devices = ctypes.cast(self._no_devices, ctypes.c_void_p)
         self.model = L.llama_model_load_from_file(str(model_gguf).encode(), mp)
         self.ctx = self.batch = None
         if not self.model:
