@@ -1,7 +1,10 @@
 // The adaptive draft length (patch 0013, common/draft-policy.cpp) on simulated machines and heads:
 // each round asks the policy for a draft length, draws which drafted tokens a head of the given
 // accuracy gets right (the same draws for every contender), and feeds back the times a machine
-// with the given costs would take. Printed per scenario, one line per contender ("adaptive" and
+// with the given costs would take. As in llama.cpp's chained MTP heads, head j's step decodes
+// the tokens produced since it last stepped (at most HISTORY) and its own j + 1 chained rows, so
+// deeper steps, and steps after more accepted tokens or after idle rounds, are wider and cost
+// more. Printed per scenario, one line per contender ("adaptive" and
 // each fixed length 0..3): the tokens per second of simulated time over the rounds after the
 // first WARMUP, and the share of those rounds by the length actually drafted.
 //
@@ -9,6 +12,7 @@
 
 #include "draft-policy.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -18,10 +22,13 @@ namespace {
 constexpr int ROUNDS = 2000;
 constexpr int WARMUP = 100;
 constexpr int N_MAX  = 3;
+constexpr int HISTORY = 16;  // rows a head can catch up from
 
 struct machine {
-    double t1, per_token, step;  // µs: a decode of one token, each token more, one draft step
+    double t1, per_token;   // µs: a decode of one token, each token more
+    double step, per_row;   // µs: a draft step, each row it decodes
     double verify(int n) const { return t1 + per_token * (n - 1); }
+    double draft(int rows) const { return step + per_row * rows; }
 };
 
 struct heads {
@@ -38,6 +45,7 @@ void run(const char * scenario, const machine & m, const heads & h, unsigned see
         policy.init(1, N_MAX);
         double tokens = 0, time = 0;
         int    by_len[N_MAX + 1] = {};
+        int    unseen[N_MAX]     = {};  // tokens produced since each head last stepped
         for (int r = 0; r < ROUNDS; ++r) {
             int k = fixed < 0 ? policy.choose(0, N_MAX) : fixed;
             // the head's draws for this round, whether drafted or not
@@ -45,22 +53,31 @@ void run(const char * scenario, const machine & m, const heads & h, unsigned see
             for (bool & x : right) {
                 x = u(rng) < h.accuracy;
             }
-            int kept = 0;
+            // each step runs, then its token is kept or drafting ends
+            int    kept    = 0;
+            double t_draft = 0;
             for (int j = 0; j < k; ++j) {
+                const int    rows = std::min(unseen[j], HISTORY) + j + 1;
+                const double t    = m.draft(rows);
+                t_draft += t;
+                unseen[j] = 0;
+                if (fixed < 0) {
+                    policy.observe_draft(rows, (int64_t) t);
+                }
                 const float p = right[j] ? h.p_right : h.p_wrong;
                 if (fixed < 0 && !policy.keep(0, j, p)) {
                     break;
                 }
                 kept++;
             }
-            if (fixed < 0 && kept > 0) {
-                policy.observe_draft(kept, (int64_t) (m.step * kept));
-            }
             int accepted = 0;
             while (accepted < kept && right[accepted]) {
                 accepted++;
             }
-            const double t = m.verify(1 + kept) + m.step * (fixed < 0 ? kept : k);
+            for (int & u : unseen) {
+                u += 1 + accepted;
+            }
+            const double t = m.verify(1 + kept) + t_draft;
             if (fixed < 0) {
                 policy.observe_decode(1 + kept, (int64_t) m.verify(1 + kept));
                 if (kept > 0) {
@@ -84,15 +101,19 @@ void run(const char * scenario, const machine & m, const heads & h, unsigned see
 }  // namespace
 
 int main() {
-    // a CPU like ours: verifying 4 tokens costs ~1.9 of one (plain AVX2), a draft step ~0.25
-    const machine cpu = { 35000, 10000, 8000 };
+    // a CPU like ours (`wide` on plain AVX2, measured): verifying 4 tokens costs ~1.8 of one, a
+    // draft step over one row ~0.2, each row more 0.03
+    const machine cpu = { 37000, 10000, 7700, 1100 };
+    // the same CPU and heads under a deep trunk (the real model: 45 layers to a head's one)
+    const machine deep = { 120000, 30000, 7700, 1100 };
     // a GPU with experts on the CPU, compute bound: every token verified costs nearly a step
-    const machine bound = { 35000, 30000, 8000 };
+    const machine bound = { 35000, 30000, 7700, 1100 };
     for (double acc : { 0.0, 0.3, 0.6, 0.9, 1.0 }) {
         char name[64];
         std::snprintf(name, sizeof name, "cpu-%.1f", acc);
         run(name, cpu, { acc, 0.99f, 0.99f }, 7);  // confident whether right or wrong
     }
+    run("deep-1.0", deep, { 1.0, 0.99f, 0.99f }, 7);
     run("bound-1.0", bound, { 1.0, 0.99f, 0.99f }, 7);
     // the same accuracy, with a head whose confidence tells right from wrong, and without
     run("calibrated-0.5", cpu, { 0.5, 0.9f, 0.2f }, 11);
