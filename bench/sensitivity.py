@@ -31,7 +31,7 @@ from step_gguf.imatrix import load_imatrix
 from step_gguf.quantize import attach_imatrix, open_source, quantize
 from step_gguf.recipe import Recipe, Rule, load_recipe
 from step_gguf.runtime import propagation, tools
-from step_gguf.sensitivity import Measured, logit_errors
+from step_gguf.sensitivity import logit_errors
 from gguf import GGMLQuantizationType as Q
 
 
@@ -65,10 +65,8 @@ def main() -> None:
     imat = load_imatrix(q.imatrix) if a.imatrix else None
     source = open_source(q.src, base)
     plans = attach_imatrix(source.plans, imat, base)
-    trunk = [p for p in plans if not budget._drafts(p, source.n_layer)]
-    budget.measure(trunk, imat, source.top_k, work / "sensitivity-cache")  # measured once, cached
-    raw = json.loads(next((work / "sensitivity-cache").glob(f"{budget._cache_key(trunk, imat)}.json")).read_text())
-    measured_errors = {n: Measured(r["energy"], r["relative_error"]) for n, r in raw.items()}
+    trunk = budget.trunk(plans, source.n_layer)
+    measured_errors = budget.measure_tensors(trunk, imat, source.top_k, work / "sensitivity-cache")
     gains = imat.propagation if imat is not None else \
         propagation.measure_file(q.bf16, tools.default_text(), ctx=QUALITY_CTX, threads=a.threads)
     order = [p.name for p in trunk]
@@ -92,7 +90,7 @@ def main() -> None:
     base_kld = kld("base", base)
     rows = []
     for name, pattern in groups(source.n_layer).items():
-        members = [p.name for p in trunk if re.search(pattern, p.name) and p.name in raw]
+        members = [p.name for p in trunk if re.search(pattern, p.name) and p.name in measured_errors]
         case = Recipe(f"int8+{name}", "", (Rule(pattern, Q[a.qtype], "moved"),) + base.rules)
         preds = [sum(m[n][a.qtype] - m[n]["Q8_0"] for n in members) for m in models.values()]
         rows.append((name, len(members), *preds, kld(name, case) - base_kld))

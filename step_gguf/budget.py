@@ -93,17 +93,17 @@ def _cache_key(plans: list[TensorPlan], imat: Imatrix | None) -> str:
     return h.hexdigest()[:20]
 
 
-def _drafts(plan: TensorPlan, n_layer: int) -> bool:
-    return (layer_of_gguf(plan.name) or 0) >= n_layer
+def trunk(plans: list[TensorPlan], n_layer: int) -> list[TensorPlan]:
+    """The plans outside the MTP blocks (layers from `n_layer` on): what the budget moves."""
+    return [p for p in plans if (layer_of_gguf(p.name) or 0) < n_layer]
 
 
-def measure(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, cache: Path | None,
-            on_tensor: Callable[[str], None] = lambda name: None,
-            threads: int | None = None, routing_weight: float = 1.0) -> dict[str, dict[str, float]]:
-    """tensor -> {type: error on the logit scale} for every quantizable tensor, weighed by how
-    much the depth it enters at moves the output where the imatrix measured it (`step-gguf
-    imatrix` does); the per-tensor measurements run on all cores and are cached in
-    `cache`/<key>.json as they finish."""
+def measure_tensors(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, cache: Path | None,
+                    on_tensor: Callable[[str], None] = lambda name: None,
+                    threads: int | None = None) -> dict[str, Measured]:
+    """tensor -> its energy and relative error per candidate type, for every quantizable
+    tensor; the measurements run on all cores and are cached in `cache`/<key>.json as they
+    finish."""
     path = cache / f"{_cache_key(plans, imat)}.json" if cache is not None else None
     raw: dict[str, dict] = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     todo = []
@@ -128,9 +128,18 @@ def measure(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, cache: Pa
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(raw))
                 os.replace(tmp, path)
-    measured = {n: Measured(r["energy"], r["relative_error"]) for n, r in raw.items()
-                if n in {p.name for p in plans}}
-    return logit_errors(measured, [p.name for p in plans], imat.propagation if imat is not None else None,
+    return {n: Measured(r["energy"], r["relative_error"]) for n, r in raw.items()
+            if n in {p.name for p in plans}}
+
+
+def measure(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, cache: Path | None,
+            on_tensor: Callable[[str], None] = lambda name: None,
+            threads: int | None = None, routing_weight: float = 1.0) -> dict[str, dict[str, float]]:
+    """tensor -> {type: error on the logit scale} for every quantizable tensor (measure_tensors),
+    weighed by how much the depth it enters at moves the output where the imatrix measured it
+    (`step-gguf imatrix` does)."""
+    return logit_errors(measure_tensors(plans, imat, top_k, cache, on_tensor, threads),
+                        [p.name for p in plans], imat.propagation if imat is not None else None,
                         routing_weight)
 
 
@@ -167,8 +176,9 @@ def allocate(plans: list[TensorPlan], errors: dict[str, dict[str, float]], targe
         offer(name)
     rules = [Rule("^" + re.escape(name) + "$", hulls[name][step[name]][2],
                   f"measured error {hulls[name][step[name]][1]:.4g}") for name in hulls]
+    moved = {p.name for p in trunk(plans, n_layer)}
     rules += [Rule("^" + re.escape(p.name) + "$", p.qtype, "MTP block: drafts only, the base recipe's type")
-              for p in plans if _drafts(p, n_layer) and p.name not in hulls and p.qtype not in FLOAT_TYPES]
+              for p in plans if p.name not in moved and p.qtype not in FLOAT_TYPES]
     log.info("budget plan: %d bytes of %d", total, target)
     return Recipe(f"{base}-budget", f"per-tensor types for at most {target} bytes, least measured "
                   "error", tuple(rules) + (Rule(".", Q.F32, "not quantized"),))
@@ -180,6 +190,5 @@ def plan_for_budget(plans: list[TensorPlan], imat: Imatrix | None, top_k: int, t
     """Measure (or reuse) every trunk tensor's error per type, then allocate `target` bytes."""
     ready = [replace(p, imatrix=imat[p.name]) if imat is not None and p.name in imat and p.imatrix is None
              and p.qtype not in FLOAT_TYPES else p for p in plans]
-    trunk = [p for p in ready if not _drafts(p, n_layer)]
-    errors = measure(trunk, imat, top_k, cache, on_tensor, routing_weight=routing_weight)
+    errors = measure(trunk(ready, n_layer), imat, top_k, cache, on_tensor, routing_weight=routing_weight)
     return allocate(ready, errors, target, base, n_layer)

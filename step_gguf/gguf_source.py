@@ -142,6 +142,21 @@ def _int_key(reader: gguf.GGUFReader, path: Path, key: str) -> int | None:
     return int(value)
 
 
+KvField = tuple[str, Any, gguf.GGUFValueType, gguf.GGUFValueType | None]
+
+
+def kv_fields(reader: gguf.GGUFReader, skip: tuple[str, ...]) -> list[KvField]:
+    """The key/value fields of `reader` but those whose key starts with one of `skip`, decoded
+    (a corrupt value fails here, not while writing) as GGUFWriter.add_key_value takes them."""
+    return [(f.name, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+            for f in reader.fields.values() if not f.name.startswith(skip)]
+
+
+def add_kv_fields(writer: gguf.GGUFWriter, fields: list[KvField]) -> None:
+    for name, value, vtype, sub in fields:
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+
+
 @dataclass(frozen=True)
 class SourceTensor:
     """One tensor of the model, wherever its shard is; named as gguf's ReaderTensor, plus its shard."""

@@ -24,9 +24,13 @@ import gguf
 import numpy as np
 
 from .errors import StepGGUFError, malformed
+from .gguf_source import add_kv_fields, kv_fields
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 PROPAGATION_POINTS, PROPAGATION_GAINS = "step_gguf.propagation.points", "step_gguf.propagation.gains"
+# the residual stream's points those arrays name: the token embeddings, each layer after its
+# attention and after its FFN (layer_point), what the output matrix reads
+EMBD_POINT, OUTPUT_POINT = "embd", "output"
 # llama-quantize refuses a GGUF imatrix without all three
 _KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 _RECOMPUTE = "recompute it with `step-gguf imatrix`"
@@ -159,6 +163,11 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
     return Imatrix(path, entries, datasets, chunk_count, chunk_size, propagation)
 
 
+def layer_point(kind: str, layer: int) -> str:
+    """The stream point after layer `layer`'s attention (`kind` "attn") or FFN ("ffn")."""
+    return f"{kind}-{layer}"
+
+
 def _propagation(reader: gguf.GGUFReader, bad) -> dict[str, float] | None:
     points, gains = reader.fields.get(PROPAGATION_POINTS), reader.fields.get(PROPAGATION_GAINS)
     if points is None and gains is None:
@@ -178,11 +187,7 @@ def with_propagation(path: str | os.PathLike, gains: dict[str, float]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.propagation")
     writer = gguf.GGUFWriter(tmp, arch="", endianess=reader.endianess)
     try:
-        for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in (PROPAGATION_POINTS, PROPAGATION_GAINS):
-                continue
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+        add_kv_fields(writer, kv_fields(reader, ("GGUF.", PROPAGATION_POINTS, PROPAGATION_GAINS)))
         writer.add_array(PROPAGATION_POINTS, list(gains))
         writer.add_array(PROPAGATION_GAINS, [float(v) for v in gains.values()])
         for t in reader.tensors:

@@ -21,7 +21,7 @@ from .convert import OpenedCheckpoint, checkpoint_jobs, open_checkpoint, write_m
 from .output import OutputJob, SplitLimits, file_bytes, write_outputs, write_shape_only
 from .tensor_plan import FLOAT_TYPES, TensorPlan, plan_shapes
 from .errors import SourceError, StepGGUFError, describe, malformed
-from .gguf_source import open_gguf
+from .gguf_source import add_kv_fields, kv_fields, open_gguf
 from .model import Step35Config, routing_weight
 from .model_card import CardOverrides, load_card
 from .budget import BudgetError, plan_for_budget
@@ -124,18 +124,13 @@ def _read_gguf(path: Path, recipe: Recipe) -> Source:
         plans.append(TensorPlan("", t.name, shape, choice.qtype, t.ref(), rule=choice.rule))
 
     # decoded now, so a corrupt value is reported as unreadable input, not met while writing
-    fields = [(f.name, f.contents(), f.types[0],
-               f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-              for f in reader.fields.values() if not f.name.startswith(_DERIVED_KEYS)]
-
-    def write_kv(w: gguf.GGUFWriter) -> None:
-        for name, value, vtype, sub in fields:
-            w.add_key_value(name, value, vtype, sub_type=sub)
+    fields = kv_fields(reader, _DERIVED_KEYS)
     top_k = kv(gguf.Keys.LLM.EXPERT_USED_COUNT, 1)  # a scalar, or llama.cpp's per-layer array form
     top_k = max(int(k) for k in top_k) if isinstance(top_k, list) and top_k else int(top_k or 1)
     routing = routing_weight(float(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
                              bool(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False)), top_k)
-    return Source("gguf", path, n_layer, plans, write_kv, top_k, routing_weight=routing)
+    return Source("gguf", path, n_layer, plans, lambda w: add_kv_fields(w, fields), top_k,
+                  routing_weight=routing)
 
 
 # ---------------------------------------------------------------- pricing

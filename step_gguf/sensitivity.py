@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 
 from .tensor_data import transformed_rows
 from .tensor_plan import TensorPlan
-from .imatrix import Imatrix
+from .imatrix import EMBD_POINT, OUTPUT_POINT, Imatrix, layer_point
 
 MAX_MATRICES = 8    # experts sampled per stacked tensor
 MAX_ROWS = 128      # rows sampled per matrix
@@ -132,13 +132,13 @@ def stream_point(name: str) -> str | None:
     its own or its writer's; None for tensors outside the trunk's stream (the MTP blocks)."""
     writer = _writer(name)
     if writer == "token_embd.weight":
-        return "embd"
+        return EMBD_POINT
     if _HEADS.search(name):
-        return "output" if name == "output.weight" else None
+        return OUTPUT_POINT if name == "output.weight" else None
     m = re.match(r"^blk\.(\d+)\.(attn_output|ffn_down(_exps|_shexp)?)\.weight$", writer)
     if m is None:
         return None
-    return f"{'attn' if m.group(2) == 'attn_output' else 'ffn'}-{m.group(1)}"
+    return layer_point("attn" if m.group(2) == "attn_output" else "ffn", int(m.group(1)))
 
 
 def logit_errors(measured: dict[str, Measured], order: list[str],

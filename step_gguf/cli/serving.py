@@ -43,19 +43,9 @@ _draft_max_option = click.option(
 
 def _with_draft_max(p, draft_max: int | None, no_mtp: bool):
     """`p` drafting a fixed `draft_max` tokens a round (one line when it cannot)."""
-    from dataclasses import replace
-
-    if draft_max is None:
-        return p
-    if no_mtp:
+    if draft_max is not None and no_mtp:
         raise StepGGUFError("--draft-max and --no-mtp contradict each other; give one")
-    if not p.mtp:
-        raise StepGGUFError(f"--draft-max {draft_max}: {p.model.name} has no MTP heads to draft "
-                            "with (give --draft FILE, or leave --draft-max out)")
-    if draft_max > p.model.n_nextn:
-        raise StepGGUFError(f"--draft-max {draft_max}: {p.model.name} has {p.model.n_nextn} MTP "
-                            f"heads, one per drafted token; give 1 to {p.model.n_nextn}")
-    return replace(p, draft_max=draft_max)
+    return p.drafting(draft_max)
 
 
 def _drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> Path | None:
@@ -238,7 +228,7 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
     if as_json:
         click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp,
                                                  "mtp_draft": p.model.draft if p.mtp else None,
-                                                 "mtp_draft_max": (p.draft_max or "adaptive") if p.mtp else None},
+                                                 "mtp_draft_max": p.draft_length},
                               indent=1))
         return
     click.echo("")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from ..errors import StepGGUFError
 from ..model_facts import ModelFacts, Tensor, layer_of_gguf
 from .machines import Profile
 from .memory import kv_bytes
@@ -60,6 +61,24 @@ class Plan:
     # tokens MTP drafts a round; None: each round chooses, up to every head, from the measured
     # acceptance and cost (patch 0013), so that drafting never makes decoding slower
     draft_max: int | None = None
+
+    @property
+    def draft_length(self) -> int | str | None:
+        """Tokens drafted a round as reported: a number, "adaptive", or None without drafting."""
+        return (self.draft_max or "adaptive") if self.mtp else None
+
+    def drafting(self, draft_max: int | None) -> Plan:
+        """This plan drafting a fixed `draft_max` tokens a round (None: as it is); a one-line
+        error where the model has too few heads, or none."""
+        if draft_max is None:
+            return self
+        if not self.mtp:
+            raise StepGGUFError(f"--draft-max {draft_max}: {self.model.name} has no MTP heads to draft "
+                                "with (give --draft FILE, or leave --draft-max out)")
+        if draft_max > self.model.n_nextn:
+            raise StepGGUFError(f"--draft-max {draft_max}: {self.model.name} has {self.model.n_nextn} MTP "
+                                f"heads, one per drafted token; give 1 to {self.model.n_nextn}")
+        return replace(self, draft_max=draft_max)
 
     @property
     def kv_bytes(self) -> int:
@@ -135,7 +154,7 @@ class Plan:
             "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch, "parallel": self.parallel,
             "ctx_checkpoints": self.checkpoints, "mtp": self.mtp,
-            "draft_max": (self.draft_max or "adaptive") if self.mtp else None, "gpu_layers": self.gpu_layers,
+            "draft_max": self.draft_length, "gpu_layers": self.gpu_layers,
             "draft": self.model.draft if self.mtp else None,
             "rpc": self.rpc, "tensor_split": self.tensor_split,
             # a draft file's tensors apart: its copies share names with the model's

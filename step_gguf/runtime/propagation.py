@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import StepGGUFError
+from ..imatrix import EMBD_POINT, OUTPUT_POINT, layer_point
 from . import ggml
 from .installed import check
 
@@ -37,11 +38,11 @@ def points(n_layer: int) -> dict[str, str]:
     """The stream's points, in model order: name -> the llama.cpp graph tensor that holds it
     (step35's graph renames a layer's output as the next layer's input, the last one's as the
     hidden state the MTP heads read)."""
-    out = {"embd": "attn_norm_in-0"}
+    out = {EMBD_POINT: "attn_norm_in-0"}
     for il in range(n_layer):
-        out[f"attn-{il}"] = f"ffn_inp-{il}"
-        out[f"ffn-{il}"] = f"attn_norm_in-{il + 1}" if il + 1 < n_layer else "h_nextn"
-    return out | {"output": "result_norm"}
+        out[layer_point("attn", il)] = f"ffn_inp-{il}"
+        out[layer_point("ffn", il)] = f"attn_norm_in-{il + 1}" if il + 1 < n_layer else "h_nextn"
+    return out | {OUTPUT_POINT: "result_norm"}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
