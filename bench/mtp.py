@@ -1,27 +1,32 @@
 """MTP drafting where the heads are right on a chosen share of inputs: the adaptive default
 against each fixed draft length and against no drafting, through our runtime.
 
-    python bench/mtp.py [--work DIR] [--threads N] [--tokens 256] [--rounds 3]
+    python bench/mtp.py [--work DIR] [--threads N] [--tokens 256] [--rounds 6]
                         [--accuracy 0,0.3,0.6,0.9,1] [--server PATH]
 
 For each head accuracy a `wide`-shaped scripted checkpoint (3 MTP heads; greedy decoding emits a
 fixed script, and each head predicts a wrong token on that share of its inputs: `step-gguf
-synth --head-accuracy`) is quantized with int4-mixed, once, under --work. Each is decoded by the
-plan's llama-server (`step-gguf run/serve`'s flags) with no drafting, with the adaptive default
-(patch 0013) and with each fixed draft length (`--draft-max N`), --tokens tokens after a warm-up
-request of 32 tokens (the policy learns this machine's costs as a server that has answered
-before has), in interleaved rounds: every contender of a round shares the machine's speed
-of the moment. Printed: decode tok/s without drafting, each contender's median ratio to it over
-the rounds, the adaptive default against the best fixed length, and what the default chose
-(rounds by draft length, acceptance by draft position). --server runs another llama-server
-binary (a development build) in place of the installed one.
+synth --head-accuracy`) is quantized with int4-mixed, once, under --work. The plan's
+llama-server (`step-gguf run/serve`'s flags) is started once per contender: no drafting, the
+adaptive default (patch 0013) and each fixed draft length (`--draft-max N`). Each answers a
+warm-up request of 32 tokens (the policy learns this machine's costs as a server that has
+answered before has), then in every round each contender decodes --tokens tokens, one request
+after another in an order that rotates between rounds: this machine's speed drifts by 10-20%
+within minutes, and a round's requests share the speed of the moment. The servers stay up
+between rounds, as a server does between a user's requests. Printed: decode tok/s without
+drafting, each contender's median ratio to it over the rounds, the adaptive default against
+the best fixed length (the median of the per-round ratios), and what the default chose
+(rounds by draft length, acceptance by draft position, over its requests). --server runs
+another llama-server binary (a development build) in place of the installed one.
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
+from contextlib import ExitStack
 from dataclasses import replace
+from itertools import zip_longest
 from pathlib import Path
 
 # run as a script, bench/ is on sys.path
@@ -47,17 +52,29 @@ def contenders(gguf: Path) -> dict[str, planner.Plan]:
             **{str(k): replace(on, draft_max=k) for k in range(1, facts.n_nextn + 1)}}
 
 
-def decode(gguf: Path, plan: planner.Plan, tokens: int, threads: int, binary: Path | None) -> server.Reply:
-    with server.serve(gguf, plan=plan, server=binary, extra_args=["-t", str(threads)]) as url:
-        server.chat(url, [{"role": "user", "content": "warm up"}], max_tokens=WARM_UP)
-        return server.chat(url, [{"role": "user", "content": "Tell me a story."}], max_tokens=tokens,
-                           ignore_eos=True)
+def measure(gguf: Path, plans: dict[str, planner.Plan], tokens: int, rounds: int, threads: int,
+            binary: Path | None) -> dict[str, list[server.Reply]]:
+    """Every contender's replies to `rounds` requests of `tokens` tokens, its server kept up
+    and the contenders taking turns within each round."""
+    replies: dict[str, list[server.Reply]] = {name: [] for name in plans}
+    with ExitStack() as stack:
+        urls = {name: stack.enter_context(server.serve(gguf, plan=p, server=binary,
+                                                       extra_args=["-t", str(threads)]))
+                for name, p in plans.items()}
+        for url in urls.values():
+            server.chat(url, [{"role": "user", "content": "warm up"}], max_tokens=WARM_UP)
+        names = list(urls)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                replies[name].append(server.chat(urls[name], [{"role": "user", "content": "Tell me a story."}],
+                                                 max_tokens=tokens, ignore_eos=True))
+    return replies
 
 
 def main() -> None:
     ap = machine_parser(__doc__, "the scripted checkpoints' GGUFs")
     ap.add_argument("--tokens", type=int, default=256, help="tokens decoded per measurement")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--accuracy", default=",".join(map(str, ACCURACIES)),
                     help="head accuracies, comma-separated")
     ap.add_argument("--server", type=Path, default=None, help="llama-server binary [the installed runtime's]")
@@ -66,12 +83,10 @@ def main() -> None:
     accuracies = [float(x) for x in a.accuracy.split(",")]
     ggufs = {acc: scripted(work, a.preset, acc) for acc in accuracies}
     plans = {acc: contenders(g) for acc, g in ggufs.items()}
-    replies: dict[tuple[float, str], list[server.Reply]] = {}
-    for r in range(a.rounds):
-        print(f"round {r + 1}/{a.rounds}", flush=True)
-        for acc, gguf in ggufs.items():
-            for name, p in plans[acc].items():
-                replies.setdefault((acc, name), []).append(decode(gguf, p, a.tokens, a.threads, a.server))
+    replies: dict[float, dict[str, list[server.Reply]]] = {}
+    for acc, gguf in ggufs.items():
+        print(f"head accuracy {acc}: {a.rounds} rounds", flush=True)
+        replies[acc] = measure(gguf, plans[acc], a.tokens, a.rounds, a.threads, a.server)
 
     names = list(next(iter(plans.values())))
     fixed = [n for n in names if n not in (NONE, ADAPTIVE)]
@@ -81,19 +96,20 @@ def main() -> None:
           + f"{'adaptive/best':>14}")
     worst = 1.0
     for acc in accuracies:
-        base = replies[acc, NONE]
-        ratio = {n: statistics.median(o.decode_tps / b.decode_tps for o, b in zip(replies[acc, n], base))
-                 for n in names if n != NONE}
-        best = max(ratio[n] for n in fixed)
-        worst = min(worst, ratio[ADAPTIVE] / best)
-        print(f"  {acc:<9.2f}{statistics.median(b.decode_tps for b in base):8.1f}{ratio[ADAPTIVE]:9.2f}"
-              + "".join(f"{ratio[n]:9.2f}" for n in fixed) + f"{ratio[ADAPTIVE] / best:14.2f}")
-    print("\nwhat the adaptive default chose (last round): decode rounds by draft length; acceptance by "
-          "draft position, given the earlier ones were accepted")
+        tps = {n: [r.decode_tps for r in replies[acc][n]] for n in names}
+        ratio = {n: statistics.median(o / b for o, b in zip(tps[n], tps[NONE])) for n in names if n != NONE}
+        best = max(fixed, key=ratio.get)
+        against_best = statistics.median(o / b for o, b in zip(tps[ADAPTIVE], tps[best]))
+        worst = min(worst, against_best)
+        print(f"  {acc:<9.2f}{statistics.median(tps[NONE]):8.1f}{ratio[ADAPTIVE]:9.2f}"
+              + "".join(f"{ratio[n]:9.2f}" for n in fixed) + f"{against_best:14.2f}")
+    print("\nwhat the adaptive default chose over its requests: decode rounds by draft length; acceptance "
+          "by draft position, given the earlier ones were accepted (the last request's)")
     for acc in accuracies:
-        last = replies[acc, ADAPTIVE][-1]
-        rounds = " ".join(f"{k}:{n}" for k, n in enumerate(last.draft_rounds) if n)
-        accepted = " ".join(f"{x:.2f}" for x in last.draft_acceptance) or "-"
+        adaptive = replies[acc][ADAPTIVE]
+        by_length = [sum(n) for n in zip_longest(*(r.draft_rounds for r in adaptive), fillvalue=0)]
+        rounds = " ".join(f"{k}:{n}" for k, n in enumerate(by_length) if n)
+        accepted = " ".join(f"{x:.2f}" for x in adaptive[-1].draft_acceptance) or "-"
         print(f"  {acc:<9.2f}rounds {rounds:<28} acceptance {accepted}")
     print(f"\nadaptive against the best fixed length, worst case: {worst:.2f}")
     print("\nGPU (experts on the CPU, the rest on a GPU): not measured here; run this script where "

@@ -44,9 +44,13 @@ def test_policy_stops_on_wrong_heads_and_drafts_every_head_when_right(simulated)
     assert simulated["bound-1.0"]["adaptive"][1][0] >= 0.8
 
 
-@pytest.mark.parametrize("accuracy", ACCURACIES)
-def test_policy_never_loses_and_stays_near_the_best_fixed_length(simulated, accuracy):
-    runs = simulated[f"cpu-{accuracy:.1f}"]
+@pytest.mark.parametrize("scenario", [f"cpu-{a:.1f}" for a in ACCURACIES]
+                         + [f"shared-{a:.1f}" for a in (0.0, 0.6, 0.9, 1.0)])
+def test_policy_never_loses_and_stays_near_the_best_fixed_length(simulated, scenario):
+    """On our CPU's costs, and on the same CPU shared with other work: 1.45x slower in every
+    other stretch of 150 rounds and +-10% on each time, where the lengths the policy rarely
+    runs were last timed at another speed."""
+    runs = simulated[scenario]
     rate = runs["adaptive"][0]
     assert rate >= 0.97 * runs["0"][0]
     assert rate >= 0.95 * max(r for name, (r, _) in runs.items() if name != "adaptive")
