@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <initializer_list>
 #include <random>
 #include <vector>
 
@@ -115,6 +116,15 @@ void run(const char * scenario, const machine & m, const heads & h, unsigned see
     }
 }
 
+// `run` on machine m at each head accuracy, confident whether right or wrong: "<name>-<accuracy>"
+void sweep(const char * name, const machine & m, std::initializer_list<double> accuracies) {
+    for (double acc : accuracies) {
+        char scenario[64];
+        std::snprintf(scenario, sizeof scenario, "%s-%.1f", name, acc);
+        run(scenario, m, { acc, 0.99f, 0.99f }, 7);
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -125,21 +135,13 @@ int main() {
     const machine deep = { 120000, 30000, 7700, 1100 };
     // a GPU with experts on the CPU, compute bound: every token verified costs nearly a step
     const machine bound = { 35000, 30000, 7700, 1100 };
-    for (double acc : { 0.0, 0.3, 0.6, 0.9, 1.0 }) {
-        char name[64];
-        std::snprintf(name, sizeof name, "cpu-%.1f", acc);
-        run(name, cpu, { acc, 0.99f, 0.99f }, 7);  // confident whether right or wrong
-    }
+    sweep("cpu", cpu, { 0.0, 0.3, 0.6, 0.9, 1.0 });
     // the CPU shared with other work, as ours is: 1.45x slower in every other stretch, each time
     // +-10% (measured: a 2-token decode took 54 ms to 80 ms within minutes)
     machine shared = cpu;
     shared.slow    = 1.45;
     shared.noise   = 0.1;
-    for (double acc : { 0.0, 0.6, 0.9, 1.0 }) {
-        char name[64];
-        std::snprintf(name, sizeof name, "shared-%.1f", acc);
-        run(name, shared, { acc, 0.99f, 0.99f }, 7);
-    }
+    sweep("shared", shared, { 0.0, 0.6, 0.9, 1.0 });
     run("deep-1.0", deep, { 1.0, 0.99f, 0.99f }, 7);
     run("bound-1.0", bound, { 1.0, 0.99f, 0.99f }, 7);
     // the same accuracy, with a head whose confidence tells right from wrong, and without
