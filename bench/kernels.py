@@ -194,12 +194,12 @@ def main() -> None:
         sys.exit(f"this CPU cannot run {a.isa} code")
 
     print("building (or finding) stock llama.cpp from the same sdist ...", flush=True)
-    stock = b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(series=0))
+    stock = b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(installed.check().backend, series=0))
     builds = {"stock": stock.tool("llama-bench")}
     series = [name for name, _ in b.patch_series()]
     if a.shares:  # the series up to 0006 (stock kernels, profile only), 0007 and 0008 (0009/0010: MTP only)
         for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 2):
-            builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-bench")
+            builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(installed.check().backend, series=k)).tool("llama-bench")
     builds["ours"] = (b.build(b.isa_spec(a.isa)).bin_dir if a.isa else installed.check().bin_dir) / "llama-bench"
     ggufs = models(work, a.preset, a.recipe)
 
@@ -223,7 +223,7 @@ def main() -> None:
         if a.shares:
             for k in (series.index("0009-mtp-head-output-rows.patch"), series.index("0010-mtp-deferred-catchup.patch"),
                       series.index("0011-binary-op-row-scalar.patch")):
-                servers[f"series to {series[k - 1][:4]}"] = b.build(b.BuildSpec(series=k)).tool("llama-server")
+                servers[f"series to {series[k - 1][:4]}"] = b.build(b.BuildSpec(installed.check().backend, series=k)).tool("llama-server")
         mtp(servers, scripted(work, a.preset), a.tokens, a.rounds)
     print("\nGPU (--cpu-moe with the rest on a GPU): not measured here; run this script where "
           "`nvidia-smi` works with a CUDA runtime (step-gguf runtime build --backend cuda).")

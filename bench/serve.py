@@ -64,7 +64,7 @@ def main() -> None:
     work = work_dir(a.work, "step-gguf-sbench-")
     builds = {"ours": (b.build(b.isa_spec(a.isa)).tool("llama-server") if a.isa
                        else installed.check().tool("llama-server")),
-              "stock": b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(series=0)).tool("llama-server")}
+              "stock": b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(installed.check().backend, series=0)).tool("llama-server")}
     gguf = models(work, a.preset, [])["int4-mixed"]
     facts = read_facts(gguf)
     machine = this_machine(read_bandwidth())

@@ -26,5 +26,9 @@ def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path, sources: tup
 
 
 def stock_build() -> b.RuntimeBuild:
-    """Stock llama.cpp from the same sdist, built once into the cache (minutes the first time)."""
-    return b.build(b.BuildSpec(series=0))
+    """Stock llama.cpp from the same sdist and for the same backend as the installed runtime
+    (so the two share their unpatched objects in ccache), built once into the cache (minutes
+    the first time). Where no GPU is visible it runs on the CPU, as the runtime does."""
+    from step_gguf.runtime import installed
+
+    return b.build(b.BuildSpec(installed.check().backend, series=0))

@@ -70,6 +70,22 @@ def test_a_long_build_shows_its_stages_and_compile_steps(capsys):
     assert done == sorted(done) and done[0] == 1
 
 
+def test_build_progress_follows_ninja_past_its_globbed_folder_recheck(capsys):
+    """A Vulkan build's ninja first prints `[0/2] Re-checking globbed directories...` (and
+    reaches 2/2), then counts the real build: its tenths are shown, not swallowed as done."""
+    from step_gguf.cli.progress import _StepProgress
+    from step_gguf.runtime.build import _steps
+
+    progress = _StepProgress()
+    on_line = _steps(progress.step)
+    for line in ["[0/2] Re-checking globbed directories...", "[1/2] a", "[2/2] b",
+                 *(f"[{i}/563] Building CXX object x{i}.o" for i in range(1, 564))]:
+        on_line(line)
+    progress.close()
+    steps = [line for line in capsys.readouterr().err.splitlines() if "/563 steps" in line]
+    assert len(steps) == 11 and steps[-1].strip().startswith("compiled 563/563 steps")
+
+
 def test_run_without_ctx_takes_the_longest_context_and_says_so(runtime, gguf_file):
     from step_gguf.facts import read_facts
 

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                   "budget", "quantize", "facts"}),
     ("planner", {"plan.__init__", "plan.machines", "plan.memory", "plan.result", "plan.speed",
                  "plan.placement"}),
-    ("runtime", {"runtime.devices", "runtime.rpc", "runtime.llama", "runtime.server"}),
+    ("runtime", {"runtime.devices", "runtime.rpc", "runtime.llama", "runtime.server", "runtime.loadlog"}),
     ("cli", {"cli.__init__", "cli.__main__", "cli.progress", "cli.files", "cli.measure",
              "cli.runtime", "cli.serving", "cli.demo"}),
 ]

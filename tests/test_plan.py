@@ -63,8 +63,15 @@ def test_what_lands_on_a_24gb_card_at_64k(real):
     assert gpu.capacity == usable
     kv = 12 * 65536 * POS + 33 * 1024 * POS
     kv_mtp = 3 * 65536 * POS          # the MTP blocks are full-attention layers
-    compute = 4 * 512 * (128896 + 2 * 8 * 1280 + 3 * 96 * 128 + 8 * 4096)   # per context
+    # per context: the f16 attention masks (full layers: 64K cells, sliding: 512 + 512) copied
+    # to the device, then the widest activations
+    masks = 2 * 512 * (65536 + 1024)
+    compute = masks + 4 * 512 * (3 * 8 * 1280 + 3 * 96 * 128 + 9 * 4096)
     assert gpu.extra == {"kv": kv, "kv_mtp": kv_mtp, "compute": compute, "compute_mtp": compute}
+    # the masks, token embeddings and positions stay in system memory too (the heads' graph
+    # takes the trunk's hidden state on the device)
+    assert cpu.extra["compute_host"] == masks + 3 * 4 * 4096 * 512
+    assert cpu.extra["compute_host_mtp"] == masks
     # every non-expert tensor but the embeddings goes first, the MTP blocks among them
     fixed = sum(t.bytes for t in real.tensors
                 if real.kind(t) not in ("experts", "embeddings"))
@@ -115,7 +122,8 @@ def test_unified_memory_shares_one_pool(real):
     p = P.plan(real, P.machine("dgx-spark"), 32768)
     _, usable_ram = P.usable(P.machine("dgx-spark"))
     assert sum(d.bytes for d in p.devices) <= usable_ram
-    assert "--no-mmap" in p.server_args("m.gguf")
+    args = p.server_args("m.gguf")
+    assert args[args.index("--load-mode") + 1] == "none" and "--no-mmap" not in args
 
 
 def test_cpu_only_has_no_overrides_and_reads_less_with_fewer_experts(real):

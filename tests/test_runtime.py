@@ -17,8 +17,21 @@ def test_every_patch_in_the_series_applies_cleanly(tmp_path):
     src = b.extract_sdist(b.fetch_sdist(), tmp_path / "src")
     b.apply_patches(src)  # raises, naming the patch, on the first that does not apply
     assert (src / "vendor/llama.cpp/src/step-gguf-build-id.cpp").is_file()
-    with pytest.raises(StepGGUFError, match="0001-build-identity.patch does not apply"):
+    first = b.build_fixes()[0][0]  # the build fixes come first
+    with pytest.raises(StepGGUFError, match=f"{first} does not apply"):
         b.apply_patches(src)  # already applied: a second application must be refused
+
+
+def test_stock_gets_the_build_fixes_and_none_of_the_series(tmp_path):
+    """Stock llama.cpp must compile where ours does (the Vulkan backend against Debian 12's
+    headers): the build fixes are applied to it, and counted in its cache key."""
+    src = b.extract_sdist(b.fetch_sdist(), tmp_path / "src")
+    b.apply_patches(src, 0)
+    vulkan = (src / "vendor/llama.cpp/ggml/src/ggml-vulkan/ggml-vulkan.cpp").read_text()
+    assert "#if VK_HEADER_VERSION >= 261" in vulkan
+    assert not (src / "vendor/llama.cpp/src/step-gguf-build-id.cpp").exists()
+    keys = {b.BuildSpec("vulkan", series=0).key, b.BuildSpec("vulkan").key, b.BuildSpec(series=0).key}
+    assert len(keys) == 3 and b.BuildSpec("vulkan", series=0).key.startswith("vulkan-stock-")
 
 
 def test_series_id_covers_every_patch(monkeypatch):

@@ -48,7 +48,7 @@ class _StepProgress:
     terminal, else (CI, a log file) a line at every tenth of the steps, with the time taken."""
 
     def __init__(self) -> None:
-        self.start, self.bar, self.shown = time.monotonic(), None, -1
+        self.start, self.bar, self.shown, self.total = time.monotonic(), None, -1, 0
 
     def _elapsed(self) -> str:
         s = int(time.monotonic() - self.start)
@@ -59,6 +59,8 @@ class _StepProgress:
         click.echo(f"{what} ... ({self._elapsed()})", err=True)
 
     def step(self, done: int, total: int) -> None:
+        if total != self.total:  # a new count: ninja's re-check of globbed folders ([0/2]), then the build
+            self.total, self.shown = total, -1
         if sys.stderr.isatty():
             if self.bar is None:
                 self.bar = click.progressbar(length=total, label="compile steps", show_pos=True,

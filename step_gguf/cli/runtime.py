@@ -6,7 +6,7 @@ import click
 
 from ..errors import StepGGUFError
 from ..runtime.build import BACKEND_FLAGS
-from .progress import _StepProgress
+from .progress import _human, _StepProgress
 
 
 @click.group()
@@ -16,7 +16,12 @@ def runtime() -> None:
 
 @runtime.command("build")
 @click.option("--backend", type=click.Choice(list(BACKEND_FLAGS)), default="cpu",
-              show_default=True, help="ggml backend to compile.")
+              show_default=True, help="ggml GPU backend to compile beside the CPU one: vulkan "
+              "(any Vulkan GPU; runs on the CPU where none is found), cuda (NVIDIA), metal (Apple).")
+@click.option("--cuda-arch", default=None, metavar="SM[,SM...]",
+              help="CUDA architectures to compile for, e.g. 89 (RTX 4090), 120 (RTX 5090), 121 "
+                   "(DGX Spark's GB10) [CMake's default]. Without a system CUDA toolkit, the one "
+                   "from PyPI's nvidia-cuda-nvcc wheels in this environment is used.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, metavar="-DNAME=VALUE",
               help="Extra CMake option (repeatable), e.g. -DCMAKE_CUDA_ARCHITECTURES=89.")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs [all cores].")
@@ -24,20 +29,25 @@ def runtime() -> None:
               "llama-cpp-python into this environment.")
 @click.option("--stock", is_flag=True, help="Build stock llama.cpp from the same source, none of "
               "our patches (libllama and llama-bench, for comparisons); never installed.")
-def runtime_build(backend: str, cmake_args: tuple[str, ...], jobs: int | None,
+def runtime_build(backend: str, cuda_arch: str | None, cmake_args: tuple[str, ...], jobs: int | None,
                   no_install: bool, stock: bool) -> None:
     """Build llama-cpp-python with step-gguf's patch series and install it.
 
     Downloads the pinned llama-cpp-python source from PyPI, applies patches/ in series order,
     compiles the library plus llama-server, llama-bench and ggml-rpc-server (ccache is used
     when installed), and caches the result: a second call with the same options is instant.
-    A cold CPU build takes about 10 minutes on 2 cores. `--stock` builds the same tree without
-    the patches, to measure against: `bench/kernels.py` does.
+    A cold CPU build takes about 10 minutes on 2 cores, the Vulkan shaders about 3 more.
+    Each backend's build is cached apart: switching the installed runtime back to a build made
+    before is a lookup and a reinstall. `--stock` builds the same tree without the patches, to
+    measure against: `bench/kernels.py` does.
     """
     from ..runtime import build as b
     from ..runtime import installed
 
-    spec = b.BuildSpec(backend, tuple(cmake_args), series=0 if stock else None)
+    if cuda_arch and backend != "cuda":
+        raise StepGGUFError("--cuda-arch applies to --backend cuda")
+    extra = (f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch.replace(',', ';')}",) if cuda_arch else ()
+    spec = b.BuildSpec(backend, (*extra, *cmake_args), series=0 if stock else None)
     no_install = no_install or stock
     cached = b.cached_build(spec)
     if cached:
@@ -64,8 +74,21 @@ def runtime_build(backend: str, cmake_args: tuple[str, ...], jobs: int | None,
 
 @runtime.command("status")
 def runtime_status() -> None:
-    """Say whether the installed runtime is ours and current, and where its tools are."""
-    from ..runtime import installed
+    """Say whether the installed runtime is ours and current, which ggml backends it carries,
+    the GPUs it sees, and where its tools are."""
+    from ..runtime import devices, installed
 
     info = installed.check()
-    click.echo(f"patch series {info.series_id} ({info.backend}), tools in {info.bin_dir}")
+    backends = ["cpu"] if info.backend == "cpu" else ["cpu", info.backend]
+    click.echo(f"patch series {info.series_id}; backends: {', '.join(backends)}; tools in {info.bin_dir}")
+    if info.backend == "cpu":
+        return
+    gpus = devices.gpus()
+    for gpu in gpus:
+        click.echo(f"{gpu.name}: {gpu.description}, {_human(gpu.free)} free of {_human(gpu.total)}"
+                   + (" (shares system memory)" if gpu.integrated else ""))
+    if not gpus:
+        click.echo(f"no {info.backend} GPU visible: models run on the CPU"
+                   + (" (a software Vulkan device such as Mesa's llvmpipe is used only when "
+                      "GGML_VK_VISIBLE_DEVICES names it, e.g. GGML_VK_VISIBLE_DEVICES=0)"
+                      if info.backend == "vulkan" else ""))

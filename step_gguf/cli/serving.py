@@ -59,6 +59,40 @@ def _drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> P
     return found
 
 
+_FIGURES = ("vram", "ram", "mem_bw", "gpu_bw", "unified")
+
+
+def _machine_options(f):
+    """--vram/--ram/--mem-bw/--gpu-bw/--unified, handed to the command as one `figures` dict
+    (what planner.machine takes besides the profile's name)."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(**kw):
+        figures = {k: kw.pop(k) for k in _FIGURES}
+        return f(figures=figures, **kw)
+
+    for option in reversed([
+        click.option("--vram", type=float, default=None, help="GPU memory, GiB (overrides the profile)."),
+        click.option("--ram", type=float, default=None, help="System memory, GiB."),
+        click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s."),
+        click.option("--gpu-bw", type=float, default=None, help="GPU memory read bandwidth, GB/s."),
+        click.option("--unified/--discrete", default=None,
+                     help="The GPU's memory is part of system memory (one pool, as on DGX Spark "
+                          "and Strix Halo: read in, not memory-mapped) [as the profile says]."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _machine(profile: str, figures: dict):
+    from .. import plan as planner
+
+    return planner.machine(profile, vram_gb=figures["vram"], ram_gb=figures["ram"],
+                           mem_bw_gbs=figures["mem_bw"], gpu_bw_gbs=figures["gpu_bw"],
+                           unified=figures["unified"])
+
+
 def _rpc_hosts(spec: str | None, machine) -> tuple:
     if not spec:
         return ()
@@ -82,16 +116,12 @@ def _rpc_hosts(spec: str | None, machine) -> tuple:
 @click.option("--no-mtp", is_flag=True, help="Plan without the MTP draft heads.")
 @_draft_option
 @_draft_max_option
-@click.option("--vram", type=float, default=None, help="GPU memory, GiB (overrides the profile).")
-@click.option("--ram", type=float, default=None, help="System memory, GiB.")
-@click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s.")
-@click.option("--gpu-bw", type=float, default=None, help="GPU memory read bandwidth, GB/s.")
+@_machine_options
 @_rpc_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
-         parallel: int, no_mtp: bool, draft: Path | None, draft_max: int | None, vram: float | None,
-         ram: float | None, mem_bw: float | None, gpu_bw: float | None, rpc: str | None,
-         as_json: bool) -> None:
+         parallel: int, no_mtp: bool, draft: Path | None, draft_max: int | None, figures: dict,
+         rpc: str | None, as_json: bool) -> None:
     """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
     predicted prompt and decode speed, and the llama-server command that runs it so.
 
@@ -105,8 +135,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     from .. import plan as planner
     from ..facts import read_facts
 
-    machine = planner.machine(profile, vram_gb=vram, ram_gb=ram, mem_bw_gbs=mem_bw,
-                              gpu_bw_gbs=gpu_bw)
+    machine = _machine(profile, figures)
     draft = _drafting(model, draft, not no_mtp, say=not as_json)
     p = planner.plan(read_facts(model, scheme, draft), machine, ctx, kv_type=kv_type,
                      mtp=not no_mtp, parallel=parallel, rpc=_rpc_hosts(rpc, machine))
@@ -139,30 +168,44 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
                f"context), without MTP drafting")
     for note in p.notes:
         click.echo(f"note: {note}")
+    if machine.backend:
+        click.echo(f"runtime: the {machine.backend} build (step-gguf runtime build --backend "
+                   f"{machine.backend})")
     click.echo("llama-server " + shlex.join(p.server_args(target)))
+
+
+def _this_machine():
+    """This machine's memory and the GPU the runtime would offload to, if it sees one."""
+    from .. import plan as planner
+    from ..probe import ram_bytes
+    from ..runtime import devices, installed
+
+    gpus = devices.gpus() if installed.check().backend != "cpu" else []
+    if not gpus:
+        return planner.this_machine(ram_bytes())
+    gpu = gpus[0]  # llama.cpp fills the first device first
+    return planner.this_machine(ram_bytes(), gpu.free, gpu.integrated, f"{gpu.name} ({gpu.description})")
 
 
 def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: str | None = None,
              draft: Path | None = None, say: bool = True, parallel: int | None = 1,
-             draft_max: int | None = None):
-    """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile,
-    or without one this machine's memory on the CPU (a GPU build needs --profile); drafting
-    with `draft` or the draft found beside the model, checked before any server starts,
-    `draft_max` tokens a round or as many as pay. Without `ctx`, the longest context the
-    machine holds with the model; without `parallel`, as many slots as fit (planner.serving)."""
+             draft_max: int | None = None, figures: dict | None = None):
+    """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile
+    (its figures replaced by `figures`), or without one this machine as the runtime sees it
+    (its memory, and the free memory of the GPU llama.cpp would use); drafting with `draft` or
+    the draft found beside the model, checked before any server starts, `draft_max` tokens a
+    round or as many as pay. Without `ctx`, the longest context the machine holds with the
+    model; without `parallel`, as many slots as fit (planner.serving)."""
     from .. import plan as planner
     from ..facts import read_facts
-    from ..runtime import installed
 
     if profile is None:
-        if installed.check().backend != "cpu":
-            raise StepGGUFError("this runtime is built for a GPU: give --profile (see step-gguf "
-                                "plan --help) so that the plan knows its memory")
-        from ..probe import ram_bytes
-
-        machine = planner.machine("cpu", ram_gb=ram_bytes() / planner.GiB)
+        if figures and any(v is not None for v in figures.values()):
+            raise StepGGUFError("--vram, --ram, --mem-bw, --gpu-bw and --unified change a profile: "
+                                "give --profile too (custom for a machine of your own figures)")
+        machine = _this_machine()
     else:
-        machine = planner.machine(profile)
+        machine = _machine(profile, figures or dict.fromkeys(_FIGURES))
     draft = _drafting(model, draft, mtp, say)
     p = _with_draft_max(planner.serving(read_facts(model, draft=draft), machine, ctx, parallel, mtp=mtp,
                                         rpc=_rpc_hosts(rpc, machine)), draft_max, not mtp)
@@ -190,7 +233,7 @@ def _model_options(f):
                           "the model's own: agents' prompts and tool lists alone take 10-20K]."),
         click.option("--profile", default=None, metavar="NAME",
                      help="Machine profile for the placement plan (see step-gguf plan) "
-                          "[this machine's CPU]."),
+                          "[this machine: its memory, and the GPU llama.cpp sees]."),
         click.option("--no-mtp", is_flag=True,
                      help="Do not draft with MTP heads, the GGUF's or a draft's (on by default "
                           "when there are some)."),
@@ -199,7 +242,7 @@ def _model_options(f):
         _rpc_option,
     ]):
         f = option(f)
-    return click.argument("model", type=click.Path(path_type=Path))(f)
+    return click.argument("model", type=click.Path(path_type=Path))(_machine_options(f))
 
 
 @click.command()
@@ -213,15 +256,16 @@ def _model_options(f):
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
 def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-        draft_max: int | None, rpc: str | None, prompt: str, max_tokens: int, seed: int,
-        as_json: bool) -> None:
+        draft_max: int | None, rpc: str | None, figures: dict, prompt: str, max_tokens: int,
+        seed: int, as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
     import json
 
     from ..runtime import server
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json, draft_max=draft_max)
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json, draft_max=draft_max,
+                 figures=figures)
     with server.serve(model, plan=p) as url:
         reply = server.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
                            seed=seed, on_text=None if as_json else _stream)
@@ -247,11 +291,12 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
               help="Most tokens to generate per answer (reasoning included).")
 @click.option("--system", default=None, help="System message.")
 def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-         draft_max: int | None, rpc: str | None, max_tokens: int, system: str | None) -> None:
+         draft_max: int | None, rpc: str | None, figures: dict, max_tokens: int,
+         system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from ..runtime import server
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, draft_max=draft_max)
+    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, draft_max=draft_max, figures=figures)
     messages = [{"role": "system", "content": system}] if system else []
     with server.serve(model, plan=p) as url:
         while True:
@@ -303,8 +348,8 @@ def _hold_until_stopped(server, announce: str) -> None:
               help="Slots: requests served at once, each with its own --ctx [as many as fit, up "
                    f"to {MAX_SLOTS}, while each keeps {SLOT_CTX // 1024}K tokens].")
 def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-          draft_max: int | None, rpc: str | None, host: str, port: int, api_key: str | None,
-          parallel: int | None) -> None:
+          draft_max: int | None, rpc: str | None, figures: dict, host: str, port: int,
+          api_key: str | None, parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
     import contextlib
@@ -316,7 +361,8 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
     @contextlib.contextmanager
     def base_url():
         with server.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft,
-                                                     parallel=parallel, draft_max=draft_max),
+                                                     parallel=parallel, draft_max=draft_max,
+                                                     figures=figures),
                          host=host, port=port, api_key=api_key) as url:
             click.echo(f"chat page: {url}/" if server.has_page(url) else f"no chat page: {page.NO_PAGE}",
                        err=True)

@@ -28,6 +28,8 @@ class Profile:
     gpu_flops: float = 0.0      # dense f16 matmul rate llama.cpp reaches, FLOP/s
     gpu_efficiency: float = 0.65  # share of gpu_bw a decode step reaches (DGX Spark: ~20 tok/s reported)
     cpu_flops: float = 0.5e12   # quantized matmul rate of the CPU, FLOP/s
+    # the ggml GPU backend the runtime is built with for this machine (`runtime build --backend`)
+    backend: str = "cpu"
 
     @property
     def has_gpu(self) -> bool:
@@ -36,20 +38,29 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("gpu-12gb", "12 GB GPU (RTX 4070 class), 64 GB dual-channel DDR5",
-            ram=64 * GiB, mem_bw=70 * GB, vram=12 * GiB, gpu_bw=504 * GB, gpu_flops=30e12),
+            ram=64 * GiB, mem_bw=70 * GB, vram=12 * GiB, gpu_bw=504 * GB, gpu_flops=30e12,
+            backend="cuda"),
     Profile("gpu-16gb", "16 GB GPU (RTX 4070 Ti Super class), 96 GB dual-channel DDR5",
-            ram=96 * GiB, mem_bw=70 * GB, vram=16 * GiB, gpu_bw=672 * GB, gpu_flops=45e12),
+            ram=96 * GiB, mem_bw=70 * GB, vram=16 * GiB, gpu_bw=672 * GB, gpu_flops=45e12,
+            backend="cuda"),
     Profile("gpu-24gb", "24 GB GPU (RTX 4090 class), 128 GB dual-channel DDR5",
-            ram=128 * GiB, mem_bw=75 * GB, vram=24 * GiB, gpu_bw=1008 * GB, gpu_flops=80e12),
+            ram=128 * GiB, mem_bw=75 * GB, vram=24 * GiB, gpu_bw=1008 * GB, gpu_flops=80e12,
+            backend="cuda"),
     Profile("gpu-32gb", "32 GB GPU (RTX 5090 class), 128 GB dual-channel DDR5",
             ram=128 * GiB, mem_bw=80 * GB, vram=32 * GiB, gpu_bw=1792 * GB, gpu_flops=105e12,
-            link_bw=50 * GB),
+            link_bw=50 * GB, backend="cuda"),
     Profile("dgx-spark", "NVIDIA DGX Spark: 128 GB unified LPDDR5x",
             ram=128 * GiB, mem_bw=273 * GB, vram=128 * GiB, gpu_bw=273 * GB, unified=True,
-            gpu_flops=50e12, cpu_flops=1e12),
+            gpu_flops=50e12, cpu_flops=1e12, backend="cuda"),
+    # Ryzen AI Max+ 395: the Radeon 8060S may take up to 96 GB of the pool (BIOS/GTT setting);
+    # Vulkan (RADV) is the backend its users run llama.cpp on, ROCm the alternative
+    Profile("strix-halo", "AMD Strix Halo (Ryzen AI Max+ 395): 128 GB unified LPDDR5x-8000",
+            ram=128 * GiB, mem_bw=256 * GB, vram=96 * GiB, gpu_bw=256 * GB, unified=True,
+            gpu_flops=30e12, cpu_flops=1e12, backend="vulkan"),
     Profile("apple-128gb", "Apple silicon Ultra, 128 GB unified memory (GPU may wire 75%)",
             ram=128 * GiB, mem_bw=400 * GB, vram=96 * GiB, gpu_bw=800 * GB, unified=True,
-            gpu_flops=20e12, cpu_flops=1e12, gpu_efficiency=0.35),  # M1 Ultra: ~36 tok/s reported
+            gpu_flops=20e12, cpu_flops=1e12, gpu_efficiency=0.35,  # M1 Ultra: ~36 tok/s reported
+            backend="metal"),
     Profile("cpu", "CPU only, 128 GB DDR5 (no GPU)", ram=128 * GiB, mem_bw=75 * GB),
 )}
 
@@ -87,15 +98,19 @@ class RpcHost:
 
 
 def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: float | None = None,
-            mem_bw_gbs: float | None = None, gpu_bw_gbs: float | None = None) -> Profile:
+            mem_bw_gbs: float | None = None, gpu_bw_gbs: float | None = None,
+            unified: bool | None = None) -> Profile:
     """A named profile, with any of its figures replaced (GB and GB/s are 10^9 units;
-    capacities are taken as GiB, as vendors sell them)."""
+    capacities are taken as GiB, as vendors sell them). `unified`: the GPU's memory is part of
+    the system memory (one pool, as on DGX Spark)."""
     if profile == CUSTOM:
         if ram_gb is None or mem_bw_gbs is None:
             raise StepGGUFError("the custom profile needs --ram and --mem-bw (and --vram and "
                                 "--gpu-bw for a GPU)")
         if bool(vram_gb) != bool(gpu_bw_gbs):
             raise StepGGUFError("give --vram and --gpu-bw together for a GPU")
+        if unified and not vram_gb:
+            raise StepGGUFError("--unified describes a GPU's memory: give --vram and --gpu-bw too")
         base = Profile(CUSTOM, "custom machine", ram=0, mem_bw=0)
     elif profile in PROFILES:
         base = PROFILES[profile]
@@ -109,12 +124,33 @@ def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: floa
             if not (value >= 0 and math.isfinite(value)):
                 raise StepGGUFError(f"--{key.replace('_', '-')} must be a non-negative number")
             changes[key] = int(value * unit) if unit == GiB else value * unit
+    if unified is not None:
+        changes["unified"] = unified
+    if profile == CUSTOM and vram_gb:
+        changes["backend"] = ""  # any GPU backend: the figures do not say which card
     out = replace(base, **changes)
     if out.vram and not out.gpu_flops:
         out = replace(out, gpu_flops=out.gpu_bw * 60)  # typical FLOP:byte balance of consumer GPUs
     if out.ram <= 0 or out.mem_bw <= 0:
         raise StepGGUFError("the machine needs positive --ram and --mem-bw")
     return out
+
+
+THIS = "this"
+
+
+def this_machine(ram: int, vram: int = 0, unified: bool = False, gpu: str = "") -> Profile:
+    """The machine step-gguf runs on, as the runtime sees it: `ram` bytes of system memory
+    and, where llama.cpp sees a GPU (`gpu` describes it), its `vram` free bytes. Bandwidths are
+    not measured: the cpu profile's and a mid-range card's stand in; they move only the
+    predicted speeds."""
+    cpu = PROFILES["cpu"]
+    what = f"this machine: {ram / GiB:.0f} GiB" + (f", {gpu} with {vram / GiB:.1f} GiB free" if vram else "")
+    if not vram:
+        return replace(cpu, name=THIS, what=what, ram=ram)
+    gpu_profile = machine(CUSTOM, ram_gb=ram / GiB, mem_bw_gbs=cpu.mem_bw / GB, vram_gb=vram / GiB,
+                          gpu_bw_gbs=500, unified=unified)
+    return replace(gpu_profile, name=THIS, what=what)
 
 
 def usable(profile: Profile) -> tuple[int, int]:

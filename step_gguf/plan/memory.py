@@ -35,12 +35,31 @@ def kv_bytes(m: ModelFacts, layers: range, ctx: int, kv_type: str, n_ubatch: int
                    for i in layers))
 
 
-def compute_buffer(m: ModelFacts, n_ubatch: int) -> int:
-    """Scratch of one context's graph at `n_ubatch` tokens with flash attention: the f32
-    logits dominate, then the experts' gate/up activations, queries and residual copies."""
-    per_token = m.n_vocab + 2 * m.n_expert_used * m.expert_ff + 3 * m.max_heads * m.head_dim \
-        + 8 * m.n_embd
-    return 4 * n_ubatch * per_token
+def mask_bytes(m: ModelFacts, ctx: int, n_ubatch: int) -> int:
+    """The attention masks of one graph at `n_ubatch` tokens: f16, a cache cell a column, for the
+    full layers' cache of `ctx` cells and the sliding layers' window-sized one. They grow with
+    the context: 512 MiB at 128K tokens and a 2048-token micro-batch."""
+    swa = next((i for i in range(m.n_layer) if m.is_swa[i]), None)
+    swa_cells = kv_positions(m, swa, ctx, n_ubatch) if swa is not None else 0
+    return 2 * n_ubatch * (pad256(ctx) + swa_cells)
+
+
+def input_buffer(m: ModelFacts, ctx: int, n_ubatch: int) -> int:
+    """What a graph's inputs take in system memory when its layers run on a GPU (llama.cpp's
+    host compute buffer): the masks, and the token embeddings with their positions."""
+    return mask_bytes(m, ctx, n_ubatch) + 3 * 4 * m.n_embd * n_ubatch
+
+
+def compute_buffer(m: ModelFacts, ctx: int, n_ubatch: int) -> int:
+    """Scratch of one context's graph at `n_ubatch` tokens with flash attention, on the device
+    that runs its layers: the attention masks (copied there from the host), then the widest
+    activations: the routed experts' gate, up and product, queries, and residual copies.
+    llama.cpp reserves the logits of one output a sequence, not a batch's: the vocabulary does
+    not count per token. An upper bound: on the shapes measured (tests/test_device.py and
+    bench/offload.py; width, experts, heads, expert width varied) llama.cpp allocated 60-100%
+    of it."""
+    per_token = 3 * m.n_expert_used * m.expert_ff + 3 * m.max_heads * m.head_dim + 9 * m.n_embd
+    return mask_bytes(m, ctx, n_ubatch) + 4 * n_ubatch * per_token
 
 
 def checkpoint_bytes(m: ModelFacts, kv_type: str, n_ubatch: int) -> int:

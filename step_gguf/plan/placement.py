@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from ..errors import StepGGUFError
 from ..model_facts import EXPERTS, ModelFacts, Tensor
 from .machines import GiB, Profile, RpcHost, usable
-from .memory import KV_TYPES, checkpoint_bytes, compute_buffer, kv_bytes
+from .memory import KV_TYPES, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
 from .result import Device, Plan
 from .speed import CPU_EFFICIENCY, decode_tps, prompt_tps
 
@@ -222,11 +222,12 @@ def _local(s: _Setup, lo: int, hi: int, output: bool,
         return output or m.kind(t) != "output"  # embeddings and shared tables stay here
 
     used = [t for t in m.tensors if s.used(t) and here(t)]
-    buffers = {"kv": s.kv(range(lo, min(hi, m.n_layer))), "compute": compute_buffer(m, s.n_ubatch)}
+    buffers = {"kv": s.kv(range(lo, min(hi, m.n_layer))), "compute": compute_buffer(m, s.ctx, s.n_ubatch)}
     heads = range(max(lo, m.n_layer), hi)
-    if s.mtp and heads:  # the draft context: its heads' cache and its own graph
+    drafting = s.mtp and bool(heads)
+    if drafting:  # the draft context: its heads' cache and its own graph
         buffers["kv_mtp"] = s.kv(heads)
-        buffers["compute_mtp"] = compute_buffer(m, s.n_ubatch)
+        buffers["compute_mtp"] = compute_buffer(m, s.ctx, s.n_ubatch)
     embd = [t for t in used if s.on_cpu(t)]
     # MTP experts before the trunk's: a draft step runs one head alone, so a head in system
     # memory pays a GPU->CPU round trip for every drafted token
@@ -258,8 +259,9 @@ def _local(s: _Setup, lo: int, hi: int, output: bool,
                 room = min(room, ram_cap - gpu.bytes - cpu.bytes)
             (gpu.tensors if t.bytes <= room else rest).append(t)
         cpu.tensors += rest
-        if rest:
-            cpu.extra["compute_host"] = compute_buffer(m, s.n_ubatch)
+        cpu.extra["compute_host"] = input_buffer(m, s.ctx, s.n_ubatch)  # the graph's inputs
+        if drafting:  # the heads take the trunk's hidden state on the device: masks only
+            cpu.extra["compute_host_mtp"] = mask_bytes(m, s.ctx, s.n_ubatch)
         if profile.unified:
             cpu.capacity = ram_cap - gpu.bytes
         devices = [gpu, cpu]
@@ -286,11 +288,11 @@ def _fill_hosts(s: _Setup, layers: range, output: bool) -> list[Device] | None:
             if j == len(hosts):
                 return None
             h = hosts[j]
-            add = {"compute": compute_buffer(m, s.n_ubatch)} if not h.extra else {}
+            add = {"compute": compute_buffer(m, s.ctx, s.n_ubatch)} if not h.extra else {}
             if layer is not None:
                 add["kv"] = s.kv(range(layer, layer + 1))
                 if layer >= m.n_layer and s.mtp and "compute_mtp" not in h.extra:
-                    add["compute_mtp"] = compute_buffer(m, s.n_ubatch)
+                    add["compute_mtp"] = compute_buffer(m, s.ctx, s.n_ubatch)
             if sum(t.bytes for t in tensors) + sum(add.values()) <= h.free:
                 break
             j += 1

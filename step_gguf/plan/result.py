@@ -125,7 +125,9 @@ class Plan:
         if self.gpu_layers:
             args += [a for p in self.override_patterns() for a in ("-ot", f"{p}=CPU")]
         if self.profile.unified:
-            args.append("--no-mmap")  # otherwise the page cache holds a second copy in the pool
+            # read in, not mapped: the page cache would hold a second copy in the pool (the
+            # vendored llama-server has no --no-mmap: it refuses the flag and exits)
+            args += ["--load-mode", "none"]
         if self.mtp:
             # the draft context takes its cache type from the -ctkd/-ctvd pair (f16 otherwise)
             args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.draft_max or self.model.n_nextn),
@@ -150,7 +152,8 @@ class Plan:
     def to_json(self, model_path: str) -> dict:
         classes = self.classes()
         return {
-            "model": self.model.name, "profile": self.profile.name, "ctx": self.ctx,
+            "model": self.model.name, "profile": self.profile.name,
+            "backend": self.profile.backend or None, "ctx": self.ctx,
             "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch, "parallel": self.parallel,
             "ctx_checkpoints": self.checkpoints, "mtp": self.mtp,

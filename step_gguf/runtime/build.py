@@ -37,8 +37,12 @@ TOOL_TARGETS = ("llama-server", "llama-bench", "ggml-rpc-server", "llama-quantiz
 LIB_TARGETS = ("llama", "ggml")
 MANIFEST = "step_gguf_runtime.json"  # written into the llama_cpp package and the cache entry
 
+# Every build carries the CPU backend; a GPU backend is compiled in beside it. A Vulkan build
+# runs CPU-only where the Vulkan loader finds no GPU, and llama.cpp skips a Vulkan device that
+# is a CPU (Mesa's llvmpipe) unless GGML_VK_VISIBLE_DEVICES names it (runtime/devices.py).
 BACKEND_FLAGS: dict[str, tuple[str, ...]] = {
     "cpu": (),
+    "vulkan": ("-DGGML_VULKAN=ON",),
     "cuda": ("-DGGML_CUDA=ON",),
     "metal": ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"),
 }
@@ -47,29 +51,39 @@ _NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")   # ninja: [12/222]
 _MAKE_STEP = re.compile(r"^\[\s*(\d+)%\]")        # make:  [ 45%]
 
 
-def patch_series() -> list[tuple[str, bytes]]:
-    """The patches in `patches/series` order, as (file name, content)."""
+def _patch_list(listing: str) -> list[tuple[str, bytes]]:
     root = resources.files("step_gguf.patches")
     names = [
         line.strip()
-        for line in (root / "series").read_text().splitlines()
+        for line in (root / listing).read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
     return [(name, (root / name).read_bytes()) for name in names]
 
 
+def patch_series() -> list[tuple[str, bytes]]:
+    """The patches in `patches/series` order, as (file name, content)."""
+    return _patch_list("series")
+
+
+def build_fixes() -> list[tuple[str, bytes]]:
+    """The build fixes (`patches/fixes`): applied before the series to every tree, stock
+    included, so that it compiles here; they change no behaviour."""
+    return _patch_list("fixes")
+
+
 def series_id(n: int | None = None) -> str:
-    """Identity of the patch series (its first `n` patches; all by default): compiled into
-    libllama, checked by the wrapper."""
+    """Identity of the patch series (its first `n` patches; all by default; the build fixes
+    always): compiled into libllama, checked by the wrapper."""
     h = hashlib.sha256(LLAMA_CPP_PYTHON_VERSION.encode())
-    for name, content in patch_series()[:n]:
+    for name, content in [*build_fixes(), *patch_series()[:n]]:
         h.update(b"\0" + name.encode() + b"\0" + content)
     return h.hexdigest()[:16]
 
 
 # what a build of part of the series makes: enough to compare it with the runtime (llama-bench,
 # llama-server, and libllama for programs of our own), never installed
-PARTIAL_TARGETS = ("llama", "ggml", "llama-bench", "llama-server")
+PARTIAL_TARGETS = ("llama", "ggml", "llama-bench", "llama-server", "llama-perplexity")
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,6 @@ def isa_spec(isa: str, stock: bool = False) -> BuildSpec:
 
 def runs_here(isa: str) -> bool:
     return set(ISA_VARIANTS[isa][1]) <= cpu_flags()
-
 
 
 @dataclass(frozen=True)
@@ -236,9 +249,9 @@ def extract_sdist(sdist: Path, dest: Path) -> Path:
 
 
 def apply_patches(src: Path, n: int | None = None) -> None:
-    """Apply the series (its first `n` patches) in order; the first patch that does not apply
-    cleanly stops it."""
-    for name, content in patch_series()[:n]:
+    """Apply the build fixes, then the series (its first `n` patches) in order; the first patch
+    that does not apply cleanly stops it."""
+    for name, content in [*build_fixes(), *patch_series()[:n]]:
         proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "--silent", "-d", str(src)],
                               input=content, capture_output=True)
         if proc.returncode != 0:
@@ -253,8 +266,7 @@ def build(spec: BuildSpec, jobs: int | None = None,
           on_step: Callable[[int, int], None] | None = None,
           on_stage: Callable[[str], None] = lambda what: None) -> RuntimeBuild:
     """Build (or find in the cache) the runtime for `spec`; nothing is left half-written.
-    `on_stage` names each stage as it starts (downloading, patching, configuring, compiling,
-    packaging); `on_step(done, total)` counts the compile steps."""
+    `on_stage` names each stage as it starts; `on_step(done, total)` counts compile steps."""
     if hit := cached_build(spec):
         log.info("runtime %s found in cache at %s", spec.key, hit.root)
         return hit
@@ -271,10 +283,10 @@ def build(spec: BuildSpec, jobs: int | None = None,
         shutil.rmtree(work, ignore_errors=True)
         on_stage("fetching the llama-cpp-python source")
         src = extract_sdist(fetch_sdist(), work / "src")
-        on_stage(f"applying {len(patch_series()[:spec.series])} patch(es)")
+        applied = len(build_fixes()) + len(patch_series()[:spec.series])
+        on_stage(f"applying {applied} patch(es) ({len(build_fixes())} build fix(es))")
         apply_patches(src, spec.series)
-        log.info("applied %d patch(es), series %s", len(patch_series()[:spec.series]),
-                 series_id(spec.series))
+        log.info("applied %d patch(es), series %s", applied, series_id(spec.series))
         if not spec.partial and (built := page.chat_page(src / page.UI_DIR, cache_dir() / "ui" /
                                                          LLAMA_CPP_PYTHON_VERSION, on_stage)):
             shutil.copytree(built, src / page.UI_DIR / "dist")  # llama.cpp embeds a dist found there
@@ -314,7 +326,21 @@ def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[st
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
         if spec.backend == "cuda":
             args += ["-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
+    if spec.backend == "cuda" and (toolkit := wheel_cuda_toolkit()) is not None:
+        args += [f"-DCUDAToolkit_ROOT={toolkit}", f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}"]
     return args + list(BACKEND_FLAGS[spec.backend]) + list(spec.cmake_args)
+
+
+def wheel_cuda_toolkit() -> Path | None:
+    """Where no nvcc is on PATH, the CUDA 13 toolkit of PyPI's nvidia-cuda-* wheels in this
+    environment (nvidia/cu13; the CUDA 12 nvcc wheels carry no nvcc), if installed."""
+    if shutil.which("nvcc"):
+        return None
+    for site in map(Path, sys.path):
+        root = site / "nvidia" / "cu13"
+        if (root / "bin" / "nvcc").is_file():
+            return root
+    return None
 
 
 def _cmake_build(spec: BuildSpec, work: Path, jobs: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RuntimeMissingError, StepGGUFError
@@ -21,7 +22,11 @@ _GGML_API = (("ggml_backend_dev_count", ctypes.c_size_t, []),
              ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
              ("ggml_backend_reg_dev_get", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
              ("ggml_backend_register", None, [ctypes.c_void_p]),
-             ("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p]))
+             ("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p]),
+             ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+             ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+             ("ggml_backend_dev_memory", None, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                ctypes.POINTER(ctypes.c_size_t)]))
 
 
 _DEVICE_GPU, _DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type
@@ -82,3 +87,28 @@ def rpc_device(endpoint: str) -> int:
     reg = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add)(endpoint.encode())
     lib.ggml_backend_register(reg)
     return lib.ggml_backend_reg_dev_get(reg, 0)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU llama.cpp would offload to, as its backend reports it."""
+
+    name: str          # llama.cpp's device name: Vulkan0, CUDA0, ...
+    description: str   # the card: "NVIDIA GeForce RTX 4090", "llvmpipe (LLVM 15.0.6, 256 bits)"
+    free: int          # bytes
+    total: int
+    integrated: bool   # shares system memory (DGX Spark, Strix Halo, Apple)
+
+
+def gpus() -> list[Gpu]:
+    """local_gpus() with their memory. A Vulkan build lists none where no Vulkan driver is
+    installed, and skips a software device (Mesa's llvmpipe) unless GGML_VK_VISIBLE_DEVICES
+    names it."""
+    lib = libggml()
+    out = []
+    for dev in local_gpus():
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(Gpu(lib.ggml_backend_dev_name(dev).decode(), lib.ggml_backend_dev_description(dev).decode(),
+                       free.value, total.value, lib.ggml_backend_dev_type(dev) == _DEVICE_IGPU))
+    return out

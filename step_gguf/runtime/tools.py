@@ -120,14 +120,18 @@ _MIN_SCORED = 100  # llama-perplexity prints no statistics over fewer scored tok
 
 def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
         text_file: str | os.PathLike | None = None, *, ctx: int = 512,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, perplexity: Path | None = None,
+        quant_args: Sequence[str] = (), reference_args: Sequence[str] = ()) -> dict:
     """How far `quant_gguf`'s next-token distributions are from `reference_gguf`'s on `text_file`
     (default: the bundled calibration text), as llama-perplexity measures it.
 
     Scored are the second halves of consecutive `ctx`-token chunks. Returns kld_mean (mean
     KL divergence, nats), kld_p99 (its 99th percentile over tokens), top1_pct (how often both
     models rank the same token first, percent), ppl and ppl_reference (perplexities), chunks
-    and ctx.
+    and ctx. The reference is scored by the runtime's llama-perplexity; the quantized
+    model by `perplexity` (another build's, e.g. stock llama.cpp's) when given, with
+    `quant_args` (e.g. `-ngl 99` to run it on a GPU), the reference with `reference_args`
+    (e.g. `-dev none` for the CPU alone).
     """
     quant = resolve(_existing(Path(quant_gguf), "quantized model"))
     reference = resolve(_existing(Path(reference_gguf), "reference model"))
@@ -137,13 +141,15 @@ def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
     what = f"comparing {quant} with {reference}"
     try:
         lines: list[str] = []
-        _tool("llama-perplexity", ["-m", reference, "-f", text, "--kl-divergence-base", logits, *common],
+        _tool("llama-perplexity", ["-m", reference, "-f", text, "--kl-divergence-base", logits, *common,
+                                   *reference_args],
               f"scoring the reference {reference}", on_line=lines.append)
         if problem := _logits_problem(logits):
             raise StepGGUFError(f"scoring the reference {reference} failed: {problem}")
         lines = []
-        _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence",
-                                   *common], what, on_line=lines.append)
+        run([perplexity or check().tool("llama-perplexity"), "-m", quant, "--kl-divergence-base",
+             logits, "--kl-divergence", *common, *quant_args, *_TOOL_ARGS], what,
+            env=os.environ | _TOOL_ENV, on_line=lines.append)
     finally:
         logits.unlink(missing_ok=True)
     stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()

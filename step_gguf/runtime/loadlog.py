@@ -1,0 +1,49 @@
+"""What llama.cpp says it allocated, read from a llama-server log written with `-v`: the model's
+buffers by buffer type, each context's KV and compute buffers, the tensors an override placed
+and the device of each layer. The placement tests and bench/offload.py hold it against the
+plan."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MiB = 1 << 20
+# llama.cpp logs buffer sizes in MiB with two decimals: a size is read to +-0.005 MiB
+READ_ERROR = 0.005 * MiB
+
+_MODEL = re.compile(r"load_tensors: +(\S+) model buffer size = +([\d.]+) MiB")
+_KV = re.compile(r"llama_kv_cache: +(\S+) KV buffer size = +([\d.]+) MiB")
+_COMPUTE = re.compile(r"sched_reserve: +(\S+) compute buffer size = +([\d.]+) MiB")
+_OVERRIDE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+_LAYER = re.compile(r"layer +(\d+) assigned to device (\S+),")
+
+
+@dataclass
+class LoadLog:
+    model: dict[str, float]           # bytes by buffer type (empty ones left out)
+    kv: list[dict[str, float]]        # per context (the model's, then a draft's): bytes by buffer type
+    compute: list[dict[str, float]]   # per context: the last reservation's bytes by buffer type
+    overridden: dict[str, str]        # tensor -> the buffer type an override gave it
+    layers: dict[int, str]            # layer -> device
+
+    @classmethod
+    def parse(cls, text: str) -> LoadLog:
+        model: dict[str, float] = {}
+        for buft, size in _MODEL.findall(text):
+            if float(size):  # an empty buffer of a type nothing went to
+                model[buft] = model.get(buft, 0.0) + float(size) * MiB
+        kv: list[dict[str, float]] = []
+        compute: list[dict[str, float]] = []
+        for line in text.splitlines():
+            if "output buffer size" in line:  # a context starts
+                kv.append({})
+                compute.append({})
+            elif m := _KV.search(line):
+                kv[-1][m.group(1)] = kv[-1].get(m.group(1), 0.0) + float(m.group(2)) * MiB
+            elif m := _COMPUTE.search(line):
+                compute[-1][m.group(1)] = float(m.group(2)) * MiB  # the last reservation stands
+        # contexts llama.cpp only sizes (--fit; nothing allocated) report empty caches
+        real = [i for i, c in enumerate(kv) if any(c.values())]
+        return cls(model, [kv[i] for i in real], [compute[i] for i in real],
+                   dict(_OVERRIDE.findall(text)), {int(i): d for i, d in _LAYER.findall(text)})
