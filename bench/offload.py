@@ -61,7 +61,8 @@ def placements(m: P.ModelFacts) -> dict[str, P.Plan]:
             p = P.plan(m, custom(vram), CTX, n_ubatch=UBATCH, checkpoints=0)
         except StepGGUFError:
             continue
-        if sum(t.bytes for t in p.devices[0].tensors if m.kind(t) == "experts") >= 0.1 * experts:
+        on_gpu = sum(t.bytes for t in p.devices[0].tensors if m.kind(t) == "experts")
+        if p.devices[0].name == "GPU" and on_gpu >= 0.1 * experts:
             out["experts-in-ram"] = p
             break
     return out
@@ -110,7 +111,9 @@ def main() -> None:
         gpu, cpu = p.devices
         in_ram = sum(v for k, v in got.model.items() if k in SYSTEM_MEMORY)
         print(row("GPU weights", gpu.weights, got.model.get(gpu_name)))
-        print(row("system-memory weights", cpu.weights, in_ram))
+        # a mapped file's buffer spans it from the first tensor kept there to the last
+        print(row("system-memory weights" + (" (mapped span)" if "CPU_Mapped" in got.model else ""),
+                  cpu.weights, in_ram))
         for i, (kv, compute, host) in enumerate((("kv", "compute", "compute_host"),
                                                  ("kv_mtp", "compute_mtp", "compute_host_mtp"))):
             if kv not in gpu.extra or i >= len(got.kv):

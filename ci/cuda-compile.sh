@@ -19,7 +19,6 @@ for lib in "$root"/lib/lib*.so.[0-9]*; do
 done
 [[ -e $root/lib64 ]] || ln -s lib "$root/lib64"
 start=$(date +%s)
-# no system nvcc on PATH: step-gguf takes the wheel's toolkit
-PATH=$(echo "$PATH" | tr ':' '\n' | grep -v -i cuda | paste -sd:) \
-    "$venv/bin/step-gguf" runtime build --backend cuda --cuda-arch "$archs" --no-install
+# step-gguf takes the wheels' toolkit, installed in its environment, before a system one
+"$venv/bin/step-gguf" runtime build --backend cuda --cuda-arch "$archs" --no-install
 echo "CUDA build for sm_${archs} took $(( ($(date +%s) - start) / 60 )) min"

@@ -173,7 +173,10 @@ def test_a_plan_is_carried_out_on_the_device_as_planned(models, tmp_path, name):
     assert set(loaded.model) - SYSTEM_MEMORY == {"Vulkan0"}, loaded.model
     assert _near(loaded.model["Vulkan0"], gpu.weights), (loaded.model, gpu.weights)
     in_ram = sum(v for k, v in loaded.model.items() if k in SYSTEM_MEMORY)
-    assert _near(in_ram, cpu.weights), (loaded.model, cpu.weights)
+    if "CPU_Mapped" in loaded.model:  # a mapping spans the file from the first such tensor to the last
+        assert cpu.weights - READ <= in_ram <= model.stat().st_size, (loaded.model, cpu.weights)
+    else:
+        assert _near(in_ram, cpu.weights), (loaded.model, cpu.weights)
     # both contexts' caches on the device: the model's, then the draft's
     assert len(loaded.kv) == 2 and all(set(kv) == {"Vulkan0"} for kv in loaded.kv)
     assert _near(loaded.kv[0]["Vulkan0"], gpu.extra["kv"])

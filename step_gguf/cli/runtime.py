@@ -20,8 +20,9 @@ def runtime() -> None:
               "(any Vulkan GPU; runs on the CPU where none is found), cuda (NVIDIA), metal (Apple).")
 @click.option("--cuda-arch", default=None, metavar="SM[,SM...]",
               help="CUDA architectures to compile for, e.g. 89 (RTX 4090), 120 (RTX 5090), 121 "
-                   "(DGX Spark's GB10) [CMake's default]. Without a system CUDA toolkit, the one "
-                   "from PyPI's nvidia-cuda-nvcc wheels in this environment is used.")
+                   "(DGX Spark's GB10) [CMake's default]. The CUDA 13 toolkit from PyPI's "
+                   "nvidia-cuda-nvcc wheels is used when installed in this environment, else "
+                   "the system's.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, metavar="-DNAME=VALUE",
               help="Extra CMake option (repeatable), e.g. -DCMAKE_CUDA_ARCHITECTURES=89.")
 @click.option("-j", "--jobs", type=int, default=None, help="Parallel compile jobs [all cores].")

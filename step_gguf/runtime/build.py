@@ -327,15 +327,15 @@ def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[st
         if spec.backend == "cuda":
             args += ["-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
     if spec.backend == "cuda" and (toolkit := wheel_cuda_toolkit()) is not None:
-        args += [f"-DCUDAToolkit_ROOT={toolkit}", f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}"]
+        # no libcuda stub in the wheels to link the driver's memory pool against: the plain pool
+        args += [f"-DCUDAToolkit_ROOT={toolkit}", f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}",
+                 "-DGGML_CUDA_NO_VMM=ON"]
     return args + list(BACKEND_FLAGS[spec.backend]) + list(spec.cmake_args)
 
 
 def wheel_cuda_toolkit() -> Path | None:
-    """Where no nvcc is on PATH, the CUDA 13 toolkit of PyPI's nvidia-cuda-* wheels in this
-    environment (nvidia/cu13; the CUDA 12 nvcc wheels carry no nvcc), if installed."""
-    if shutil.which("nvcc"):
-        return None
+    """The CUDA 13 toolkit of PyPI's nvidia-cuda-* wheels installed in this environment
+    (nvidia/cu13; the CUDA 12 nvcc wheels carry no nvcc), taken before a system one."""
     for site in map(Path, sys.path):
         root = site / "nvidia" / "cu13"
         if (root / "bin" / "nvcc").is_file():
