@@ -30,7 +30,6 @@ from step_gguf.runtime.loadlog import MiB, LoadLog
 
 CTX, UBATCH = 4096, 64
 SCRIPT = ["The user", " wants", " the weather", " in Paris.", "\n</think>\n", "It is sunny."]
-SYSTEM_MEMORY = {"CPU_Mapped", "CPU", "Vulkan_Host", "CPU_REPACK"}
 
 
 def scripted_model(work: Path) -> Path:
@@ -72,9 +71,9 @@ def moved(m: P.ModelFacts, p: P.Plan) -> tuple[int, int]:
     """Predicted host<->device bytes of one decode step and of one prompt micro-batch: each
     layer with experts in system memory sends its hidden state over and its output back (f32),
     and a prompt batch streams those experts' weights to the device (op offload)."""
-    cpu_layers = {int(n.split(".")[1]) for n in p.cpu_tensors}
-    per_token = 2 * 4 * m.n_embd * len(cpu_layers)
-    streamed = sum(t.bytes for t in m.tensors if t.name in set(p.cpu_tensors))
+    kept = set(p.cpu_tensors)
+    per_token = 2 * 4 * m.n_embd * len({int(n.split(".")[1]) for n in kept})
+    streamed = sum(t.bytes for t in m.tensors if t.name in kept)
     return per_token, per_token * p.n_ubatch + streamed
 
 
@@ -109,11 +108,9 @@ def main() -> None:
             continue
         got = LoadLog.parse(log.read_text())
         gpu, cpu = p.devices
-        in_ram = sum(v for k, v in got.model.items() if k in SYSTEM_MEMORY)
         print(row("GPU weights", gpu.weights, got.model.get(gpu_name)))
-        # a mapped file's buffer spans it from the first tensor kept there to the last
         print(row("system-memory weights" + (" (mapped span)" if "CPU_Mapped" in got.model else ""),
-                  cpu.weights, in_ram))
+                  cpu.weights, got.weights_in_system_memory))
         for i, (kv, compute, host) in enumerate((("kv", "compute", "compute_host"),
                                                  ("kv_mtp", "compute_mtp", "compute_host_mtp"))):
             if kv not in gpu.extra or i >= len(got.kv):

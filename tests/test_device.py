@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from scripted import ASK, CALL, REASONING, TOOLS, scripted_checkpoint
+from scripted import ASK, REASONING, TOOLS, scripted_checkpoint
 from step_gguf import plan as P
 from step_gguf.errors import StepGGUFError
 from step_gguf.facts import read_facts
-from step_gguf.runtime.loadlog import MiB, READ_ERROR, LoadLog
+from step_gguf.runtime.loadlog import MiB, READ_ERROR, SYSTEM_MEMORY, LoadLog
 
 pytestmark = pytest.mark.runtime
 
 DEVICE_ENV = "GGML_VK_VISIBLE_DEVICES"
 CTX, UBATCH = 4096, 64
-READ = READ_ERROR
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +96,14 @@ def _partial(m: P.ModelFacts, share: float, **kw) -> P.Plan:
 
 
 def _serve(model: Path, plan: P.Plan, log: Path, *, device: bool, parallel_asks: int = 1,
-           max_tokens: int = 24):
-    """Replies of the plan's llama-server to ASK (with TOOLS), each of `parallel_asks` at once."""
+           max_tokens: int = 24, extra: tuple[str, ...] = ()):
+    """Replies of the plan's llama-server (with `extra` flags) to ASK (with TOOLS), each of
+    `parallel_asks` at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from step_gguf.runtime import server
 
-    with _device(device), server.serve(model, plan=plan, log_path=log, extra_args=["-v"]) as url:
+    with _device(device), server.serve(model, plan=plan, log_path=log, extra_args=["-v", *extra]) as url:
         with ThreadPoolExecutor(parallel_asks) as pool:
             return list(pool.map(lambda _: server.chat(url, ASK, tools=TOOLS, max_tokens=max_tokens),
                                  range(parallel_asks)))
@@ -115,7 +114,7 @@ def _loaded(log: Path) -> LoadLog:
 
 
 def _near(measured: float, planned: float, rel: float = 0.02) -> bool:
-    return abs(measured - planned) <= rel * planned + READ
+    return abs(measured - planned) <= rel * planned + READ_ERROR
 
 
 # Routed experts in system memory beside a Vulkan device: the vendored llama.cpp (ours and
@@ -129,9 +128,7 @@ CRASHES_ON_VULKAN = pytest.mark.xfail(
     reason="the vendored llama.cpp crashes at random with experts in system memory beside a "
            "Vulkan device (stock too); see the comment above")
 PROFILES = ("everything", pytest.param("experts-in-ram", marks=CRASHES_ON_VULKAN), "unified")
-# llama.cpp's buffer types in system memory: mapped from the file, read in, the device's pinned
-# host buffer, our repacked layouts
-SYSTEM_MEMORY = {"CPU_Mapped", "CPU", "Vulkan_Host", "CPU_REPACK"}
+
 
 
 def _profile_plan(m: P.ModelFacts, name: str) -> P.Plan:
@@ -172,9 +169,9 @@ def test_a_plan_is_carried_out_on_the_device_as_planned(models, tmp_path, name):
     # weights: the device's, and system memory's (mapped, pinned, or read in)
     assert set(loaded.model) - SYSTEM_MEMORY == {"Vulkan0"}, loaded.model
     assert _near(loaded.model["Vulkan0"], gpu.weights), (loaded.model, gpu.weights)
-    in_ram = sum(v for k, v in loaded.model.items() if k in SYSTEM_MEMORY)
+    in_ram = loaded.weights_in_system_memory
     if "CPU_Mapped" in loaded.model:  # a mapping spans the file from the first such tensor to the last
-        assert cpu.weights - READ <= in_ram <= model.stat().st_size, (loaded.model, cpu.weights)
+        assert cpu.weights - READ_ERROR <= in_ram <= model.stat().st_size, (loaded.model, cpu.weights)
     else:
         assert _near(in_ram, cpu.weights), (loaded.model, cpu.weights)
     # both contexts' caches on the device: the model's, then the draft's
@@ -185,7 +182,7 @@ def test_a_plan_is_carried_out_on_the_device_as_planned(models, tmp_path, name):
     # planned; on the device, the planner's bound on the widest activations holds, never under
     for ctx, (dev, host_key) in enumerate((("compute", "compute_host"), ("compute_mtp", "compute_host_mtp"))):
         assert _near(loaded.compute[ctx]["Vulkan_Host"], cpu.extra[host_key]), (ctx, loaded.compute, cpu.extra)
-        assert 0.5 * gpu.extra[dev] <= loaded.compute[ctx]["Vulkan0"] <= gpu.extra[dev] + READ, \
+        assert 0.5 * gpu.extra[dev] <= loaded.compute[ctx]["Vulkan0"] <= gpu.extra[dev] + READ_ERROR, \
             (ctx, loaded.compute, gpu.extra)
 
 
@@ -243,20 +240,13 @@ def test_experts_in_system_memory_with_prompt_batches_offloaded(models, tmp_path
     --no-host, the experts are repacked for our CPU kernels (patches 0007/0008) and stay there."""
     model = models["embedded"]
     p = _partial(read_facts(model), 0.1).drafting(3)
-    extra = ["--no-host"] if repacked else []
-    on_device = _serve_with(model, p, tmp_path / "device.log", True, extra)
-    on_cpu = _serve_with(model, p, tmp_path / "cpu.log", False, extra)
+    extra = ("--no-host",) if repacked else ()
+    on_device = _serve(model, p, tmp_path / "device.log", device=True, extra=extra)[0]
+    on_cpu = _serve(model, p, tmp_path / "cpu.log", device=False, extra=extra)[0]
     assert (on_device.reasoning, on_device.text) == (on_cpu.reasoning, on_cpu.text)
     assert on_device.prompt_tokens >= 32 and on_device.acceptance == on_cpu.acceptance >= 0.9
     loaded = _loaded(tmp_path / "device.log")
     assert ("CPU_REPACK" in loaded.model) == repacked, loaded.model
-
-
-def _serve_with(model: Path, p: P.Plan, log: Path, device: bool, extra: list[str]):
-    from step_gguf.runtime import server
-
-    with _device(device), server.serve(model, plan=p, log_path=log, extra_args=["-v", *extra]) as url:
-        return server.chat(url, ASK, tools=TOOLS, max_tokens=24)
 
 
 def test_parallel_slots_on_the_device(models, tmp_path):

@@ -17,6 +17,9 @@ _KV = re.compile(r"llama_kv_cache: +(\S+) KV buffer size = +([\d.]+) MiB")
 _COMPUTE = re.compile(r"sched_reserve: +(\S+) compute buffer size = +([\d.]+) MiB")
 _OVERRIDE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 _LAYER = re.compile(r"layer +(\d+) assigned to device (\S+),")
+# llama.cpp's buffer types in system memory: mapped from the file, read in, a GPU backend's
+# pinned host buffer, our repacked layouts
+SYSTEM_MEMORY = frozenset({"CPU_Mapped", "CPU", "Vulkan_Host", "CUDA_Host", "CPU_REPACK"})
 
 
 @dataclass
@@ -26,6 +29,12 @@ class LoadLog:
     compute: list[dict[str, float]]   # per context: the last reservation's bytes by buffer type
     overridden: dict[str, str]        # tensor -> the buffer type an override gave it
     layers: dict[int, str]            # layer -> device
+
+    @property
+    def weights_in_system_memory(self) -> float:
+        """Bytes of model buffers in system memory; a mapped file's buffer spans it from the
+        first tensor kept there to the last (address space, not all of it resident)."""
+        return sum(v for k, v in self.model.items() if k in SYSTEM_MEMORY)
 
     @classmethod
     def parse(cls, text: str) -> LoadLog:
@@ -39,6 +48,8 @@ class LoadLog:
             if "output buffer size" in line:  # a context starts
                 kv.append({})
                 compute.append({})
+            elif not kv:  # sizing before any context is created
+                continue
             elif m := _KV.search(line):
                 kv[-1][m.group(1)] = kv[-1].get(m.group(1), 0.0) + float(m.group(2)) * MiB
             elif m := _COMPUTE.search(line):

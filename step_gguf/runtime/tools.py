@@ -34,8 +34,10 @@ def default_text() -> Path:
     return Path(str(resources.files("step_gguf.recipes") / "calibration.txt"))
 
 
-def _tool(name: str, args: Sequence[str | os.PathLike], what: str, **kw) -> None:
-    run([check().tool(name), *args, *_TOOL_ARGS], what, env=os.environ | _TOOL_ENV, **kw)
+def _tool(name: str, args: Sequence[str | os.PathLike], what: str, binary: Path | None = None,
+          **kw) -> None:
+    """Run llama.cpp's tool `name` from the runtime (or the `binary` of another build)."""
+    run([binary or check().tool(name), *args, *_TOOL_ARGS], what, env=os.environ | _TOOL_ENV, **kw)
 
 
 def _threads(threads: int | None) -> list[str]:
@@ -147,9 +149,8 @@ def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
         if problem := _logits_problem(logits):
             raise StepGGUFError(f"scoring the reference {reference} failed: {problem}")
         lines = []
-        run([perplexity or check().tool("llama-perplexity"), "-m", quant, "--kl-divergence-base",
-             logits, "--kl-divergence", *common, *quant_args, *_TOOL_ARGS], what,
-            env=os.environ | _TOOL_ENV, on_line=lines.append)
+        _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence",
+                                   *common, *quant_args], what, binary=perplexity, on_line=lines.append)
     finally:
         logits.unlink(missing_ok=True)
     stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()
