@@ -8,6 +8,11 @@ it prints bytes. With `nvidia-smi` working and a CUDA runtime installed it also 
 and prompt tok/s of the plan's placement against llama.cpp's own `--fit` and `--n-cpu-moe N`
 at the same VRAM (not run yet: no GPU has been lent to this project).
 
+Traffic is measured by the scheduler (patch 0018, GGML_SCHED_COPY_STATS=1): a second run of
+each placement without MTP drafting (whose draft graphs would mix in) answers a prompt of
+PROMPT_TOKENS-odd tokens; its largest graph is a prompt micro-batch, the median of its last
+DECODE_STEPS graphs a decode step.
+
     python bench/offload.py [--work DIR]
 """
 
@@ -16,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from _common import description, work_dir
@@ -26,9 +33,10 @@ from step_gguf.errors import StepGGUFError
 from step_gguf.facts import read_facts
 from step_gguf.runtime import installed, server
 from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
-from step_gguf.runtime.loadlog import MiB, LoadLog
+from step_gguf.runtime.loadlog import COPY_STATS, MiB, LoadLog
 
 CTX, UBATCH = 4096, 64
+DECODE_STEPS = 6
 SCRIPT = ["The user", " wants", " the weather", " in Paris.", "\n</think>\n", "It is sunny."]
 
 
@@ -52,12 +60,14 @@ def custom(vram_bytes: float, ram_gb: float = 8.0, unified: bool = False) -> P.P
 
 
 def placements(m: P.ModelFacts) -> dict[str, P.Plan]:
+    # an f16 cache: a quantized one needs flash attention, off here with experts in system memory
     experts = sum(t.bytes for t in m.tensors if m.kind(t) == "experts")
-    out = {"everything": P.plan(m, custom(1 << 30), CTX, n_ubatch=UBATCH, checkpoints=0),
-           "unified": P.plan(m, custom(1 << 30, ram_gb=1.5, unified=True), CTX, n_ubatch=UBATCH, checkpoints=0)}
+    kw = dict(n_ubatch=UBATCH, checkpoints=0, kv_type="f16")
+    out = {"everything": P.plan(m, custom(1 << 30), CTX, **kw),
+           "unified": P.plan(m, custom(1 << 30, ram_gb=1.5, unified=True), CTX, **kw)}
     for vram in range(1 << 20, 1 << 30, 1 << 16):  # the GPU holds ~10% of the experts, as a 12 GB card
         try:
-            p = P.plan(m, custom(vram), CTX, n_ubatch=UBATCH, checkpoints=0)
+            p = P.plan(m, custom(vram), CTX, **kw)
         except StepGGUFError:
             continue
         on_gpu = sum(t.bytes for t in p.devices[0].tensors if m.kind(t) == "experts")
@@ -100,11 +110,7 @@ def main() -> None:
     for name, p in placements(m).items():
         log = work / f"{name}.log"
         print(f"\n{name}: {len(p.cpu_tensors)} tensors kept in system memory")
-        try:
-            with server.serve(model, plan=p, log_path=log, extra_args=["-v"]) as url:
-                server.chat(url, [{"role": "user", "content": "Weather?"}], max_tokens=8)
-        except StepGGUFError as exc:  # the crash the device tests tolerate: say it, go on
-            print(f"  llama-server failed: {exc}")
+        if not answered(model, p, log, "Weather?", 8):
             continue
         got = LoadLog.parse(log.read_text())
         gpu, cpu = p.devices
@@ -120,8 +126,38 @@ def main() -> None:
             print(row(f"GPU compute ({ctx}, bound)", gpu.extra[compute], got.compute[i].get(gpu_name)))
             print(row(f"host compute ({ctx})", cpu.extra.get(host, 0), got.compute[i].get(f"{gpu_name[:-1]}_Host")))
         step, batch = moved(m, p)
-        print(f"  predicted host<->device: {step} B a decode step, {batch / MiB:.3f} MiB a prompt "
-              f"micro-batch (measured: not yet; needs a counter in ggml's scheduler)")
+        measured_step, measured_batch = traffic(model, p, work / f"{name}-traffic.log")
+        print(f"  host<->device a decode step:     {step:>12} B planned, {measured_step:>12} B measured")
+        print(f"  host<->device a prompt batch:    {batch:>12} B planned, {measured_batch:>12} B measured")
+
+
+def answered(model: Path, p: P.Plan, log: Path, ask: str, tokens: int) -> bool:
+    """One chat through the plan's llama-server, logged at debug level to `log`; a failed start
+    is tried again, twice."""
+    # flash attention with tensors in system memory corrupts the heap on llvmpipe, stock too
+    # (tests/test_device.py FA_CRASH)
+    extra = ["-v", "-fa", "off"] if p.cpu_tensors and not shutil.which("nvidia-smi") else ["-v"]
+    for attempt in range(3):
+        try:
+            with server.serve(model, plan=p, log_path=log, extra_args=extra) as url:
+                server.chat(url, [{"role": "user", "content": ask}], max_tokens=tokens, ignore_eos=True)
+            return True
+        except StepGGUFError as exc:
+            print(f"  llama-server failed (try {attempt + 1} of 3): {exc}")
+    return False
+
+
+def traffic(model: Path, p: P.Plan, log: Path) -> tuple[int | None, int | None]:
+    """Bytes the scheduler copied between backends in a decode step and in a prompt micro-batch
+    (None where the run failed)."""
+    os.environ[COPY_STATS] = "1"
+    try:
+        if not answered(model, replace(p, mtp=False), log, "Weather? " * 60, DECODE_STEPS + 2):
+            return None, None
+    finally:
+        del os.environ[COPY_STATS]
+    graphs = [sum(c.values()) for c in LoadLog.parse(log.read_text()).copies]
+    return int(statistics.median(graphs[-DECODE_STEPS:])), max(graphs)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def scripted_pair(workdir, runtime):
 def _run(*args) -> dict:
     r = _cli("run", *args, "-p", "weather?", "-n", "32", "--json")
     assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    return json.loads(r.stdout)
 
 
 @pytest.mark.runtime

@@ -341,7 +341,7 @@ def test_a_type_the_gguf_package_cannot_read_is_one_line(made, runtime, tmp_path
 def test_run_gives_the_script(name, foreign):
     r = _cli("run", foreign(name), "-p", "hi", "-n", "16", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["text"].strip() == "".join(SCRIPT)
     assert out["mtp"]["drafted"] > 0   # the foreign file's MTP head drafts
 
@@ -354,7 +354,7 @@ def test_eval_against_our_bf16(name, foreign, made, tmp_path):
                     .read_text(encoding="utf-8")[:3000], encoding="utf-8")
     r = _cli("eval", foreign(name), "--reference", made["main-bf16"], "--text", text, "-c", "128", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert math.isfinite(out["kld_mean"]) and out["kld_mean"] >= -1e-6 and math.isfinite(out["kld_p99"])
     assert out["top1_pct"] >= 99.0   # the script survives the quantizer: same greedy tokens
     assert out["chunks"] > 0
@@ -365,13 +365,13 @@ def test_llama_cpps_trunk_and_draft_files_plan_and_run_together(foreign, tmp_pat
     trunk, draft = foreign("llama.cpp-trunk-Q4_K_M"), foreign("llama.cpp-draft-Q8_0")
     r = _cli("plan", trunk, "--profile", "cpu", "--draft", draft, "--json")
     assert r.exit_code == 0, r.output
-    plan = json.loads(r.output)
+    plan = json.loads(r.stdout)
     assert plan["draft"] == str(draft) and plan["mtp"] is True
     want = sum(int(t.n_bytes) for f in (trunk, draft) for t in gguf.GGUFReader(f).tensors)
     assert sum(d["weights"] for d in plan["devices"]) == want
     r = _cli("run", trunk, "--draft", draft, "-p", "hi", "-n", "16", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["text"].strip() == "".join(SCRIPT) and out["mtp"]["drafted"] > 0
     for src in (trunk, draft):
         result = _cli("quantize", src, "-o", tmp_path / src.name, "--allow-requantize")

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                  "plan.placement"}),
     ("runtime", {"runtime.devices", "runtime.rpc", "runtime.llama", "runtime.server", "runtime.loadlog"}),
     ("cli", {"cli.__init__", "cli.__main__", "cli.progress", "cli.files", "cli.measure",
-             "cli.runtime", "cli.serving", "cli.demo"}),
+             "cli.runtime", "cli.serving", "cli.foreground", "cli.demo"}),
 ]
 LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 # what the planner's modules, and everything they import, may not touch: files, processes,

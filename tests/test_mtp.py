@@ -149,7 +149,7 @@ def test_the_same_greedy_text_with_and_without_drafting(heads, accuracy):
 def test_run_json_and_the_server_log_report_the_chosen_lengths(heads, tmp_path):
     r = CliRunner().invoke(main, ["run", str(heads[0.6]), "-p", "Go on.", "-n", "64", "--json"])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["mtp_draft_max"] == "adaptive"
     rounds, acceptance = out["mtp"]["rounds_by_draft_length"], out["mtp"]["acceptance_by_position"]
     assert sum(rounds) > 0 and 1 <= len(acceptance) <= 3 and all(0.0 <= a <= 1.0 for a in acceptance)

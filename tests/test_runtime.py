@@ -48,6 +48,17 @@ def test_cache_key_depends_on_backend_and_flags():
         b.BuildSpec("rocm")
 
 
+def test_a_cuda_build_from_the_wheels_finds_their_libraries(monkeypatch, tmp_path):
+    """The CUDA 13 wheels' libraries (cuBLAS, cudart) are on no loader path: without an rpath the
+    tools failed to link against libggml-cuda ("libcublas.so.13 ... not found"), after 70
+    minutes of kernels (ci/cuda-compile.sh)."""
+    monkeypatch.setattr(b, "wheel_cuda_toolkit", lambda: tmp_path / "cu13")
+    args = b.cmake_configure_args(b.BuildSpec("cuda"), tmp_path / "src", tmp_path / "build")
+    rpath = f"-Wl,-rpath,{tmp_path / 'cu13' / 'lib'}"
+    assert f"-DCMAKE_EXE_LINKER_FLAGS={rpath}" in args and f"-DCMAKE_SHARED_LINKER_FLAGS={rpath}" in args
+    assert f"-DCMAKE_CUDA_COMPILER={tmp_path / 'cu13' / 'bin' / 'nvcc'}" in args
+
+
 def test_partial_series_builds_are_kept_apart():
     """Stock llama.cpp (no patches) and prefixes of the series, for comparisons: their own
     cache entries and build ids, and only the tools a comparison needs."""

@@ -4,12 +4,16 @@ reasoning, tool calls and MTP drafting checked on real runtime output, over HTTP
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -108,7 +112,7 @@ def test_run_json_reports_mtp_acceptance_and_keeps_greedy_tokens(scripted):
     for flags in ((), ("--draft-max", "3"), ("--no-mtp",)):
         r = runner.invoke(main, ["run", str(scripted), "-p", "weather?", "-n", "32", "--json", *flags])
         assert r.exit_code == 0, r.output
-        outs[flags] = json.loads(r.output)
+        outs[flags] = json.loads(r.stdout)
     adaptive, fixed, plain = outs[()], outs["--draft-max", "3"], outs["--no-mtp",]
     for drafted in (adaptive, fixed):
         assert (drafted["text"], drafted["reasoning"]) == (plain["text"], plain["reasoning"])
@@ -214,3 +218,132 @@ def test_a_tool_loop_on_each_of_two_slots_evaluates_only_its_new_tokens(scripted
         assert seen[-1][0] > 2 * seen[0][0]  # the history grew
         for (before, _), (total, evaluated) in zip(seen, seen[1:]):
             assert evaluated <= total - before + 64, seen
+
+
+def _server_of(serve_pid: int) -> int:
+    """The pid of the llama-server a `step-gguf serve` runs (its one child)."""
+    [pid] = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
+    return int(pid)
+
+
+def _said_until(proc: subprocess.Popen, last: str, timeout: float = 120) -> list[str]:
+    """serve's stderr lines up to one containing `last` (the process is killed past `timeout`)."""
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    said = []
+    try:
+        while not (said and last in said[-1]):
+            line = proc.stderr.readline()
+            assert line, f"serve ended before saying {last!r}: {said}"
+            said.append(line.strip())
+    finally:
+        watchdog.cancel()
+    return said
+
+
+def test_serve_restarts_a_killed_server(scripted):
+    """SIGKILL to llama-server under serve: serve names the signal and the log it named at
+    start, restarts it, says so, and the next request gets the scripted answer."""
+    from step_gguf.runtime import server
+
+    proc, api, said = start_serve(scripted, "-c", "1024")
+    try:
+        [log] = [line.split(": ", 1)[1] for line in said if line.startswith("llama-server log: ")]
+        first = _server_of(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        told = _said_until(proc, "up again")
+        assert told[0] == f"llama-server was killed by SIGKILL; its log: {log}; restarting it in 1 s", told
+        assert told[-1] == "llama-server is up again" and _server_of(proc.pid) != first
+        reply = server.chat(api.removesuffix("/v1"), ASK, max_tokens=64)
+        assert reply.reasoning.strip() == "".join(REASONING)
+        assert "restarted" in Path(log).read_text()
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_run_reports_a_dead_server_in_one_line(scripted, monkeypatch):
+    """llama-server dies under `run` while it answers: one line saying how, no traceback."""
+    from step_gguf.runtime import server
+
+    real_chat = server.chat
+
+    def chat_after_a_crash(url, *args, **kw):
+        os.kill(_server_of(os.getpid()), signal.SIGSEGV)
+        time.sleep(0.5)
+        return real_chat(url, *args, **kw)
+
+    monkeypatch.setattr(server, "chat", chat_after_a_crash)
+    r = CliRunner().invoke(main, ["run", str(scripted), "-c", "1024", "-p", ASK[0]["content"]])
+    assert r.exit_code == 1, r.output
+    [line] = r.output.strip().splitlines()[-1:]
+    assert line.startswith("Error: llama-server was killed by SIGSEGV; its log: "), r.output
+    assert "Traceback" not in r.output
+
+
+def test_a_server_that_keeps_dying_is_given_up_with_its_last_words(tmp_path):
+    """The third death within the window: no more restarts, an error with the log's last lines;
+    each death before it was told, with a restart after a doubling delay."""
+    from step_gguf.errors import StepGGUFError
+    from step_gguf.runtime.process import child
+
+    log = tmp_path / "server.log"
+    dying = [sys.executable, "-c", "import sys, time; print('out of cheese', flush=True); time.sleep(0.2); sys.exit(3)"]
+    events = []
+    with child(dying, "a dying server", lambda: True, 5, log) as proc:
+        with pytest.raises(StepGGUFError) as err:
+            proc.keep_up(events.append, give_up_after=3, backoff=0.01)
+    assert events == [f"{proc.name} exited with code 3; its log: {log}; restarting it in 0.01 s",
+                      f"{proc.name} is up again",
+                      f"{proc.name} exited with code 3; its log: {log}; restarting it in 0.02 s",
+                      f"{proc.name} is up again"]
+    assert str(err.value).startswith(f"{proc.name} exited with code 3; its log: {log}, 3 times within 300 s")
+    assert str(err.value).endswith("  out of cheese")
+    assert log.read_text().count("out of cheese") == 3
+
+
+MTP_ON = ["--spec-type", "draft-mtp", "--spec-draft-n-max", "3"]
+
+
+def _drafted(url: str, path: str, body: dict) -> dict:
+    """A request's reply, which must have drafted with MTP acceptance >= 0.9."""
+    req = urllib.request.Request(f"{url}{path}", json.dumps({**body, "temperature": 0}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        out = json.load(resp)
+    t = out["timings"]
+    assert t.get("draft_n", 0) > 0 and t["draft_n_accepted"] / t["draft_n"] >= 0.9, t
+    return out
+
+
+def test_mtp_drafts_after_a_slot_is_restored_from_the_prompt_cache(scripted, tmp_path):
+    """llama-server swaps a slot's cache for a saved prompt when a request shares little with it:
+    the heads' history of that slot is then stale. Before patch 0015 the heads drafted nothing
+    after such a swap (their cache "not continuous"), and a prompt chunk in the same state
+    failed the whole batch with a 500."""
+    from step_gguf.runtime import server
+
+    a = [{"role": "user", "content": "What is the weather in Paris? " * 30}]
+    b = [{"role": "user", "content": "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich. " * 25}]
+    log = tmp_path / "server.log"
+    with server.serve(scripted, n_ctx=8192, log_path=log, extra_args=["-np", "1", *MTP_ON]) as url:
+        for messages in (a, b, [*a, {"role": "assistant", "content": "Let me see."}, *ASK], b, a):
+            _drafted(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 48})
+    assert "not continuous" not in log.read_text() and "starts over" not in log.read_text()
+
+
+def test_mtp_catch_up_longer_than_a_batch(scripted, tmp_path):
+    """A prompt chunk of a full batch after generated tokens the heads have not caught up: the
+    heads decode those rows with the chunk. Before patch 0015 that overflowed the draft batch
+    and aborted llama-server."""
+    from step_gguf.runtime import server
+
+    prompt = "<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    log = tmp_path / "server.log"
+    with server.serve(scripted, n_ctx=8192, log_path=log, extra_args=["-np", "1", "-b", "512", "-ub", "512", *MTP_ON]) as url:
+        first = _drafted(url, "/completion", {"prompt": prompt, "n_predict": 12, "cache_prompt": True})
+        longer = _drafted(url, "/completion", {"prompt": prompt + first["content"] + " word" * 1000,
+                                               "n_predict": 8, "cache_prompt": True})
+    assert longer["tokens_cached"] > 1000
+    assert "starts over" not in log.read_text()

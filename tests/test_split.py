@@ -198,7 +198,7 @@ def test_plan_of_a_split_file_is_the_unsplit_plan(shards, whole):
     for p in (shards[0], shards[3]):
         r = _cli("plan", p, *PLAN_ARGS)
         assert r.exit_code == 0, r.output
-        got = json.loads(r.output)
+        got = json.loads(r.stdout)
         # llama-server is given the first shard, whichever was named
         assert got["server_args"][:2] == ["-m", str(shards[0])] and got["model"] == shards[0].name
         got["server_args"][1], got["model"] = want["server_args"][1], want["model"]

@@ -3,14 +3,15 @@ and driven through our llama-server."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
-import sys
 from pathlib import Path
 
 import click
 
 from ..errors import StepGGUFError
 from ..plan import MAX_SLOTS, SLOT_CTX
+from .foreground import hold_until_stopped, paused
 from .progress import _human
 
 
@@ -163,6 +164,8 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
         click.echo(f"{k:<22}" + "".join(f"{_human(d.extra.get(k, 0)):>12}" for d in p.devices))
     click.echo(f"{'total / usable':<22}" + "".join(
         f"{_human(d.bytes) + ' / ' + _human(d.capacity):>24}" for d in p.devices))
+    click.echo(f"prompt cache: up to {_human(p.prompt_cache_mib * 2**20)} of what is left in system memory "
+               "(--cache-ram; earlier prompts' state, for requests that come back to them)")
     click.echo(f"predicted: prompt {p.predicted_prompt_tps:.0f} tok/s, decode "
                f"{p.predicted_decode_tps:.1f} tok/s ({p.predicted_decode_tps_full:.1f} at a full "
                f"context), without MTP drafting")
@@ -314,29 +317,6 @@ def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft:
             messages.append({"role": "assistant", "content": reply.text})
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends the server the way Ctrl-C does
-
-
-def _hold_until_stopped(server, announce: str) -> None:
-    """Keep the `server` context (yielding its address) open until Ctrl-C or SIGTERM; print
-    the address alone on stdout for scripts, `announce` (formatted with it) on stderr."""
-    import signal
-
-    # SIGINT too: a process started in the background inherits SIGINT ignored, and Python then
-    # installs no KeyboardInterrupt handler of its own
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
-    try:
-        with server as address:
-            click.echo(announce.format(address), err=True)
-            click.echo(address)
-            sys.stdout.flush()
-            signal.pause()
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
-
-
 @click.command()
 @_model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -352,23 +332,23 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
           api_key: str | None, parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
-    import contextlib
-
     from ..runtime import page, server
 
     server.check_exposure(host, api_key)  # before planning: one line, nothing else said
 
     @contextlib.contextmanager
-    def base_url():
-        with server.serve(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft,
-                                                     parallel=parallel, draft_max=draft_max,
-                                                     figures=figures),
-                         host=host, port=port, api_key=api_key) as url:
-            click.echo(f"chat page: {url}/" if server.has_page(url) else f"no chat page: {page.NO_PAGE}",
+    def kept_up():
+        with server.running(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft,
+                                                 parallel=parallel, draft_max=draft_max,
+                                                 figures=figures),
+                            host=host, port=port, api_key=api_key) as r:
+            click.echo(f"llama-server log: {r.process.log_path}", err=True)
+            click.echo(f"chat page: {r.url}/" if server.has_page(r.url) else f"no chat page: {page.NO_PAGE}",
                        err=True)
-            yield f"{url}/v1"
+            yield f"{r.url}/v1", lambda: r.process.keep_up(on_event=lambda line: click.echo(line, err=True))
 
-    _hold_until_stopped(base_url(), f"serving {model.name} at {{}} (OpenAI-compatible); Ctrl-C stops")
+    hold_until_stopped(kept_up(), f"serving {model.name} at {{}} (OpenAI-compatible); if llama-server "
+                                   "dies it is restarted; Ctrl-C stops")
 
 
 @click.command("rpc-server")
@@ -386,6 +366,6 @@ def rpc_server(host: str, port: int, threads: int | None) -> None:
     if host not in server.LOOPBACK:
         click.echo(f"warning: {host}:{port} accepts unauthenticated RPC from anyone who can "
                    "reach it", err=True)
-    _hold_until_stopped(rpc.start(port, host, threads),
+    hold_until_stopped(paused(rpc.start(port, host, threads)),
                         "ggml RPC host at {0}; use --rpc {0} on the machine that runs the model; "
                         "Ctrl-C stops")

@@ -12,6 +12,16 @@ from ..model_facts import ModelFacts, Tensor, layer_of_gguf
 from .machines import Profile
 from .memory import kv_bytes
 
+PROMPT_CACHE_MAX_MIB = 8192  # llama-server's own default for --cache-ram
+
+
+def _to_cpu(patterns: list[str]) -> str:
+    """One `-ot`/`-otd` value keeping every pattern's tensors on the CPU: llama.cpp takes them
+    comma-separated (given the flag again, it warns "only last value will be used"). Our
+    patterns are alternations of layer numbers and names: they hold no comma."""
+    assert not any("," in p for p in patterns), patterns
+    return ",".join(f"{p}=CPU" for p in patterns)
+
 
 @dataclass
 class Device:
@@ -112,18 +122,28 @@ class Plan:
         """The llama-server command line that runs the plan."""
         return ["-m", model_path, *self.server_flags()]
 
+    @property
+    def prompt_cache_mib(self) -> int:
+        """llama-server's cache of earlier prompts' state in system memory (--cache-ram), MiB: half
+        of what the plan leaves free there, at most llama-server's own default. Left to that
+        default (8 GiB), a server that holds the experts in system memory grows into the memory
+        the machine needs."""
+        cpu = next((d for d in self.devices if d.name == "CPU"), None)
+        return max(0, min(PROMPT_CACHE_MAX_MIB, cpu.free // 2 // 2**20)) if cpu else 0
+
     def server_flags(self) -> list[str]:
         """llama-server's flags for the plan, all but the model."""
         # -c is the pool all slots share: each of the -np slots gets ctx of it
         args = ["-c", str(self.ctx * self.parallel), "-b", str(self.n_batch),
                 "-ub", str(self.n_ubatch), "-np", str(self.parallel),
-                "--ctx-checkpoints", str(self.checkpoints), "-ctk", self.kv_type,
+                "--ctx-checkpoints", str(self.checkpoints), "--cache-ram", str(self.prompt_cache_mib),
+                "-ctk", self.kv_type,
                 "-ctv", self.kv_type, "-fa", "on", "-ngl", str(self.gpu_layers)]
         if self.rpc:
             args += ["--rpc", ",".join(self.rpc),
                      "--tensor-split", ",".join(map(str, self.tensor_split))]
-        if self.gpu_layers:
-            args += [a for p in self.override_patterns() for a in ("-ot", f"{p}=CPU")]
+        if self.gpu_layers and self.cpu_tensors:
+            args += ["-ot", _to_cpu(self.override_patterns())]
         if self.profile.unified:
             # read in, not mapped: the page cache would hold a second copy in the pool (the
             # vendored llama-server has no --no-mmap: it refuses the flag and exits)
@@ -136,8 +156,8 @@ class Plan:
                 args.append("--spec-draft-adaptive")
             if self.model.draft:  # a second model: its own layer count and overrides
                 args += ["--spec-draft-model", self.model.draft, "-ngld", str(self.gpu_layers)]
-                if self.gpu_layers:
-                    args += [a for p in self.draft_cpu_patterns() for a in ("-otd", f"{p}=CPU")]
+                if self.gpu_layers and (patterns := self.draft_cpu_patterns()):
+                    args += ["-otd", _to_cpu(patterns)]
         return args + ["--jinja", "--reasoning-format", "deepseek"]
 
     def draft_cpu_patterns(self) -> list[str]:
@@ -156,7 +176,7 @@ class Plan:
             "backend": self.profile.backend or None, "ctx": self.ctx,
             "kv_type": self.kv_type, "kv_bytes": self.kv_bytes, "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch, "parallel": self.parallel,
-            "ctx_checkpoints": self.checkpoints, "mtp": self.mtp,
+            "ctx_checkpoints": self.checkpoints, "prompt_cache_mib": self.prompt_cache_mib, "mtp": self.mtp,
             "draft_max": self.draft_length, "gpu_layers": self.gpu_layers,
             "draft": self.model.draft if self.mtp else None,
             "rpc": self.rpc, "tensor_split": self.tensor_split,

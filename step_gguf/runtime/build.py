@@ -303,14 +303,9 @@ def build(spec: BuildSpec, jobs: int | None = None,
 
 
 def _manifest(spec: BuildSpec, root: Path) -> dict:
-    return {
-        "series_id": series_id(spec.series),
-        "series": spec.series,
-        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
-        "backend": spec.backend,
-        "cmake_args": list(spec.cmake_args),
-        "bin_dir": str(root / "build" / "bin"),
-    }
+    return {"series_id": series_id(spec.series), "series": spec.series,
+            "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "backend": spec.backend,
+            "cmake_args": list(spec.cmake_args), "bin_dir": str(root / "build" / "bin")}
 
 
 def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[str]:
@@ -327,9 +322,10 @@ def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[st
         if spec.backend == "cuda":
             args += ["-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
     if spec.backend == "cuda" and (toolkit := wheel_cuda_toolkit()) is not None:
-        # no libcuda stub in the wheels to link the driver's memory pool against: the plain pool
+        # no libcuda stub in the wheels (the plain memory pool); their lib/ is on no loader path
+        rpath = f"-Wl,-rpath,{toolkit / 'lib'}"
         args += [f"-DCUDAToolkit_ROOT={toolkit}", f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}",
-                 "-DGGML_CUDA_NO_VMM=ON"]
+                 "-DGGML_CUDA_NO_VMM=ON", f"-DCMAKE_EXE_LINKER_FLAGS={rpath}", f"-DCMAKE_SHARED_LINKER_FLAGS={rpath}"]
     return args + list(BACKEND_FLAGS[spec.backend]) + list(spec.cmake_args)
 
 

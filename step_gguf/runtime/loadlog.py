@@ -1,6 +1,7 @@
 """What llama.cpp says it allocated, read from a llama-server log written with `-v`: the model's
 buffers by buffer type, each context's KV and compute buffers, the tensors an override placed
-and the device of each layer. The placement tests and bench/offload.py hold it against the
+and the device of each layer, and (run with GGML_SCHED_COPY_STATS=1, patch 0018) the bytes each
+graph copied into each backend. The placement tests and bench/offload.py hold it against the
 plan."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ _KV = re.compile(r"llama_kv_cache: +(\S+) KV buffer size = +([\d.]+) MiB")
 _COMPUTE = re.compile(r"sched_reserve: +(\S+) compute buffer size = +([\d.]+) MiB")
 _OVERRIDE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 _LAYER = re.compile(r"layer +(\d+) assigned to device (\S+),")
+_COPIES = re.compile(r"(\d+) splits, bytes copied into (.*)$")
+COPY_STATS = "GGML_SCHED_COPY_STATS"  # the environment variable that has the scheduler log them
 # llama.cpp's buffer types in system memory: mapped from the file, read in, a GPU backend's
 # pinned host buffer, our repacked layouts
 SYSTEM_MEMORY = frozenset({"CPU_Mapped", "CPU", "Vulkan_Host", "CUDA_Host", "CPU_REPACK"})
@@ -29,6 +32,7 @@ class LoadLog:
     compute: list[dict[str, float]]   # per context: the last reservation's bytes by buffer type
     overridden: dict[str, str]        # tensor -> the buffer type an override gave it
     layers: dict[int, str]            # layer -> device
+    copies: list[dict[str, int]]      # per graph computed, in order: bytes copied into each backend
 
     @property
     def weights_in_system_memory(self) -> float:
@@ -56,5 +60,7 @@ class LoadLog:
                 compute[-1][m.group(1)] = float(m.group(2)) * MiB  # the last reservation stands
         # contexts llama.cpp only sizes (--fit; nothing allocated) report empty caches
         real = [i for i, c in enumerate(kv) if any(c.values())]
+        copies = [{name: int(n) for name, n in (item.rsplit(" ", 1) for item in m.group(2).split(", "))}
+                  for m in map(_COPIES.search, text.splitlines()) if m]
         return cls(model, [kv[i] for i in real], [compute[i] for i in real],
-                   dict(_OVERRIDE.findall(text)), {int(i): d for i, d in _LAYER.findall(text)})
+                   dict(_OVERRIDE.findall(text)), {int(i): d for i, d in _LAYER.findall(text)}, copies)

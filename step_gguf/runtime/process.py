@@ -1,5 +1,5 @@
 """Child processes of llama.cpp's binaries: a tool run to completion (`run`), and a server
-kept running for a block (`child`) that dies with this process."""
+kept running for a block (`child`) that dies with this process and can be kept up (`Child`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import IO, Callable, Iterator, Sequence
 
 from ..errors import StepGGUFError
 
@@ -91,31 +92,124 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def exit_reason(returncode: int) -> str:
+    """How a child ended, from its return code: "was killed by SIGSEGV", "exited with code 1"."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+@dataclass
+class Child:
+    """A server process of ours: its command line, where its output goes, how to tell it is up,
+    and (`keep_up`) its restarts when it dies."""
+
+    args: list[str]
+    what: str  # what it is doing, for errors at start: "llama-server loading m.gguf"
+    ready: Callable[[], bool]
+    startup_timeout: float
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    _sink: IO | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return Path(self.args[0]).name
+
+    def start(self, restart: bool = False) -> None:
+        """Start it and wait until `ready()`; a restart appends to the log. On failure the
+        process is gone and a one-line StepGGUFError says why."""
+        if self.log_path:
+            self._sink = open(self.log_path, "a" if restart else "w", buffering=1)
+            if restart:
+                self._sink.write(f"\n--- step-gguf: {self.name} restarted ---\n")
+        self.proc = subprocess.Popen(self.args, stdout=self._sink or subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.ready():
+            if self.proc.poll() is not None:
+                self.stop()
+                raise StepGGUFError(f"{self.what}: {exit_reason(self.proc.returncode)}{self._see()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StepGGUFError(f"{self.what}: not up after {self.startup_timeout:.0f}s{self._see()}")
+            time.sleep(0.1)
+
+    def died(self) -> str | None:
+        """One line on how it ended, if it has; None while it runs."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"{self.name} {exit_reason(self.proc.returncode)}{self._see()}"
+
+    def keep_up(self, on_event: Callable[[str], None], give_up_after: int = 5,
+                window: float = 300.0, backoff: float = 1.0) -> None:
+        """Block while it runs. Each time it dies: say why (`on_event`), restart it with the same
+        command line after `backoff` seconds, doubled each death in the window (30 s at most),
+        and say when it is up again. The `give_up_after`-th death within `window` seconds raises
+        a StepGGUFError with the log's last lines."""
+        assert self.proc is not None
+        deaths: list[float] = []
+        while True:
+            self.proc.wait()
+            why = self.died()
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < window] + [now]
+            if len(deaths) >= give_up_after:
+                raise StepGGUFError(f"{why}, {len(deaths)} times within {window:.0f} s; not restarting "
+                                    f"it again.{self._tail()}")
+            delay = min(backoff * 2 ** (len(deaths) - 1), 30.0)
+            on_event(f"{why}; restarting it in {delay:g} s")
+            self.stop()
+            time.sleep(delay)
+            try:
+                self.start(restart=True)
+            except StepGGUFError as exc:
+                on_event(str(exc))
+                continue
+            on_event(f"{self.name} is up again")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace)
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    def _see(self) -> str:
+        return f"; its log: {self.log_path}" if self.log_path else ""
+
+    def _tail(self, lines: int = 15) -> str:
+        if not self.log_path or not self.log_path.is_file():
+            return ""
+        last = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return f" The last lines of {self.log_path}:\n" + "\n".join(f"  {line}" for line in last)
+
+
 @contextlib.contextmanager
 def child(args: Sequence[str], what: str, ready: Callable[[], bool], startup_timeout: float,
-          log_path: Path | None = None) -> Iterator[subprocess.Popen]:
+          log_path: Path | None = None) -> Iterator[Child]:
     """Run a server process (from our build) for the block's duration, once `ready()` says
-    it is up; it dies with this process, and is stopped at the end of the block."""
-    sink = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    see = f"; see {log_path}" if log_path else ""
+    it is up; it dies with this process, and is stopped at the end of the block. An error in
+    the block while the process is dead becomes one line saying how it died."""
+    proc = Child([str(a) for a in args], what, ready, startup_timeout, log_path)
+    proc.start()
     try:
-        deadline = time.monotonic() + startup_timeout
-        while not ready():
-            if proc.poll() is not None:
-                raise StepGGUFError(f"{what}: exited with code {proc.returncode}{see}")
-            if time.monotonic() > deadline:
-                raise StepGGUFError(f"{what}: not up after {startup_timeout:.0f}s{see}")
-            time.sleep(0.1)
         yield proc
+    except Exception:
+        if why := proc.died():
+            raise StepGGUFError(why) from None
+        raise
     finally:
-        stop(proc)
-        if log_path:
-            sink.close()
+        proc.stop()
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """End a child server: SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc.poll() is not None:
+        return
     proc.terminate()
     try:
         proc.wait(timeout=grace)

@@ -1,9 +1,10 @@
-"""Our llama-server for the length of a block (`serve`), and the one chat client step-gguf
-talks to it with (`chat`, returning a `Reply`)."""
+"""Our llama-server for the length of a block (`running`, `serve`), and the one chat client
+step-gguf talks to it with (`chat`, returning a `Reply`)."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from ..errors import StepGGUFError
 from ..gguf_source import first_shard
 from .installed import check
-from .process import child, free_port
+from .process import Child, child, free_port
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -27,16 +28,34 @@ log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+@dataclass
+class Running:
+    """A llama-server of ours that is up: where clients reach it, and its process."""
+
+    url: str
+    process: Child
+
+
+def log_path_for(port: int) -> Path:
+    """Where a server on `port` writes its log unless told otherwise (kept after it ends)."""
+    from .build import cache_dir
+
+    folder = cache_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"llama-server-{port}.log"
+
+
 @contextlib.contextmanager
-def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int | None = None,
-          host: str = "127.0.0.1", n_ctx: int = 4096, extra_args: Sequence[str] = (),
-          api_key: str | None = None, startup_timeout: float = 120.0,
-          log_path: Path | None = None, server: Path | None = None) -> Iterator[str]:
-    """Run our `llama-server` for the block's duration; yields its base URL. `plan` gives its
-    context, placement, cache, batch and MTP flags (then `n_ctx` is the plan's). It binds to
-    loopback unless `host` says otherwise, which needs an `api_key`. `server` runs the
-    llama-server of another build instead (stock llama.cpp, for comparisons). A plan made
-    with a separate draft GGUF (facts.read(..., draft=)) drafts from it."""
+def running(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int | None = None,
+            host: str = "127.0.0.1", n_ctx: int = 4096, extra_args: Sequence[str] = (),
+            api_key: str | None = None, startup_timeout: float = 120.0,
+            log_path: Path | None = None, server: Path | None = None) -> Iterator[Running]:
+    """Run our `llama-server` for the block's duration. `plan` gives its context, placement,
+    cache, batch and MTP flags (then `n_ctx` is the plan's). It binds to loopback unless `host`
+    says otherwise, which needs an `api_key`. `server` runs the llama-server of another build
+    instead (stock llama.cpp, for comparisons). A plan made with a separate draft GGUF
+    (facts.read(..., draft=)) drafts from it. Its log goes to `log_path` (by default
+    `log_path_for(port)`); an error in the block after it died says how it died."""
     if plan is not None and plan.mtp and plan.model.draft:
         # checked against the model when planned; it must still be there
         if not Path(plan.model.draft).is_file():
@@ -54,8 +73,15 @@ def serve(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: int
         args += ["--api-key", api_key]
     url = base_url(host, port)
     with child(args, f"llama-server loading {gguf_path}", lambda: _healthy(url),
-               startup_timeout, log_path):
-        yield url
+               startup_timeout, log_path or log_path_for(port)) as process:
+        yield Running(url, process)
+
+
+@contextlib.contextmanager
+def serve(gguf_path: str | os.PathLike, **options) -> Iterator[str]:
+    """`running(...)`, yielding only the server's base URL."""
+    with running(gguf_path, **options) as r:
+        yield r.url
 
 
 def check_exposure(host: str, api_key: str | None) -> None:
@@ -169,7 +195,7 @@ def chat(url: str, messages: list[dict], *, max_tokens: int = 256, seed: int = 0
     except urllib.error.HTTPError as exc:
         raise StepGGUFError(f"llama-server refused the request: {exc.code} "
                             f"{exc.read().decode(errors='replace')[:200]}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: a cut stream
         raise StepGGUFError(f"talking to llama-server at {url} failed: {exc}") from None
     reply.tool_calls = [calls[i] for i in sorted(calls)]
     return reply
