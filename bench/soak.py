@@ -60,7 +60,8 @@ class Target:
 
 
 def _prompt(rng: random.Random) -> list[dict]:
-    words = rng.choices(WORDS, k=int(rng.paretovariate(1.2) * 20) % 3000)
+    # lengths of a long tail, within a slot's context (4096 tokens with the template)
+    words = rng.choices(WORDS, k=int(rng.paretovariate(1.2) * 20) % 1500)
     return [{"role": "user", "content": " ".join(words) + " What is the weather in Paris?"}]
 
 
