@@ -29,7 +29,7 @@ from pathlib import Path
 from _common import description, work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from scripted import ASK, TOOLS, scripted_checkpoint  # noqa: E402  (the model the tests talk to)
+from scripted import ASK, TOOLS, children, resident_bytes, scripted_checkpoint  # noqa: E402  (the model the tests talk to)
 
 KEY = "soak"
 WORDS = "the experts of each layer run where the plan put them while the cache holds the context".split()
@@ -86,11 +86,6 @@ def one_request(t: Target, rng: random.Random) -> tuple[str, int]:
                                                              "max_tokens": 32})[0])
 
 
-def rss(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--work", type=Path, default=None, help="folder for the scripted model [a temporary one]")
@@ -116,10 +111,9 @@ def main() -> None:
     threading.Thread(target=lambda: said.extend(iter(serve.stderr.readline, "")), daemon=True).start()
     if not serve.stdout.readline():
         sys.exit(f"serve did not start: {''.join(said)}")
-    server_pid = lambda: int(Path(f"/proc/{serve.pid}/task/{serve.pid}/children").read_text().split()[0])  # noqa: E731
     target = Target(port)
     target.post("/v1/chat/completions", {"messages": ASK, "tools": TOOLS, "max_tokens": 64})  # warm up
-    start_rss = peak_rss = rss(server_pid())
+    start_rss = peak_rss = resident_bytes(children(serve.pid)[0])
 
     latencies: dict[str, list[float]] = defaultdict(list)
     statuses: dict[int, int] = defaultdict(int)
@@ -146,10 +140,10 @@ def main() -> None:
     while any(th.is_alive() for th in threads):
         time.sleep(5)
         try:
-            peak_rss = max(peak_rss, rss(server_pid()))
+            peak_rss = max(peak_rss, resident_bytes(children(serve.pid)[0]))
         except (OSError, IndexError, ValueError):  # between a death and its restart
             pass
-    end_rss = rss(server_pid())
+    end_rss = resident_bytes(children(serve.pid)[0])
     serve.send_signal(signal.SIGINT)
     serve.wait(timeout=60)
 

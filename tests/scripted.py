@@ -59,3 +59,14 @@ def start_serve(model: Path, *flags: str):
         said.append(proc.stderr.readline().strip())
     assert api == f"http://127.0.0.1:{port}/v1", proc.stderr.read() if not api else api
     return proc, api, said
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started: for a `step-gguf serve` or `run`, its llama-server (Linux)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024

@@ -19,13 +19,12 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scripted import ASK, REASONING, TOOLS, scripted_checkpoint, start_serve
+from scripted import ASK, REASONING, TOOLS, children, resident_bytes, scripted_checkpoint, start_serve
 
 KEY = "sesame"
 IDLE_TRIM = 2.5  # s: llama-server trims its heap after a second without work (patch 0017)
@@ -84,7 +83,7 @@ class Server:
         self.proc, self.said = proc, said
         self.host, port = api.removeprefix("http://").removesuffix("/v1").split(":")
         self.port = int(port)
-        [self.pid] = (int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        [self.pid] = children(proc.pid)
 
     def request(self, path: str, body, method: str = "POST", timeout: float = 120) -> tuple[int, dict | str]:
         data = body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
@@ -102,8 +101,7 @@ class Server:
             return resp.status, raw
 
     def rss(self) -> int:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+        return resident_bytes(self.pid)
 
     def cut_stream(self, body: dict, path: str, after: int) -> None:
         """A streamed request whose client goes away after `after` bytes of the answer."""
@@ -259,7 +257,7 @@ def test_streams_cut_and_cancelled_at_once(served, baseline):
 def test_afterwards_the_server_is_whole(served, baseline):
     """Run last (the file's order): nothing above restarted or leaked the server."""
     assert served.proc.poll() is None
-    assert Path(f"/proc/{served.proc.pid}/task/{served.proc.pid}/children").read_text().split() == [str(served.pid)]
+    assert children(served.proc.pid) == [served.pid]
     deadline = time.monotonic() + 30
     while True:
         status, slots = served.request("/slots", None, method="GET")

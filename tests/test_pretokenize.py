@@ -116,21 +116,26 @@ def _split(exe: Path, texts: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def splitters(runtime, tmp_path_factory):
+def stock(runtime) -> b.RuntimeBuild:
+    return stock_build()
+
+
+@pytest.fixture(scope="module")
+def splitters(runtime, stock, tmp_path_factory):
     """(ours, stock): the pretokenize program built with each tree's unicode.cpp."""
     out = tmp_path_factory.mktemp("pretokenize")
     ours = b.RuntimeBuild(runtime.bin_dir.parent.parent)
     return (compile_native("pretokenize", ours, out, UNICODE_SOURCES),
-            compile_native("pretokenize", stock_build(), out, UNICODE_SOURCES))
+            compile_native("pretokenize", stock, out, UNICODE_SOURCES))
 
 
-def test_same_pieces_as_the_regex_path(splitters):
-    ours, stock = splitters
-    tree = stock_build().src
+def test_same_pieces_as_the_regex_path(splitters, stock):
+    ours, stock_exe = splitters
+    tree = stock.src
     texts = [*CORPUS, *CLASSES.values(), *_numbers(), *_whitespace(), *_llama_test_inputs(tree),
              *_template_rendered(tree), *_random_strings(4000, seed=35), *_random_codepoints(2000, seed=35)]
     assert len(texts) > 6500
-    mine, theirs = _split(ours, texts), _split(stock, texts)
+    mine, theirs = _split(ours, texts), _split(stock_exe, texts)
     assert len(mine) == len(theirs) == len(texts)
     differ = [(t, m, s) for t, m, s in zip(texts, mine, theirs) if m != s]
     assert not differ, f"{len(differ)} texts split differently, first: {differ[0]!r}"

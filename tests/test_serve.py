@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from scripted import ASK, REASONING, TOOLS, scripted_checkpoint, start_serve
+from scripted import ASK, REASONING, TOOLS, children, scripted_checkpoint, start_serve
 from step_gguf.cli import main
 
 @pytest.fixture(scope="module")
@@ -222,8 +222,8 @@ def test_a_tool_loop_on_each_of_two_slots_evaluates_only_its_new_tokens(scripted
 
 def _server_of(serve_pid: int) -> int:
     """The pid of the llama-server a `step-gguf serve` runs (its one child)."""
-    [pid] = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
-    return int(pid)
+    [pid] = children(serve_pid)
+    return pid
 
 
 def _said_until(proc: subprocess.Popen, last: str, timeout: float = 120) -> list[str]:
