@@ -15,6 +15,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from step_gguf.runtime import cpu
 from step_gguf.runtime.build import extract_sdist, fetch_sdist
 from step_gguf.synth import synth
 
@@ -67,7 +68,21 @@ def machine_parser(doc: str, holds: str) -> argparse.ArgumentParser:
                     "[a temporary one]")
     ap.add_argument("--preset", default="wide")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--variant", choices=[v.tag for v in cpu.CPU_VARIANTS], default=None,
+                    help="run stock and ours on this x86 level's CPU backend (GGML_CPU_VARIANT), "
+                         "e.g. haswell for plain AVX2 [the best this CPU runs]")
     return ap
+
+
+def pin_variant(tag: str | None) -> str:
+    """Pin the CPU level every build this process starts runs (GGML_CPU_VARIANT, inherited by
+    the tools), exiting where this CPU cannot run it; what to print about it."""
+    if tag is None:
+        return "the best CPU level each build has for this CPU"
+    if not cpu.BY_TAG[tag].runs_here():
+        sys.exit(f"this CPU cannot run {tag} ({cpu.BY_TAG[tag].isa}) code")
+    os.environ[cpu.PIN] = tag
+    return f"CPU level {tag} ({cpu.BY_TAG[tag].isa})"
 
 
 def work_dir(work: Path | None, prefix: str) -> Path:

@@ -2,7 +2,7 @@
 `wide` checkpoint (real per-expert shapes) as int4-mixed and as stock Q4_K_M.
 
     python bench/kernels.py [--work DIR] [--threads N] [--rounds 3] [--shares] [--skip-mtp] [--recipe FILE]
-                            [--isa avx2|avx2-vnni|avx512|avx512-vnni]
+                            [--variant haswell|alderlake|skylakex|icelake|zen4]
 
 What it prints, every figure measured in this run:
   - step time at batch 1, 2, 4 and 8 and prompt tok/s at 512: llama-bench (-p N -n 0), stock and
@@ -18,8 +18,10 @@ What it prints, every figure measured in this run:
     with its kernels; barrier wait and activation quantization shown apart;
   - MTP on the scripted wide model whose 3 heads predict right: decode tok/s with drafting on
     over off, through our runtime (the plan's llama-server) and through stock llama-server;
-  - with --isa: stock and ours both built for that x86 instruction set only (GGML_NATIVE off),
-    to measure the path a CPU without this machine's wider instructions takes;
+  - with --variant: stock and ours both on that x86 level's CPU backend (GGML_CPU_VARIANT; each
+    build carries one per level), to measure the path a CPU without this machine's wider
+    instructions takes (on a CPU of that level it is that CPU's figure only for the code: the
+    memory and the cores are this machine's);
   - with --shares: each patch's share, from builds of the series up to it (0006 profile only,
     0007 kernels, 0008 expert reads, 0009/0010 MTP, 0011 row-scalar MULs), batch 1/4/512 and MTP.
 """
@@ -36,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # run as a script, bench/ is on sys.path
-from _common import checkpoint, machine_parser, work_dir
+from _common import checkpoint, machine_parser, pin_variant, work_dir
 from decode import SCRIPT, mtp_plans, mtp_rounds, scripted, this_machine
 
 from step_gguf.convert import convert
@@ -186,21 +188,18 @@ def main() -> None:
                     "int4-mixed --toml` (repeatable)")
     ap.add_argument("--only", choices=["int4-mixed", "Q4_K_M"], action="append", default=[],
                     help="time only this model (repeatable) [both, and each --recipe]")
-    ap.add_argument("--isa", choices=list(b.ISA_VARIANTS), default=None, help="build stock and ours "
-                    "for this instruction set only (default: this CPU's own, the installed runtime)")
     a = ap.parse_args()
     work = work_dir(a.work, "step-gguf-kbench-")
-    if a.isa and not b.runs_here(a.isa):
-        sys.exit(f"this CPU cannot run {a.isa} code")
+    print(f"running on {pin_variant(a.variant)}")
 
     print("building (or finding) stock llama.cpp from the same sdist ...", flush=True)
-    stock = b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(installed.check().backend, series=0))
+    stock = b.build(b.BuildSpec(installed.check().backend, series=0))
     builds = {"stock": stock.tool("llama-bench")}
     series = [name for name, _ in b.patch_series()]
     if a.shares:  # the series up to 0006 (stock kernels, profile only), 0007 and 0008 (0009/0010: MTP only)
         for k in range(series.index("0006-cpu-op-profile.patch") + 1, series.index("0008-repack-mul-mat-id.patch") + 2):
             builds[f"to {series[k - 1][:4]}"] = b.build(b.BuildSpec(installed.check().backend, series=k)).tool("llama-bench")
-    builds["ours"] = (b.build(b.isa_spec(a.isa)).bin_dir if a.isa else installed.check().bin_dir) / "llama-bench"
+    builds["ours"] = installed.check().tool("llama-bench")
     ggufs = models(work, a.preset, a.recipe)
 
     for name, gguf in ggufs.items():

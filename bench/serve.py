@@ -2,7 +2,7 @@
 `wide` checkpoint as int4-mixed, our llama-server against stock llama-server from the same sdist
 with the same flags (the plan's, with that many slots, MTP off: random heads only slow it).
 
-    python bench/serve.py [--work DIR] [--threads N] [--rounds 2] [--tokens 64] [--isa avx2]
+    python bench/serve.py [--work DIR] [--threads N] [--rounds 2] [--tokens 64] [--variant haswell]
 
 Each figure is the median over rounds (ours and stock take turns). Decode: the sum of the clients'
 decode rates (generated tokens over generation time, from the `timings` each reply carries: the
@@ -14,12 +14,11 @@ the same build, and ours against stock at the same number of clients.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 # run as a script, bench/ is on sys.path
-from _common import machine_parser, work_dir
+from _common import machine_parser, pin_variant, work_dir
 from decode import this_machine
 from kernels import models
 
@@ -56,15 +55,11 @@ def main() -> None:
     ap = machine_parser(__doc__, "the wide checkpoint and its GGUFs")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="tokens each client generates")
-    ap.add_argument("--isa", choices=list(b.ISA_VARIANTS), default=None,
-                    help="build stock and ours for this instruction set only [this CPU's own]")
     a = ap.parse_args()
-    if a.isa and not b.runs_here(a.isa):
-        sys.exit(f"this CPU cannot run {a.isa} code")
+    level = pin_variant(a.variant)
     work = work_dir(a.work, "step-gguf-sbench-")
-    builds = {"ours": (b.build(b.isa_spec(a.isa)).tool("llama-server") if a.isa
-                       else installed.check().tool("llama-server")),
-              "stock": b.build(b.isa_spec(a.isa, stock=True) if a.isa else b.BuildSpec(installed.check().backend, series=0)).tool("llama-server")}
+    builds = {"ours": installed.check().tool("llama-server"),
+              "stock": b.build(b.BuildSpec(installed.check().backend, series=0)).tool("llama-server")}
     gguf = models(work, a.preset, [])["int4-mixed"]
     facts = read_facts(gguf)
     machine = this_machine(read_bandwidth())
@@ -76,7 +71,7 @@ def main() -> None:
             for name, tool in builds.items():
                 rates.setdefault((name, n), []).append(aggregate(gguf, p, tool, a.tokens, a.threads))
     print(f"\n{gguf.name}, {a.threads} threads, {a.tokens} tokens a client, median of {a.rounds} rounds"
-          f"{f', built for {a.isa}' if a.isa else ''}: aggregate tok/s")
+          f", {level}: aggregate tok/s")
     for col, what in enumerate(("decode", "wall (prompts included)")):
         med = {k: statistics.median(r[col] for r in v) for k, v in rates.items()}
         print(f"  {what}\n  {'clients':<8} {'stock':>8} {'x one':>6} {'ours':>8} {'x one':>6} {'ours/stock':>10}")

@@ -1,5 +1,6 @@
 """Our small C++ programs (tests/native/) built against a build of llama.cpp: the installed
-runtime, stock llama.cpp from the same sdist, or the series built for one instruction set."""
+runtime or stock llama.cpp from the same sdist. They reach the CPU backend through ggml's
+registry, so GGML_CPU_VARIANT pins the x86 level they run."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path, sources: tup
         extra = [str(tree / s) for s in sources] + [f"-I{(tree / s).parent}" for s in sources]
         subprocess.run(["g++", "-O2", "-std=c++17", str(NATIVE / f"{name}.cpp"), *extra, "-o", str(exe),
                         f"-I{tree / 'include'}", f"-I{tree / 'ggml' / 'include'}", f"-L{lib}",
-                        "-lllama", "-lggml", "-lggml-base", "-lggml-cpu", "-ldl", f"-Wl,-rpath,{lib}"],
+                        "-lllama", "-lggml", "-lggml-base", "-ldl", f"-Wl,-rpath,{lib}"],
                        check=True, capture_output=True)
     return exe
 

@@ -16,7 +16,6 @@ import math
 import random
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scripted import ASK, REASONING, TOOLS, scripted_checkpoint
+from scripted import ASK, REASONING, scripted_checkpoint
 from step_gguf import plan as P
 from step_gguf.errors import StepGGUFError
 from step_gguf.facts import read_facts
@@ -100,9 +100,16 @@ def _partial(m: P.ModelFacts, share: float, **kw) -> P.Plan:
     raise AssertionError("no VRAM gives that share")
 
 
+# A prompt of more than one micro-batch, the first a whole one: what op offload copies experts
+# for. llvmpipe takes ~60 ms a prompt token on these models (a decode step ~70 ms), so the other
+# tests ask ASK alone (~20 tokens), not with the template's tool list (~700: 40 s a server).
+LONG_ASK = [{"role": "user", "content": "What is the weather in Paris? " + " ".join(
+    f"Consider point {i} of the forecast." for i in range(8))}]
+
+
 def _serve(model: Path, plan: P.Plan, log: Path, *, device: bool, parallel_asks: int = 1,
-           max_tokens: int = 24, extra: tuple[str, ...] = ()):
-    """Replies of the plan's llama-server (with `extra` flags) to ASK (with TOOLS), each of
+           max_tokens: int = 24, extra: tuple[str, ...] = (), ask: list[dict] = ASK):
+    """Replies of the plan's llama-server (with `extra` flags) to `ask`, each of
     `parallel_asks` at once."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -111,7 +118,7 @@ def _serve(model: Path, plan: P.Plan, log: Path, *, device: bool, parallel_asks:
     extra = (*extra, *FA_CRASH) if plan.cpu_tensors else extra
     with _device(device), server.serve(model, plan=plan, log_path=log, extra_args=["-v", *extra]) as url:
         with ThreadPoolExecutor(parallel_asks) as pool:
-            return list(pool.map(lambda _: server.chat(url, ASK, tools=TOOLS, max_tokens=max_tokens),
+            return list(pool.map(lambda _: server.chat(url, ask, max_tokens=max_tokens),
                                  range(parallel_asks)))
 
 
@@ -196,18 +203,13 @@ def test_a_plan_is_carried_out_on_the_device_as_planned(models, tmp_path, name):
             (ctx, loaded.compute, gpu.extra)
 
 
-def _calls(reply) -> list:
-    """The tool calls without their ids (random per reply)."""
-    return [call["function"] for call in reply.tool_calls]
-
-
 def _same_as_on_the_cpu(model: Path, p: P.Plan, tmp_path: Path, parallel_asks: int = 1):
     """The plan's replies on the device and on the CPU alone: the same greedy text and the same
     drafts accepted, for every request."""
     on_device = _serve(model, p, tmp_path / "device.log", device=True, parallel_asks=parallel_asks)
     on_cpu = _serve(model, p, tmp_path / "cpu.log", device=False, parallel_asks=parallel_asks)
     for d, c in zip(on_device, on_cpu):
-        assert (d.reasoning, d.text, _calls(d)) == (c.reasoning, c.text, _calls(c))
+        assert (d.reasoning, d.text) == (c.reasoning, c.text)
         assert d.reasoning.strip() == "".join(REASONING)
         if p.mtp:
             assert d.draft_tokens > 0 and d.acceptance >= 0.9
@@ -243,7 +245,7 @@ def test_the_adaptive_draft_length_chooses_on_the_device(models, tmp_path):
 
 @pytest.mark.parametrize("repacked", [False, True], ids=["host-buffer", "repacked"])
 def test_experts_in_system_memory_with_prompt_batches_offloaded(models, tmp_path, repacked):
-    """The prompt (the template's tool list: hundreds of tokens, micro-batches of 64) runs
+    """The prompt (LONG_ASK: more than one micro-batch of 64) runs
     its CPU experts' matmuls on the device (op offload, from a host buffer), or, with
     --no-host, the experts are repacked for our CPU kernels (patches 0007/0008) and stay there.
     The repacked case takes the int8 model: the tiny model's int4-mixed experts fall back to
@@ -251,10 +253,10 @@ def test_experts_in_system_memory_with_prompt_batches_offloaded(models, tmp_path
     model = models["int8" if repacked else "embedded"]
     p = _partial(read_facts(model), 0.1).drafting(3)
     extra = ("--no-host",) if repacked else ()
-    on_device = _serve(model, p, tmp_path / "device.log", device=True, extra=extra)[0]
-    on_cpu = _serve(model, p, tmp_path / "cpu.log", device=False, extra=extra)[0]
+    on_device = _serve(model, p, tmp_path / "device.log", device=True, extra=extra, ask=LONG_ASK)[0]
+    on_cpu = _serve(model, p, tmp_path / "cpu.log", device=False, extra=extra, ask=LONG_ASK)[0]
     assert (on_device.reasoning, on_device.text) == (on_cpu.reasoning, on_cpu.text)
-    assert on_device.prompt_tokens >= 32 and on_device.acceptance == on_cpu.acceptance >= 0.9
+    assert on_device.prompt_tokens > UBATCH and on_device.acceptance == on_cpu.acceptance >= 0.9
     loaded = _loaded(tmp_path / "device.log")
     assert ("CPU_REPACK" in loaded.model) == repacked, loaded.model
 
@@ -319,8 +321,8 @@ def test_kl_on_the_device_is_stock_vulkans(models, gguf_file, tmp_path):
     pairs["scripted"] = (scripted_bf16, models["embedded"])
     on_device = ["-ngl", "99"]
     for name, (reference, quant) in pairs.items():
-        # 6 chunks of 128 tokens (378 scored): llvmpipe takes minutes over the whole text
-        cpu_only = ["-dev", "none", "--chunks", "6"]
+        # 2 chunks of 128 tokens (126 scored): llvmpipe takes ~60 ms a token
+        cpu_only = ["-dev", "none", "--chunks", "2"]
         with _device(True):
             ours = tools.kld(quant, reference, ctx=128, quant_args=on_device, reference_args=cpu_only)
             theirs = tools.kld(quant, reference, ctx=128, perplexity=stock, quant_args=on_device,

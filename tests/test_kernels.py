@@ -3,10 +3,10 @@ SIMD kernel against the portable C kernel of its layout, every repacked op again
 unpatched op, our build against stock llama.cpp from the same sdist on whole models, and the
 profile against the GGUF.
 
-Which builds: the installed runtime ("native": this CPU's own instruction sets) and the whole
-series built for plain AVX2 (`runtime/build.py` ISA_VARIANTS), so that a machine with AVX-512
-cannot hide a fault of the AVX2 path. STEP_GGUF_KERNEL_ISAS=avx512,avx2-vnni,... adds the other
-variants; a variant this CPU cannot run is skipped.
+Which builds: the installed runtime carries a CPU backend per x86 level (runtime/cpu.py); each
+test runs on every level this CPU can run, pinned with GGML_CPU_VARIANT, and stock's build is
+pinned to the same level, so that a machine with AVX-512 cannot hide a fault of the AVX2 path.
+A level this CPU cannot run is skipped with a reason (its code is compiled all the same).
 
 Tolerances. Kernels and ops compute the same integer dot products on the same quantized
 activations and differ only in the order of float sums: within 1e-5 of the output's largest
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import os
-import platform
 import subprocess
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import pytest
 
 from native_build import compile_native, stock_build
 from step_gguf.runtime import build as b
+from step_gguf.runtime import cpu
 
 PROMPTS = (
     "The patch set must not change what the model says: it only changes how fast the experts are read.",
@@ -46,27 +46,28 @@ PROMPTS = (
     "def route(tokens, experts):\n    return sorted(experts, key=lambda e: -e.score)[:8]",
     "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich, und niemand hält sie auf.",
 )
-ISAS = ("native", "avx2", *[i for i in os.environ.get("STEP_GGUF_KERNEL_ISAS", "").split(",") if i])
 
 pytestmark = pytest.mark.runtime
 # the SIMD kernels of patch 0007; the profile (0006) and the kernel switch run everywhere
-x86_kernels = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in b.cpu_flags(),
+x86_kernels = pytest.mark.skipif(not cpu.is_x86() or "avx2" not in cpu.cpu_flags(),
                                  reason="the kernels of patch 0007 are for x86 with AVX2")
 
 
 @pytest.fixture(scope="module")
-def native(runtime) -> b.RuntimeBuild:
+def ours(runtime) -> b.RuntimeBuild:
+    """The installed runtime's cache entry (its tree and libraries)."""
     return b.RuntimeBuild(runtime.bin_dir.parent.parent)  # the cache entry it was installed from
 
 
-@pytest.fixture(scope="module", params=ISAS)
-def ours(request, native) -> b.RuntimeBuild:
-    """Our build for one instruction set (built once into the cache, minutes the first time)."""
-    if request.param == "native":
-        return native
-    if not b.runs_here(request.param):
-        pytest.skip(f"this CPU cannot run {request.param} code")
-    return b.build(b.isa_spec(request.param))
+@pytest.fixture(scope="module", params=[v.tag for v in cpu.CPU_VARIANTS])
+def variant(request, runtime) -> dict[str, str]:
+    """The environment that pins one x86 level of the runtime's CPU backends (and stock's)."""
+    tag = request.param
+    if tag not in runtime.cpu_variants:
+        pytest.skip(f"the runtime has no {tag} CPU backend (it was built for its CPU alone)")
+    if not cpu.BY_TAG[tag].runs_here():
+        pytest.skip(f"this CPU cannot run {tag} ({cpu.BY_TAG[tag].isa}) code")
+    return {cpu.PIN: tag}
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +76,9 @@ def stock() -> b.RuntimeBuild:
 
 
 @pytest.fixture(scope="module")
-def kernel_cases(ours, tmp_path_factory) -> list[tuple[str, str, float]]:
+def kernel_cases(ours, variant, tmp_path_factory) -> list[tuple[str, str, float]]:
     exe = compile_native("kernel_check", ours, tmp_path_factory.mktemp("native"))
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1200)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1200, env={**os.environ, **variant})
     assert out.returncode == 0, out.stdout + out.stderr
     cases = []
     for line in out.stdout.splitlines():
@@ -90,20 +91,18 @@ def _bound(what: str) -> float:
     return 1e-5 if "w=random x=randn" in what else 1e-4
 
 
-def _maddubs(isa: str) -> bool:
-    """Whether the build for `isa` takes the 256-bit kernels without VNNI (plain AVX2), which
-    leave Q6_K and Q8_0 to stock's paths (patch 0007)."""
-    flags = b.cpu_flags() if isa == "native" else set(b.ISA_VARIANTS[isa][1])
-    return not ({"avx512f", "avx512bw", "avx512vl"} <= flags or {"avx512_vnni", "avx512vl"} <= flags
-                or "avx_vnni" in flags)
+def _maddubs(variant: dict[str, str]) -> bool:
+    """Whether the pinned level takes the 256-bit kernels without VNNI (plain AVX2), which leave
+    Q6_K and Q8_0 to stock's paths (patch 0007)."""
+    return cpu.BY_TAG[variant[cpu.PIN]].isa == "AVX2"
 
 
 @x86_kernels
-def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases, request):
+def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases, variant):
     kernels = [(what, v) for level, what, v in kernel_cases if level == "kernel"]
     types = {what.split()[0] for what, _ in kernels}
     stock_types = {what.split()[0] for level, what, _ in kernel_cases if level == "layout"}
-    assert stock_types == ({"q6_K", "q8_0"} if _maddubs(request.node.callspec.params["ours"]) else set())
+    assert stock_types == ({"q6_K", "q8_0"} if _maddubs(variant) else set())
     assert types == {"q4_K", "q5_K", "q6_K", "q8_0"} - stock_types
     # every row count from a lone row to partial packs beyond two
     assert {int(w.split("rows=")[1]) for w, _ in kernels} >= {1, 2, 3, 4, 5, 8, 9, 17}
@@ -195,55 +194,59 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
 
 
-def errors(exe: Path, stock_exe: Path, files: dict[str, Path], recipe: str, ubatch: int, tmp: Path) -> list[float]:
-    """Mean KL from the reference's logits, per prompt, of `exe` running the `recipe` file."""
-    return [mean_kl(prompt_logits(stock_exe, files["bf16"], p, 512, tmp),
-                    prompt_logits(exe, files[recipe], p, ubatch, tmp)) for p in range(len(PROMPTS))]
+def errors(exe: Path, stock_exe: Path, files: dict[str, Path], recipe: str, ubatch: int, tmp: Path,
+           env: dict[str, str]) -> list[float]:
+    """Mean KL from the reference's logits, per prompt, of `exe` running the `recipe` file; both
+    on the CPU level `env` pins."""
+    return [mean_kl(prompt_logits(stock_exe, files["bf16"], p, 512, tmp, env),
+                    prompt_logits(exe, files[recipe], p, ubatch, tmp, env)) for p in range(len(PROMPTS))]
 
 
 @x86_kernels
 @pytest.mark.parametrize("model", ["small", "wide"])
 @pytest.mark.parametrize("recipe", ["int4-mixed", "Q4_K_M"])
-def test_our_kernels_add_no_error_to_stocks(models, ours, stock, model, recipe, tmp_path, request):
+def test_our_kernels_add_no_error_to_stocks(models, ours, stock, variant, model, recipe, tmp_path):
     """Token by token, as decoding runs: our logits are as close to the unquantized model's as
     stock's (mean KL, 4 prompts: ours at most 1e-4 above stock's)."""
     files = models[model]
-    stock_exe = compile_native("step_greedy", stock, tmp_path)
-    mine = errors(compile_native("step_greedy", ours, tmp_path), stock_exe, files, recipe, 1, tmp_path)
-    theirs = errors(stock_exe, stock_exe, files, recipe, 1, tmp_path)
-    print(f"{model} {recipe} {ours.root.name}: mean KL from BF16, ours {np.mean(mine):.4e}, stock "
+    exe, stock_exe = compile_native("step_greedy", ours, tmp_path), compile_native("step_greedy", stock, tmp_path)
+    mine = errors(exe, stock_exe, files, recipe, 1, tmp_path, variant)
+    theirs = errors(stock_exe, stock_exe, files, recipe, 1, tmp_path, variant)
+    print(f"{model} {recipe} {variant[cpu.PIN]}: mean KL from BF16, ours {np.mean(mine):.4e}, stock "
           f"{np.mean(theirs):.4e}")
     assert 0 < np.mean(theirs) < 0.1  # the recipe quantizes, and the model still works
     assert np.mean(mine) - np.mean(theirs) <= 1e-4
     # our kernels did run: a product summed in another order somewhere. Plain AVX2 leaves a lone
     # row to stock's paths (0007), so there they show from two rows on
-    rows = 5 if _maddubs(request.node.callspec.params["ours"]) else 1
-    assert any(not np.array_equal(prompt_logits(compile_native("step_greedy", ours, tmp_path), files[recipe], p, rows, tmp_path),
-                                  prompt_logits(stock_exe, files[recipe], p, rows, tmp_path)) for p in range(len(PROMPTS)))
+    rows = 5 if _maddubs(variant) else 1
+    assert any(not np.array_equal(prompt_logits(exe, files[recipe], p, rows, tmp_path, variant),
+                                  prompt_logits(stock_exe, files[recipe], p, rows, tmp_path, variant))
+               for p in range(len(PROMPTS)))
 
 
 @x86_kernels
 @pytest.mark.parametrize("model,ubatch", [("small", 5), ("small", 512), ("wide", 5)])
-def test_batched_prompt_adds_no_error(models, ours, stock, model, ubatch, tmp_path):
+def test_batched_prompt_adds_no_error(models, ours, stock, variant, model, ubatch, tmp_path):
     """The batched paths (packs of 4 rows, the last partial, experts read once for all their
     tokens) are as close to the reference as one token at a time, and agree with it as closely
     as stock's batched paths agree with stock's token by token (mean KL, 4 prompts, 1e-4)."""
     files = models[model]
     exe, stock_exe = compile_native("step_greedy", ours, tmp_path), compile_native("step_greedy", stock, tmp_path)
-    one, batched = (errors(exe, stock_exe, files, "int4-mixed", u, tmp_path) for u in (1, ubatch))
+    one, batched = (errors(exe, stock_exe, files, "int4-mixed", u, tmp_path, variant) for u in (1, ubatch))
     assert np.mean(batched) - np.mean(one) <= 1e-4
-    apart = [mean_kl(prompt_logits(exe, files["int4-mixed"], p, 1, tmp_path),
-                     prompt_logits(exe, files["int4-mixed"], p, ubatch, tmp_path)) for p in range(len(PROMPTS))]
-    stock_apart = [mean_kl(prompt_logits(stock_exe, files["int4-mixed"], p, 1, tmp_path),
-                           prompt_logits(stock_exe, files["int4-mixed"], p, ubatch, tmp_path)) for p in range(len(PROMPTS))]
-    print(f"{model} ubatch {ubatch}: mean KL batched vs one token, ours {np.mean(apart):.2e}, stock {np.mean(stock_apart):.2e}")
-    assert np.mean(apart) <= np.mean(stock_apart) + 1e-4
+
+    def apart(e: Path) -> float:
+        return float(np.mean([mean_kl(prompt_logits(e, files["int4-mixed"], p, 1, tmp_path, variant),
+                                      prompt_logits(e, files["int4-mixed"], p, ubatch, tmp_path, variant))
+                              for p in range(len(PROMPTS))]))
+    print(f"{model} ubatch {ubatch}: mean KL batched vs one token, ours {apart(exe):.2e}, stock {apart(stock_exe):.2e}")
+    assert apart(exe) <= apart(stock_exe) + 1e-4
 
 
-def test_kernel_switch_restores_the_stock_paths(models, native, stock, tmp_path):
+def test_kernel_switch_restores_the_stock_paths(models, ours, stock, tmp_path):
     """GGML_CPU_STEP_KERNELS=0 gives stock llama.cpp's numbers exactly: it is how the profile
     of `bench/kernels.py` shows the stock kernels."""
-    ours_exe = compile_native("step_greedy", native, tmp_path)
+    ours_exe = compile_native("step_greedy", ours, tmp_path)
     stock_exe = compile_native("step_greedy", stock, tmp_path)
     for model in ("small", "wide"):
         mine = prompt_logits(ours_exe, models[model]["int4-mixed"], 0, 5, tmp_path, {"GGML_CPU_STEP_KERNELS": "0"})
@@ -251,11 +254,11 @@ def test_kernel_switch_restores_the_stock_paths(models, native, stock, tmp_path)
         assert np.array_equal(mine, theirs)
 
 
-def test_profile_counts_nodes_and_the_bytes_they_read(models, native, tmp_path):
+def test_profile_counts_nodes_and_the_bytes_they_read(models, ours, tmp_path):
     from gguf import GGUFReader
 
     model = models["small"]["int4-mixed"]
-    exe = compile_native("step_greedy", native, tmp_path)
+    exe = compile_native("step_greedy", ours, tmp_path)
     prof = tmp_path / "profile.tsv"
     n_predict = 16
     out = subprocess.run([str(exe), str(model), PROMPTS[0], str(n_predict), str(tmp_path / "l.f32"), "512", "2"],

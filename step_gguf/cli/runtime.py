@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..errors import StepGGUFError
@@ -39,7 +41,10 @@ def runtime_build(backend: str, cuda_arch: str | None, cmake_args: tuple[str, ..
     when installed), and caches the result: a second call with the same options is instant.
     A cold CPU build takes about 10 minutes on 2 cores, the Vulkan shaders about 3 more.
     Each backend's build is cached apart: switching the installed runtime back to a build made
-    before is a lookup and a reinstall. `--stock` builds the same tree without the patches, to
+    before is a lookup and a reinstall. On x86-64 it carries a CPU backend for each level from
+    AVX2 to AVX-512 VNNI/BF16 (`runtime status` lists them) and loads the best this CPU runs, so
+    the cache serves any x86-64 machine with AVX2; GGML_CPU_VARIANT=TAG pins one. The Vulkan
+    shaders, like the objects in ccache, are compiled once for every build that shares them. `--stock` builds the same tree without the patches, to
     measure against: `bench/kernels.py` does.
     """
     from ..runtime import build as b
@@ -76,12 +81,14 @@ def runtime_build(backend: str, cuda_arch: str | None, cmake_args: tuple[str, ..
 @runtime.command("status")
 def runtime_status() -> None:
     """Say whether the installed runtime is ours and current, which ggml backends it carries,
-    the GPUs it sees, and where its tools are."""
+    which CPU level it loads here (and how to pin another), the GPUs it sees, and where its
+    tools are."""
     from ..runtime import devices, installed
 
     info = installed.check()
     backends = ["cpu"] if info.backend == "cpu" else ["cpu", info.backend]
     click.echo(f"patch series {info.series_id}; backends: {', '.join(backends)}; tools in {info.bin_dir}")
+    click.echo(_cpu_line(info.cpu_variants, devices.cpu_backend_file().name))
     if info.backend == "cpu":
         return
     gpus = devices.gpus()
@@ -93,3 +100,15 @@ def runtime_status() -> None:
                    + (" (a software Vulkan device such as Mesa's llvmpipe is used only when "
                       "GGML_VK_VISIBLE_DEVICES names it, e.g. GGML_VK_VISIBLE_DEVICES=0)"
                       if info.backend == "vulkan" else ""))
+
+
+def _cpu_line(variants: tuple[str, ...], loaded: str) -> str:
+    from ..runtime import cpu
+
+    if not variants:
+        return f"CPU backend: {loaded}, built for the CPU that built it"
+    tag = loaded.removeprefix("libggml-cpu-").split(".")[0]
+    runs = [v.tag for v in cpu.runnable(list(variants))]
+    how = (f"pinned by {cpu.PIN}" if os.environ.get(cpu.PIN) else
+           f"the best this CPU runs of {', '.join(variants)}; {cpu.PIN}=TAG pins one of {', '.join(runs)}")
+    return f"CPU backend: {tag} ({cpu.BY_TAG[tag].isa}), {how}"

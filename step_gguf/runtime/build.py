@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import StepGGUFError
-from . import page
+from . import cpu, glslc_cache, page
 from .process import run
 
 log = logging.getLogger(__name__)
@@ -113,53 +113,11 @@ class BuildSpec:
     @property
     def key(self) -> str:
         blob = json.dumps([LLAMA_CPP_PYTHON_VERSION, series_id(self.series), self.backend,
-                           list(self.cmake_args), list(self.targets)])
+                           list(cpu.cmake_args()), list(self.cmake_args), list(self.targets)])
         if not self.partial:  # the installed runtime embeds the chat page where npm can build it
             blob += "|page" if page.available() else ""
         part = "" if self.series is None else "-stock" if self.series == 0 else f"-p{self.series}"
         return f"{self.backend}{part}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-# The x86 instruction sets the CPU patch set has kernels for, each as the CMake flags of a build
-# that uses only that set (not the build machine's: GGML_NATIVE off) and the /proc/cpuinfo flags
-# a CPU needs to run it. The runtime is built native; these builds check each path on any CPU
-# that can run it (tests/test_kernels.py, bench/kernels.py --isa).
-_AVX2 = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-         "-DGGML_BMI2=ON")
-_AVX512 = (*_AVX2, "-DGGML_AVX512=ON")
-ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "avx2": (_AVX2, ("avx2", "fma", "f16c", "bmi2")),
-    "avx2-vnni": ((*_AVX2, "-DGGML_AVX_VNNI=ON"), ("avx2", "fma", "f16c", "bmi2", "avx_vnni")),
-    "avx512": (_AVX512, ("avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                         "avx512cd")),
-    "avx512-vnni": ((*_AVX512, "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_VBMI=ON"),
-                    ("avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                     "avx512cd", "avx512_vnni", "avx512vbmi")),
-}
-
-
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def isa_spec(isa: str, stock: bool = False) -> BuildSpec:
-    """The whole series (or, `stock`, none of it) built for one x86 instruction set only; never
-    installed."""
-    if isa not in ISA_VARIANTS:
-        raise StepGGUFError(f"unknown instruction set {isa!r}; choose one of {', '.join(ISA_VARIANTS)}")
-    return BuildSpec(cmake_args=ISA_VARIANTS[isa][0], series=0 if stock else len(patch_series()))
-
-
-def runs_here(isa: str) -> bool:
-    return set(ISA_VARIANTS[isa][1]) <= cpu_flags()
 
 
 @dataclass(frozen=True)
@@ -305,7 +263,8 @@ def build(spec: BuildSpec, jobs: int | None = None,
 def _manifest(spec: BuildSpec, root: Path) -> dict:
     return {"series_id": series_id(spec.series), "series": spec.series,
             "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "backend": spec.backend,
-            "cmake_args": list(spec.cmake_args), "bin_dir": str(root / "build" / "bin")}
+            "cmake_args": list(spec.cmake_args), "bin_dir": str(root / "build" / "bin"),
+            "cpu_variants": [v.tag for v in cpu.CPU_VARIANTS] if cpu.cmake_args() else []}
 
 
 def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[str]:
@@ -326,7 +285,7 @@ def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[st
         rpath = f"-Wl,-rpath,{toolkit / 'lib'}"
         args += [f"-DCUDAToolkit_ROOT={toolkit}", f"-DCMAKE_CUDA_COMPILER={toolkit / 'bin' / 'nvcc'}",
                  "-DGGML_CUDA_NO_VMM=ON", f"-DCMAKE_EXE_LINKER_FLAGS={rpath}", f"-DCMAKE_SHARED_LINKER_FLAGS={rpath}"]
-    return args + list(BACKEND_FLAGS[spec.backend]) + list(spec.cmake_args)
+    return args + list(cpu.cmake_args()) + list(BACKEND_FLAGS[spec.backend]) + list(spec.cmake_args)
 
 
 def wheel_cuda_toolkit() -> Path | None:
@@ -345,8 +304,10 @@ def _cmake_build(spec: BuildSpec, work: Path, jobs: int,
     env = os.environ | {"CCACHE_BASEDIR": str(work), "CCACHE_NOHASHDIR": "1"}
     build_dir = work / "build"
     on_stage("configuring")
-    run(cmake_configure_args(spec, work / "src", build_dir), what="configuring llama.cpp",
-        env=env, log_file=work / "configure.log")
+    args = cmake_configure_args(spec, work / "src", build_dir)
+    if spec.backend == "vulkan":  # its shaders, like ccache's objects, are shared between builds
+        args += glslc_cache.cmake_args(work / "src", work, cache_dir() / "glslc")
+    run(args, what="configuring llama.cpp", env=env, log_file=work / "configure.log")
     on_stage("compiling")
     run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *spec.targets],
         what="compiling llama.cpp", env=env, log_file=work / "build.log", on_line=_steps(on_step))

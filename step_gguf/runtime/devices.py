@@ -46,8 +46,28 @@ def libggml() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(found[0]))
     for fn, res, args in _GGML_API:
         getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    from llama_cpp import _logger  # noqa: PLC0415
+
+    _logger.set_verbose(False)  # not a line per backend module loaded (runtime/cpu.py)
     llama_cpp.llama_backend_init()
     return lib
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def cpu_backend_file() -> Path:
+    """The file ggml loaded its CPU backend from: with the x86 variants, libggml-cpu-TAG.so of
+    the best level this CPU runs, or the one GGML_CPU_VARIANT pins."""
+    lib = libggml()
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    fn = reg and lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+    info = _DlInfo()
+    if not fn or not ctypes.CDLL(None).dladdr(ctypes.c_void_p(fn), ctypes.byref(info)):
+        raise RuntimeMissingError(f"ggml loaded no CPU backend; {_FIX}")
+    return Path(info.dli_fname.decode())
 
 
 def buffer_type(name: str) -> int:

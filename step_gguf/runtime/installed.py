@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import RuntimeMissingError
+from . import cpu
 from .build import MANIFEST, series_id
 
 
@@ -22,6 +23,7 @@ class RuntimeInfo:
     series_id: str
     backend: str
     bin_dir: Path
+    cpu_variants: tuple[str, ...]  # ggml's CPU backends it carries, lowest first (none: native)
 
     def tool(self, name: str) -> Path:
         path = self.bin_dir / name
@@ -31,7 +33,8 @@ class RuntimeInfo:
 
 
 def check() -> RuntimeInfo:
-    """The installed runtime, if it is ours and current; otherwise a RuntimeMissingError."""
+    """The installed runtime, if it is ours and current and this CPU runs it (and the CPU variant
+    GGML_CPU_VARIANT pins); otherwise a RuntimeMissingError."""
     try:
         import llama_cpp.llama_cpp as lib  # noqa: PLC0415 (import cost only when needed)
     except ImportError as exc:
@@ -52,4 +55,6 @@ def check() -> RuntimeInfo:
             f"{series_id()}; {_FIX}"
         )
     manifest = json.loads(resources.files("llama_cpp").joinpath(MANIFEST).read_text())
-    return RuntimeInfo(built, manifest["backend"], Path(manifest["bin_dir"]))
+    variants = tuple(manifest.get("cpu_variants", ()))
+    cpu.check_here(list(variants))
+    return RuntimeInfo(built, manifest["backend"], Path(manifest["bin_dir"]), variants)

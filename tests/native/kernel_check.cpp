@@ -43,7 +43,25 @@ typedef void (*vec_dot_t)(int n, float * s, size_t bs, const void * vx, size_t b
 static std::mt19937                    rng(1234);
 static std::normal_distribution<float> normal(0.0f, 1.0f);
 
-static void * sym(const std::string & name) { return dlsym(RTLD_DEFAULT, name.c_str()); }
+// the CPU backend's library: with ggml's dynamic backends (one per x86 level) its symbols are
+// not global, so they are looked up in the variant ggml loaded (GGML_CPU_VARIANT pins one)
+static void * cpu_module = RTLD_DEFAULT;
+
+static void * sym(const std::string & name) { return dlsym(cpu_module, name.c_str()); }
+
+static void find_cpu_module(ggml_backend_reg_t reg) {
+    Dl_info info;
+    void *  fn = ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+    if (fn && dladdr(fn, &info) && info.dli_fname) {
+        if (void * h = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD)) {
+            cpu_module = h;
+        }
+    }
+}
+
+static ggml_backend_buffer_type_t cpu_buft() {
+    return ggml_backend_dev_buffer_type(ggml_backend_reg_dev_get(ggml_backend_reg_by_name("CPU"), 0));
+}
 
 static std::vector<float> randn(size_t n, float scale) {
     std::vector<float> v(n);
@@ -291,7 +309,7 @@ static void check_ops(ggml_backend_t be, ggml_type type, const std::string & wpa
         for (int tokens : { 1, 2, 3, 4, 5, 8, 17, 64 }) {
             const std::vector<float> x   = activations((size_t) k * tokens, xpat);
             const std::vector<float> got = run_op(be, type, k, n, 1, tokens, false, q, repack, x, {});
-            const std::vector<float> ref = run_op(be, type, k, n, 1, tokens, false, q, ggml_backend_cpu_buffer_type(), x, {});
+            const std::vector<float> ref = run_op(be, type, k, n, 1, tokens, false, q, cpu_buft(), x, {});
             printf("op %s mul_mat tokens=%d %.3g\n", tn.c_str(), tokens, rel_diff(got.data(), ref.data(), got.size()));
         }
     }
@@ -309,7 +327,7 @@ static void check_ops(ggml_backend_t be, ggml_type type, const std::string & wpa
             }
             const std::vector<float> x   = activations((size_t) k * (broadcast ? 1 : used) * tokens, xpat);
             const std::vector<float> got = run_op(be, type, k, n, n_expert, tokens, broadcast, q, repack, x, ids);
-            const std::vector<float> ref = run_op(be, type, k, n, n_expert, tokens, broadcast, q, ggml_backend_cpu_buffer_type(), x, ids);
+            const std::vector<float> ref = run_op(be, type, k, n, n_expert, tokens, broadcast, q, cpu_buft(), x, ids);
             printf("op %s mul_mat_id%s tokens=%d %.3g\n", tn.c_str(), broadcast ? "_bcast" : "", tokens,
                    rel_diff(got.data(), ref.data(), got.size()));
         }
@@ -359,9 +377,9 @@ static void check_rows_op(ggml_backend_t be, const std::string & wpat, const std
     for (int tokens : { 1, 2, 3, 4, 5, 8, 17, 64 }) {
         const std::vector<float> x = activations((size_t) k * tokens, xpat);
         *on = true;
-        const std::vector<float> got = run_op(be, GGML_TYPE_Q6_K, k, n, 1, tokens, false, q, ggml_backend_cpu_buffer_type(), x, {});
+        const std::vector<float> got = run_op(be, GGML_TYPE_Q6_K, k, n, 1, tokens, false, q, cpu_buft(), x, {});
         *on = false;
-        const std::vector<float> ref = run_op(be, GGML_TYPE_Q6_K, k, n, 1, tokens, false, q, ggml_backend_cpu_buffer_type(), x, {});
+        const std::vector<float> ref = run_op(be, GGML_TYPE_Q6_K, k, n, 1, tokens, false, q, cpu_buft(), x, {});
         *on = true;
         printf("rows q6_K op w=%s x=%s tokens=%d %.3g\n", wpat.c_str(), xpat.c_str(), tokens,
                rel_diff(got.data(), ref.data(), got.size()));
@@ -371,6 +389,11 @@ static void check_rows_op(ggml_backend_t be, const std::string & wpat, const std
 int main(int argc, char ** argv) {
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
     ggml_backend_load_all();
+    if (!ggml_backend_reg_by_name("CPU")) {
+        printf("no CPU backend loaded\n");
+        return 1;
+    }
+    find_cpu_module(ggml_backend_reg_by_name("CPU"));
     ggml_backend_buffer_type_t repack = repack_buft();
     if (!repack) {
         printf("no CPU_REPACK buffer type\n");
