@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import click
 
@@ -39,13 +39,13 @@ def runtime_build(backend: str, cuda_arch: str | None, cmake_args: tuple[str, ..
     Downloads the pinned llama-cpp-python source from PyPI, applies patches/ in series order,
     compiles the library plus llama-server, llama-bench and ggml-rpc-server (ccache is used
     when installed), and caches the result: a second call with the same options is instant.
-    A cold CPU build takes about 10 minutes on 2 cores, the Vulkan shaders about 3 more.
-    Each backend's build is cached apart: switching the installed runtime back to a build made
-    before is a lookup and a reinstall. On x86-64 it carries a CPU backend for each level from
-    AVX2 to AVX-512 VNNI/BF16 (`runtime status` lists them) and loads the best this CPU runs, so
-    the cache serves any x86-64 machine with AVX2; GGML_CPU_VARIANT=TAG pins one. The Vulkan
-    shaders, like the objects in ccache, are compiled once for every build that shares them. `--stock` builds the same tree without the patches, to
-    measure against: `bench/kernels.py` does.
+    A cold Vulkan build took 11.6 minutes on 2 cores. Each backend's build is cached apart:
+    switching the installed runtime back to a build made before is a lookup and a reinstall.
+    On x86-64 it carries a CPU backend for each level from AVX2 to AVX-512 VNNI/BF16 (`runtime
+    status` lists them) and loads the best this CPU runs, so the cache serves any x86-64
+    machine with AVX2; GGML_CPU_VARIANT=TAG pins one. The Vulkan shaders, like the objects in
+    ccache, are compiled once for every build that shares them. `--stock` builds the same tree
+    without the patches, to measure against: `bench/kernels.py` does.
     """
     from ..runtime import build as b
     from ..runtime import installed
@@ -88,7 +88,7 @@ def runtime_status() -> None:
     info = installed.check()
     backends = ["cpu"] if info.backend == "cpu" else ["cpu", info.backend]
     click.echo(f"patch series {info.series_id}; backends: {', '.join(backends)}; tools in {info.bin_dir}")
-    click.echo(_cpu_line(info.cpu_variants, devices.cpu_backend_file().name))
+    click.echo(_cpu_line(info.cpu_variants, devices.cpu_backend_file()))
     if info.backend == "cpu":
         return
     gpus = devices.gpus()
@@ -102,13 +102,13 @@ def runtime_status() -> None:
                       if info.backend == "vulkan" else ""))
 
 
-def _cpu_line(variants: tuple[str, ...], loaded: str) -> str:
+def _cpu_line(variants: tuple[str, ...], backend_file: Path) -> str:
     from ..runtime import cpu
 
-    if not variants:
-        return f"CPU backend: {loaded}, built for the CPU that built it"
-    tag = loaded.removeprefix("libggml-cpu-").split(".")[0]
-    runs = [v.tag for v in cpu.runnable(list(variants))]
-    how = (f"pinned by {cpu.PIN}" if os.environ.get(cpu.PIN) else
-           f"the best this CPU runs of {', '.join(variants)}; {cpu.PIN}=TAG pins one of {', '.join(runs)}")
-    return f"CPU backend: {tag} ({cpu.BY_TAG[tag].isa}), {how}"
+    level = cpu.loaded(backend_file)
+    if level is None:
+        return f"CPU backend: {backend_file.name}, built for the CPU that built it"
+    how = (f"pinned by {cpu.PIN}" if cpu.pinned() else
+           f"the best this CPU runs of {', '.join(variants)}; {cpu.PIN}=TAG pins one of "
+           f"{', '.join(v.tag for v in cpu.runnable(variants))}")
+    return f"CPU backend: {level.tag} ({level.isa}), {how}"

@@ -264,7 +264,7 @@ def _manifest(spec: BuildSpec, root: Path) -> dict:
     return {"series_id": series_id(spec.series), "series": spec.series,
             "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "backend": spec.backend,
             "cmake_args": list(spec.cmake_args), "bin_dir": str(root / "build" / "bin"),
-            "cpu_variants": [v.tag for v in cpu.CPU_VARIANTS] if cpu.cmake_args() else []}
+            "cpu_variants": list(cpu.built_tags())}
 
 
 def cmake_configure_args(spec: BuildSpec, src: Path, build_dir: Path) -> list[str]:

@@ -4,8 +4,10 @@ one (patches/cpu-variants.patch), for tests and benches that check every level o
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,33 +45,51 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def built_tags() -> tuple[str, ...]:
+    """The variants a build made here carries: all of them on x86-64; none elsewhere (arm64:
+    DGX Spark, Apple), where the one CPU backend is built for the building CPU, as llama.cpp's
+    default."""
+    return tuple(v.tag for v in CPU_VARIANTS) if is_x86() else ()
+
+
 def cmake_args() -> tuple[str, ...]:
-    """The CPU backend's CMake options: every variant as a loadable module on x86-64; elsewhere
-    (arm64: DGX Spark, Apple) one backend for the building CPU, as llama.cpp's default."""
-    if not is_x86():
+    """The CPU backend's CMake options: the variants of built_tags() as loadable modules."""
+    if not built_tags():
         return ()
     return ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF",
-            f"-DGGML_CPU_VARIANTS={';'.join(v.tag for v in CPU_VARIANTS)}")
+            f"-DGGML_CPU_VARIANTS={';'.join(built_tags())}")
 
 
-def cpu_flags() -> set[str]:
+def pinned() -> str | None:
+    """The variant GGML_CPU_VARIANT pins, if any."""
+    return os.environ.get(PIN) or None
+
+
+def loaded(backend_file: Path) -> CpuVariant | None:
+    """The variant of the file ggml loaded its CPU backend from (libggml-cpu-TAG.so); None for
+    a build with one CPU backend."""
+    return BY_TAG.get(backend_file.name.removeprefix("libggml-cpu-").split(".")[0])
+
+
+@functools.cache  # read once: check_here runs on every installed.check()
+def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
-def runnable(tags: list[str]) -> list[CpuVariant]:
+def runnable(tags: Sequence[str]) -> list[CpuVariant]:
     """The variants among `tags` that this CPU runs, lowest first."""
     return [v for v in CPU_VARIANTS if v.tag in tags and v.runs_here()]
 
 
-def check_here(tags: list[str]) -> None:
+def check_here(tags: Sequence[str]) -> None:
     """Refuse, in one line, a build whose CPU variants (`tags`, empty for a native build) this
     CPU cannot run, or a pin (GGML_CPU_VARIANT) it cannot honour."""
     if not tags or not cpu_flags():  # a native build, or a CPU that does not list its flags
@@ -79,7 +99,7 @@ def check_here(tags: list[str]) -> None:
         missing = " ".join(f for f in lowest.flags if f not in cpu_flags())
         raise RuntimeMissingError(f"this CPU lacks {missing}: the runtime needs at least {lowest.isa} "
                                   f"({lowest.tag}); run step-gguf on an x86-64 CPU with AVX2")
-    pin = os.environ.get(PIN)
+    pin = pinned()
     if pin and pin not in tags:
         raise RuntimeMissingError(f"{PIN}={pin} names no CPU variant of this runtime; choose one of "
                                   f"{', '.join(tags)} or unset it")

@@ -56,5 +56,5 @@ def check() -> RuntimeInfo:
         )
     manifest = json.loads(resources.files("llama_cpp").joinpath(MANIFEST).read_text())
     variants = tuple(manifest.get("cpu_variants", ()))
-    cpu.check_here(list(variants))
+    cpu.check_here(variants)
     return RuntimeInfo(built, manifest["backend"], Path(manifest["bin_dir"]), variants)

@@ -389,17 +389,17 @@ static void check_rows_op(ggml_backend_t be, const std::string & wpat, const std
 int main(int argc, char ** argv) {
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
     ggml_backend_load_all();
-    if (!ggml_backend_reg_by_name("CPU")) {
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("CPU");
+    if (!reg) {
         printf("no CPU backend loaded\n");
         return 1;
     }
-    find_cpu_module(ggml_backend_reg_by_name("CPU"));
+    find_cpu_module(reg);
     ggml_backend_buffer_type_t repack = repack_buft();
     if (!repack) {
         printf("no CPU_REPACK buffer type\n");
         return 1;
     }
-    ggml_backend_reg_t reg = ggml_backend_reg_by_name("CPU");
     ggml_backend_t     be  = ggml_backend_dev_init(ggml_backend_reg_dev_get(reg, 0), nullptr);
     auto set_threads = (void (*)(ggml_backend_t, int)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
     set_threads(be, 2);
