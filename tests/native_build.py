@@ -4,6 +4,8 @@ registry, so GGML_CPU_VARIANT pins the x86 level they run."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,17 +14,24 @@ from step_gguf.runtime import build as b
 NATIVE = Path(__file__).parent / "native"
 
 
-def compile_native(name: str, build: b.RuntimeBuild, out_dir: Path, sources: tuple[str, ...] = ()) -> Path:
+def compile_native(name: str, build: b.RuntimeBuild, sources: tuple[str, ...] = ()) -> Path:
     """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of `build`, with
-    the tree's `sources` (paths in it, their folders on the include path) compiled in."""
+    the tree's `sources` (paths in it, their folders on the include path) compiled in. Kept in
+    the build's cache entry under a digest of the program's source, so a later run (or test)
+    with the same build and source reuses it."""
     tree, lib = build.src, build.bin_dir
-    exe = out_dir / f"{name}-{build.root.name}"
+    program = NATIVE / f"{name}.cpp"
+    digest = hashlib.sha256(program.read_bytes() + "\0".join(sources).encode()).hexdigest()[:12]
+    exe = build.root / "tests-native" / f"{name}-{digest}"
     if not exe.exists():
+        exe.parent.mkdir(exist_ok=True)
         extra = [str(tree / s) for s in sources] + [f"-I{(tree / s).parent}" for s in sources]
-        subprocess.run(["g++", "-O2", "-std=c++17", str(NATIVE / f"{name}.cpp"), *extra, "-o", str(exe),
+        partial = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")  # a concurrent run never sees half a file
+        subprocess.run(["g++", "-O2", "-std=c++17", str(program), *extra, "-o", str(partial),
                         f"-I{tree / 'include'}", f"-I{tree / 'ggml' / 'include'}", f"-L{lib}",
                         "-lllama", "-lggml", "-lggml-base", "-ldl", f"-Wl,-rpath,{lib}"],
                        check=True, capture_output=True)
+        os.replace(partial, exe)
     return exe
 
 

@@ -59,15 +59,37 @@ def ours(runtime) -> b.RuntimeBuild:
     return b.RuntimeBuild(runtime.bin_dir.parent.parent)  # the cache entry it was installed from
 
 
-@pytest.fixture(scope="module", params=[v.tag for v in cpu.CPU_VARIANTS])
-def variant(request, runtime) -> dict[str, str]:
+def _pin(tag: str, runtime) -> dict[str, str]:
     """The environment that pins one x86 level of the runtime's CPU backends (and stock's)."""
-    tag = request.param
     if tag not in runtime.cpu_variants:
         pytest.skip(f"the runtime has no {tag} CPU backend (it was built for its CPU alone)")
     if not cpu.BY_TAG[tag].runs_here():
         pytest.skip(f"this CPU cannot run {tag} ({cpu.BY_TAG[tag].isa}) code")
     return {cpu.PIN: tag}
+
+
+def _kernel_path(v: cpu.CpuVariant) -> tuple[bool, bool]:
+    """The kernels a level compiles (0007): 512- or 256-bit vectors, VNNI or maddubs sums."""
+    return "avx512f" in v.flags, bool({"avx_vnni", "avx512_vnni"} & set(v.flags))
+
+
+@pytest.fixture(scope="module", params=[v.tag for v in cpu.CPU_VARIANTS])
+def variant(request, runtime) -> dict[str, str]:
+    """Every level: each kernel is checked in every build of it."""
+    return _pin(request.param, runtime)
+
+
+@pytest.fixture(scope="module", params=[v.tag for v in cpu.CPU_VARIANTS])
+def model_variant(request, runtime) -> dict[str, str]:
+    """One level per kernel path for the whole models (minutes each): the best this CPU runs
+    (icelake's kernels are zen4's, which differs in BF16 ops the models do not run)."""
+    env = _pin(request.param, runtime)
+    this = cpu.BY_TAG[request.param]
+    above = [v.tag for v in cpu.CPU_VARIANTS[cpu.CPU_VARIANTS.index(this) + 1:]
+             if _kernel_path(v) == _kernel_path(this) and v.runs_here() and v.tag in runtime.cpu_variants]
+    if above:
+        pytest.skip(f"{this.tag} runs the kernels of {above[-1]}, which runs the whole models here")
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +98,8 @@ def stock() -> b.RuntimeBuild:
 
 
 @pytest.fixture(scope="module")
-def kernel_cases(ours, variant, tmp_path_factory) -> list[tuple[str, str, float]]:
-    exe = compile_native("kernel_check", ours, tmp_path_factory.mktemp("native"))
+def kernel_cases(ours, variant) -> list[tuple[str, str, float]]:
+    exe = compile_native("kernel_check", ours)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=1200, env={**os.environ, **variant})
     assert out.returncode == 0, out.stdout + out.stderr
     cases = []
@@ -169,7 +191,7 @@ _logits: dict[tuple, np.ndarray] = {}
 def prompt_logits(exe: Path, model: Path, prompt: int, ubatch: int, tmp: Path,
                   env: dict | None = None) -> np.ndarray:
     """The logits of every position of PROMPTS[prompt] (n_prompt x n_vocab), run by `exe`."""
-    key = (exe.name, model, prompt, ubatch, tuple(sorted((env or {}).items())))
+    key = (exe, model, prompt, ubatch, tuple(sorted((env or {}).items())))
     if key not in _logits:
         path = tmp / "logits.f32"
         out = subprocess.run([str(exe), str(model), PROMPTS[prompt], "1", str(path), str(ubatch), "2"],
@@ -199,37 +221,37 @@ def errors(exe: Path, stock_exe: Path, files: dict[str, Path], recipe: str, ubat
 @x86_kernels
 @pytest.mark.parametrize("model", ["small", "wide"])
 @pytest.mark.parametrize("recipe", ["int4-mixed", "Q4_K_M"])
-def test_our_kernels_add_no_error_to_stocks(models, ours, stock, variant, model, recipe, tmp_path):
+def test_our_kernels_add_no_error_to_stocks(models, ours, stock, model_variant, model, recipe, tmp_path):
     """Token by token, as decoding runs: our logits are as close to the unquantized model's as
     stock's (mean KL, 4 prompts: ours at most 1e-4 above stock's)."""
     files = models[model]
-    exe, stock_exe = compile_native("step_greedy", ours, tmp_path), compile_native("step_greedy", stock, tmp_path)
-    mine = errors(exe, stock_exe, files, recipe, 1, tmp_path, variant)
-    theirs = errors(stock_exe, stock_exe, files, recipe, 1, tmp_path, variant)
-    print(f"{model} {recipe} {variant[cpu.PIN]}: mean KL from BF16, ours {np.mean(mine):.4e}, stock "
+    exe, stock_exe = compile_native("step_greedy", ours), compile_native("step_greedy", stock)
+    mine = errors(exe, stock_exe, files, recipe, 1, tmp_path, model_variant)
+    theirs = errors(stock_exe, stock_exe, files, recipe, 1, tmp_path, model_variant)
+    print(f"{model} {recipe} {model_variant[cpu.PIN]}: mean KL from BF16, ours {np.mean(mine):.4e}, stock "
           f"{np.mean(theirs):.4e}")
     assert 0 < np.mean(theirs) < 0.1  # the recipe quantizes, and the model still works
     assert np.mean(mine) - np.mean(theirs) <= 1e-4
     # our kernels did run, a lone row too: a product summed in another order somewhere
-    assert any(not np.array_equal(prompt_logits(exe, files[recipe], p, 1, tmp_path, variant),
-                                  prompt_logits(stock_exe, files[recipe], p, 1, tmp_path, variant))
+    assert any(not np.array_equal(prompt_logits(exe, files[recipe], p, 1, tmp_path, model_variant),
+                                  prompt_logits(stock_exe, files[recipe], p, 1, tmp_path, model_variant))
                for p in range(len(PROMPTS)))
 
 
 @x86_kernels
 @pytest.mark.parametrize("model,ubatch", [("small", 5), ("small", 512), ("wide", 5)])
-def test_batched_prompt_adds_no_error(models, ours, stock, variant, model, ubatch, tmp_path):
+def test_batched_prompt_adds_no_error(models, ours, stock, model_variant, model, ubatch, tmp_path):
     """The batched paths (packs of 4 rows, the last partial, experts read once for all their
     tokens) are as close to the reference as one token at a time, and agree with it as closely
     as stock's batched paths agree with stock's token by token (mean KL, 4 prompts, 1e-4)."""
     files = models[model]
-    exe, stock_exe = compile_native("step_greedy", ours, tmp_path), compile_native("step_greedy", stock, tmp_path)
-    one, batched = (errors(exe, stock_exe, files, "int4-mixed", u, tmp_path, variant) for u in (1, ubatch))
+    exe, stock_exe = compile_native("step_greedy", ours), compile_native("step_greedy", stock)
+    one, batched = (errors(exe, stock_exe, files, "int4-mixed", u, tmp_path, model_variant) for u in (1, ubatch))
     assert np.mean(batched) - np.mean(one) <= 1e-4
 
     def apart(e: Path) -> float:
-        return float(np.mean([mean_kl(prompt_logits(e, files["int4-mixed"], p, 1, tmp_path, variant),
-                                      prompt_logits(e, files["int4-mixed"], p, ubatch, tmp_path, variant))
+        return float(np.mean([mean_kl(prompt_logits(e, files["int4-mixed"], p, 1, tmp_path, model_variant),
+                                      prompt_logits(e, files["int4-mixed"], p, ubatch, tmp_path, model_variant))
                               for p in range(len(PROMPTS))]))
     print(f"{model} ubatch {ubatch}: mean KL batched vs one token, ours {apart(exe):.2e}, stock {apart(stock_exe):.2e}")
     assert apart(exe) <= apart(stock_exe) + 1e-4
@@ -238,8 +260,8 @@ def test_batched_prompt_adds_no_error(models, ours, stock, variant, model, ubatc
 def test_kernel_switch_restores_the_stock_paths(models, ours, stock, tmp_path):
     """GGML_CPU_STEP_KERNELS=0 gives stock llama.cpp's numbers exactly: it is how the profile
     of `bench/kernels.py` shows the stock kernels."""
-    ours_exe = compile_native("step_greedy", ours, tmp_path)
-    stock_exe = compile_native("step_greedy", stock, tmp_path)
+    ours_exe = compile_native("step_greedy", ours)
+    stock_exe = compile_native("step_greedy", stock)
     for model in ("small", "wide"):
         mine = prompt_logits(ours_exe, models[model]["int4-mixed"], 0, 5, tmp_path, {"GGML_CPU_STEP_KERNELS": "0"})
         theirs = prompt_logits(stock_exe, models[model]["int4-mixed"], 0, 5, tmp_path)
@@ -250,7 +272,7 @@ def test_profile_counts_nodes_and_the_bytes_they_read(models, ours, tmp_path):
     from gguf import GGUFReader
 
     model = models["small"]["int4-mixed"]
-    exe = compile_native("step_greedy", ours, tmp_path)
+    exe = compile_native("step_greedy", ours)
     prof = tmp_path / "profile.tsv"
     n_predict = 16
     out = subprocess.run([str(exe), str(model), PROMPTS[0], str(n_predict), str(tmp_path / "l.f32"), "512", "2"],

@@ -22,11 +22,11 @@ TOKENS = 96  # a request: the script twice and more, EOS ignored
 
 
 @pytest.fixture(scope="module")
-def simulated(runtime, tmp_path_factory) -> dict[str, dict[str, tuple[float, list[float]]]]:
+def simulated(runtime) -> dict[str, dict[str, tuple[float, list[float]]]]:
     """scenario -> contender ("adaptive", "0".."3") -> (tokens per second, share of rounds by
     draft length 0..3), from tests/native/draft_policy.cpp run on the runtime's own policy."""
     exe = compile_native("draft_policy", b.RuntimeBuild(runtime.bin_dir.parent.parent),
-                         tmp_path_factory.mktemp("policy"), sources=("common/draft-policy.cpp",))
+                         sources=("common/draft-policy.cpp",))
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, check=True)
     table: dict[str, dict[str, tuple[float, list[float]]]] = {}
     for line in out.stdout.splitlines():

@@ -461,7 +461,7 @@ def test_quantized_split_output_resumes_and_loads_in_stock_llama_cpp(runtime, bi
     for ref in want:
         assert (folder / ref.name).read_bytes() == ref.read_bytes(), ref.name
 
-    exe = compile_native("step_greedy", stock_build(), tmp_path)
+    exe = compile_native("step_greedy", stock_build())
     logits = {}
     for name, path in (("one", tmp_path / "one.gguf"), ("split", want[0])):
         out = tmp_path / f"{name}.f32"
