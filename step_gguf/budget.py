@@ -45,21 +45,6 @@ class BudgetError(StepGGUFError):
     """A size target that no plan can meet."""
 
 
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    """'110GiB', '100G', '95.5 GB', '123456' -> bytes (K/M/G/T are powers of 1024; 'GB' of 1000)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise BudgetError(f"target size {text!r} is not a size such as 110GiB or 96G")
-    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    if unit == "B":
-        return int(value)
-    power = "KMGT".index(unit[0]) + 1
-    return int(value * (1000 if unit.endswith("B") and not unit.endswith("IB") else 1024) ** power)
-
-
 def _candidates(plan: TensorPlan, has_imatrix: bool) -> list[Q]:
     ladder = LADDER + (LADDER_IMATRIX if has_imatrix else ())
     types = {fallback(t, plan.shape[-1]) for t in ladder}

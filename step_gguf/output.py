@@ -8,7 +8,6 @@ import glob
 import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -144,25 +143,6 @@ class SplitLimits:
 
     def __bool__(self) -> bool:
         return bool(self.max_bytes or self.max_tensors)
-
-
-_SPLIT_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B?|B)?\s*$", re.I)
-
-
-def parse_split_size(text: str) -> int:
-    """A --split-max-size: '50G' -> 50 * 10**9 bytes and '500M' -> 500 * 10**6, as llama.cpp's
-    gguf-split and convert_hf_to_gguf.py read them (K, M, G, T and KB ... TB are powers of 1000);
-    '48GiB' (KiB ... TiB: powers of 1024); a plain number is bytes."""
-    m = _SPLIT_SIZE.match(text)
-    value = 0
-    if m:
-        unit = m.group(2)
-        base = 1 if unit is None else (1024 if m.group(3) else 1000) ** ("KMGT".index(unit.upper()) + 1)
-        value = int(float(m.group(1)) * base)
-    if value <= 0:
-        raise StepGGUFError(f"split size {text!r} is not a size such as 50G (50 * 10^9 bytes, as "
-                            "llama.cpp's gguf-split reads it), 500M, 48GiB or a number of bytes")
-    return value
 
 
 def _tensor_info_bytes(p: TensorPlan) -> int:

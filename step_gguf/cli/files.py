@@ -11,6 +11,7 @@ import click
 from ..convert import MTP_MODES, OUTTYPES
 from ..errors import StepGGUFError
 from ..synth import PRESETS
+from ..units import SIZE_HELP, parse_size
 from .progress import _ByteBar, _human
 
 
@@ -39,8 +40,8 @@ def _split_options(f):
     for option in reversed([
         click.option("--split-max-size", default=None, metavar="SIZE",
                      help="Write OUT as shards OUT-00001-of-0000N.gguf ... (llama.cpp's gguf-split "
-                          "layout, loaded from the first shard), each file at most SIZE: 50G "
-                          "(50*10^9 bytes, as gguf-split reads it), 500M, 48GiB or bytes."),
+                          "layout, loaded from the first shard), each file at most SIZE: "
+                          f"{SIZE_HELP}."),
         click.option("--split-max-tensors", type=click.IntRange(1), default=None, metavar="N",
                      help="Shards of at most N tensors each (with --split-max-size: whichever "
                           "limit comes first)."),
@@ -50,11 +51,11 @@ def _split_options(f):
 
 
 def _split(max_size: str | None, max_tensors: int | None):
-    from ..output import SplitLimits, parse_split_size
+    from ..output import SplitLimits
 
     if max_size is None and max_tensors is None:
         return None
-    return SplitLimits(parse_split_size(max_size) if max_size else 0, max_tensors or 0)
+    return SplitLimits(parse_size(max_size, "--split-max-size") if max_size else 0, max_tensors or 0)
 
 
 @click.command()
@@ -152,9 +153,9 @@ def _print_plan(pricing, stock=None) -> None:
               "norm and the matrices it feeds, kept only where they lower the measured error "
               "[on with --imatrix].")
 @click.option("--target-size", default=None, metavar="SIZE", help="Budget mode: choose each "
-              "tensor's type for the least measured error in a file of at most SIZE (e.g. 100GiB: "
-              "the whole file, header, tokenizer and the stored plan included; with --split-max-size, "
-              "all shards together).")
+              "tensor's type for the least measured error in a file of at most SIZE, "
+              f"{SIZE_HELP}: the whole file, header, tokenizer and the stored plan included; with "
+              "--split-max-size, all shards together.")
 @click.option("--target-bpw", type=float, default=None, metavar="X", help="Budget mode with a "
               "bits-per-weight target instead of a size.")
 @click.option("--allow-requantize", is_flag=True, help="Accept a source GGUF that is already "
@@ -190,7 +191,6 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
       step-gguf quantize ./Step-3.5-Flash -o step35-100g.gguf --imatrix imatrix.gguf --target-size 100GiB
     """
     from .. import quantize as q
-    from ..budget import parse_size
     from ..recipe import load_recipe
 
     if scheme and recipe_file:
@@ -211,7 +211,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         draft_out = draft_path(out)  # where run/serve/plan look for it
     target = None
     if target_size or target_bpw:
-        target = q.Target(parse_size(target_size) if target_size else None, target_bpw)
+        target = q.Target(parse_size(target_size, "--target-size") if target_size else None, target_bpw)
         if imatrix_file is None:
             click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
     bar = _ByteBar(f"quantizing {src.name} ({recipe.name})")
