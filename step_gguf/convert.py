@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.metadata import Metadata
 
 from .checkpoint import Checkpoint
+from .choices import MTP_MODES, OUTTYPES, MtpMode, OutType
 from .errors import CheckpointError, StepGGUFError
 from .model_card import CardOverrides, load_card
 from .model import Step35Config
@@ -26,8 +27,6 @@ from .vocab import Vocab, load_vocab
 
 log = logging.getLogger(__name__)
 
-OUTTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
-MTP_MODES = ("keep", "drop", "split")
 
 
 # ---------------------------------------------------------------- metadata
@@ -96,7 +95,7 @@ class OpenedCheckpoint:
     card: Metadata
 
 
-def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
+def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep",
                     tokenizer_pre: str | None = None,
                     card: CardOverrides | None = None) -> OpenedCheckpoint:
     """Read and validate a checkpoint folder and plan its tensors under `recipe` (no weight read)."""
@@ -111,7 +110,7 @@ def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep"
                             load_card(src, cfg, card))
 
 
-def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: str = "keep",
+def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: MtpMode = "keep",
                     draft_out: Path | None = None,
                     extra_kv: Callable[[gguf.GGUFWriter], None] = lambda w: None) -> list[OutputJob]:
     """The output files of a checkpoint conversion: one GGUF, or trunk + draft for mtp="split"."""
@@ -133,8 +132,8 @@ def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: str = "keep",
     return [job(out, trunk, True), job(Path(draft_out), draft, True)]
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "bf16",
-            mtp: str = "keep", draft_out: str | os.PathLike | None = None,
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: OutType = "bf16",
+            mtp: MtpMode = "keep", draft_out: str | os.PathLike | None = None,
             tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
             card: CardOverrides | None = None, split: SplitLimits | None = None,
             on_start: Callable[[int], None] = lambda total: None,
@@ -151,7 +150,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "b
     """
     if outtype not in OUTTYPES:
         raise StepGGUFError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    opened = open_checkpoint(src, Recipe.single(OUTTYPES[outtype]), mtp=mtp, tokenizer_pre=tokenizer_pre,
+    opened = open_checkpoint(src, Recipe.single(Q[outtype.upper()]), mtp=mtp, tokenizer_pre=tokenizer_pre,
                              card=card)
     jobs = checkpoint_jobs(opened, Path(out), mtp=mtp,
                            draft_out=Path(draft_out) if draft_out is not None else None)

@@ -17,6 +17,7 @@ from typing import Callable
 import gguf
 from gguf import GGMLQuantizationType as Q
 
+from .choices import MtpMode
 from .convert import OpenedCheckpoint, checkpoint_jobs, open_checkpoint, write_metadata
 from .output import OutputJob, SplitLimits, file_bytes, write_outputs, write_shape_only
 from .tensor_plan import FLOAT_TYPES, TensorPlan, plan_shapes
@@ -66,7 +67,7 @@ def _placeholder_vocab(n: int) -> Vocab:
                  False, None)
 
 
-def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep",
+def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep",
                 tokenizer_pre: str | None = None, card: CardOverrides | None = None) -> Source:
     """Plan `src` under `recipe`, reading headers only. `card` applies to checkpoint sources."""
     src = Path(src)
@@ -177,7 +178,7 @@ def price(plans: list[TensorPlan], recipe_name: str) -> Pricing:
     return Pricing(recipe_name, rows, sum(p.n_params for p in plans))
 
 
-def dry_run(src: str | os.PathLike, recipe: Recipe, *, mtp: str = "keep") -> Pricing:
+def dry_run(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep") -> Pricing:
     """The plan and its size, from headers alone."""
     return price(open_source(src, recipe, mtp=mtp).plans, recipe.name)
 
@@ -192,7 +193,7 @@ class StockPricing:
         return {"ftype": self.ftype, "total_bytes": self.total_bytes}
 
 
-def price_stock(src: str | os.PathLike, ftype: str, *, mtp: str = "keep",
+def price_stock(src: str | os.PathLike, ftype: str, *, mtp: MtpMode = "keep",
                 workdir: Path | None = None) -> StockPricing:
     """What llama.cpp's own quantizer makes of `src` as `ftype` (e.g. Q4_K_M), asked in its
     dry-run mode on a shape-only GGUF: the real header, a sparse data region."""
@@ -303,7 +304,7 @@ class QuantizeResult:
     equalized: tuple[Equalized, ...] = ()
 
 
-def _jobs(source: Source, out: Path, mtp: str, draft_out: Path | None, card: CardOverrides | None,
+def _jobs(source: Source, out: Path, mtp: MtpMode, draft_out: Path | None, card: CardOverrides | None,
           extra: list[Callable[[gguf.GGUFWriter], None]]) -> list[OutputJob]:
     """The files quantizing `source` writes: its metadata (a GGUF's own keys, with the card's
     overrides) and the `extra` keys after it."""
@@ -345,7 +346,7 @@ def _fit(source: Source, plans: list[TensorPlan], imat: Imatrix | None, base: st
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
-             mtp: str = "keep", draft_out: str | os.PathLike | None = None,
+             mtp: MtpMode = "keep", draft_out: str | os.PathLike | None = None,
              imatrix: str | os.PathLike | None = None, equalization: bool = False,
              target: Target | None = None, allow_requantize: bool = False,
              tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,

@@ -5,6 +5,7 @@ planner is pure arithmetic. Read from the source with ast; nothing is imported."
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ PACKAGE = Path(__file__).parent.parent / "step_gguf"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS: list[tuple[str, set[str]]] = [
-    ("facts", {"__init__", "errors", "layout", "model", "model_facts", "recipe", "probe", "units"}),
+    ("facts", {"__init__", "errors", "layout", "model", "model_facts", "recipe", "probe", "units", "choices", "synth_presets"}),
     ("files", {"checkpoint", "gguf_source", "vocab", "imatrix", "resume", "model_card", "draft",
                "synth", "synth_script", "synth_tokenizer"}),
     ("native", {"runtime.process", "runtime.page", "runtime.cpu", "runtime.glslc_cache", "runtime.build",
@@ -149,3 +150,26 @@ def test_modules_and_functions_stay_small():
         big += [f"{name}.{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(ast.parse(text))
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 60]
     assert not big, big
+
+
+def _readme_layers() -> dict[str, set[str]]:
+    """README's Layout table: layer -> the modules its row names (`runtime/x` is runtime.x; a row
+    `plan/` (`a`, `b`) names plan.a and plan.b)."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    rows: dict[str, set[str]] = {}
+    for line in text[text.index("## Layout"):].splitlines():
+        m = re.match(r"\| (\w+) \| (.+?) \| ", line)
+        if not m or m.group(1) == "layer":
+            continue
+        folder = re.match(r"`(\w+)/` \((.+)\)", m.group(2))
+        rows[m.group(1)] = ({f"{folder.group(1)}.{n}" for n in re.findall(r"`(\w+)`", folder.group(2))} if folder
+                            else {n.replace("/", ".") for n in re.findall(r"`([\w/]+)`", m.group(2))})
+    return rows
+
+
+def test_readme_draws_the_layers_this_test_checks():
+    readme = _readme_layers()
+    assert list(readme) == [name for name, _ in LAYERS]
+    for name, mods in LAYERS:
+        assert readme[name] == {m for m in mods if not m.endswith(("__init__", "__main__"))}, name
+

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..convert import MTP_MODES, OUTTYPES
+from ..choices import MTP_MODES, OUTTYPES, MtpMode, OutType
 from ..errors import StepGGUFError
-from ..synth import PRESETS
+from ..synth_presets import PRESETS
 from ..units import SIZE_HELP, parse_size
 from .progress import _ByteBar, _human
 
@@ -62,7 +62,7 @@ def _split(max_size: str | None, max_tensors: int | None):
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output GGUF path (written aside and renamed when complete).")
-@click.option("--outtype", type=click.Choice(list(OUTTYPES)), default="bf16",
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="bf16",
               show_default=True, help="Type of the weight matrices; norms, biases and the "
               "router stay F32.")
 @click.option("--mtp", "mtp", type=click.Choice(MTP_MODES), default="keep",
@@ -76,7 +76,7 @@ def _split(max_size: str | None, max_tensors: int | None):
               "output an interrupted run of the same conversion left.")
 @_card_options
 @_split_options
-def convert(src: Path, out: Path, outtype: str, mtp: str, draft_out: Path | None,
+def convert(src: Path, out: Path, outtype: OutType, mtp: MtpMode, draft_out: Path | None,
             tokenizer_pre: str | None, no_resume: bool, card_name: str | None,
             card_basename: str | None, card_license: str | None, split_max_size: str | None,
             split_max_tensors: int | None) -> None:
@@ -173,7 +173,7 @@ def _print_plan(pricing, stock=None) -> None:
 def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
              dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
              equalization: bool | None, target_size: str | None, target_bpw: float | None,
-             allow_requantize: bool, mtp: str, draft_out: Path | None, threads: int | None,
+             allow_requantize: bool, mtp: MtpMode, draft_out: Path | None, threads: int | None,
              no_resume: bool, card_name: str | None, card_basename: str | None,
              card_license: str | None, split_max_size: str | None,
              split_max_tensors: int | None) -> None:
@@ -229,7 +229,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
     _report(result, time.perf_counter() - start, budget=target is not None)
 
 
-def _price(src: Path, recipe, mtp: str, compare_stock: str | None, as_json: bool) -> None:
+def _price(src: Path, recipe, mtp: MtpMode, compare_stock: str | None, as_json: bool) -> None:
     """--dry-run: the plan and its size, beside a stock mix when asked."""
     import json
 
