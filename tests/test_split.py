@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from step_gguf.cli import main
 from step_gguf.convert import convert
 from step_gguf.output import SplitLimits
-from step_gguf.errors import SourceError, StepGGUFError
+from step_gguf.errors import SourceError
 from step_gguf.gguf_source import first_shard, open_gguf, parse_shard_name, shard_path
 from step_gguf.quantize import quantize
 from step_gguf.recipe import Recipe
