@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
 # routed expert tensors, by GGUF name
@@ -29,6 +30,10 @@ class Tensor:
         return layer_of_gguf(self.name)
 
 
+# the class a tensor is reported and placed under (ModelFacts.kind)
+TensorKind = Literal["mtp", "draft_shared", "experts", "embeddings", "output", "shared", "attention", "router",
+                     "norms", "dense"]
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What placement needs to know about a model, from a GGUF header or a config + recipe."""
@@ -50,7 +55,7 @@ class ModelFacts:
     tensors: tuple[Tensor, ...]
     draft: str | None = None        # the separate draft GGUF whose tensors are among `tensors`
 
-    def kind(self, t: Tensor) -> str:
+    def kind(self, t: Tensor) -> TensorKind:
         """The class a tensor is reported and placed under."""
         layer = t.layer
         if layer is not None and layer >= self.n_layer:

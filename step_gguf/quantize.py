@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import gguf
 from gguf import GGMLQuantizationType as Q
@@ -38,11 +38,15 @@ KV_RECIPE = "step_gguf.recipe"            # the recipe's name
 KV_RECIPE_TOML = "step_gguf.recipe.toml"  # the recipe (or budget plan) itself, reusable as --recipe
 
 
+# where a recipe's tensors come from: a checkpoint folder, a config alone (priced, not read) or a GGUF
+SourceKind = Literal["checkpoint", "config", "gguf"]
+
+
 @dataclass
 class Source:
     """What a recipe is applied to: the planned tensors and how to write the metadata."""
 
-    kind: str                     # "checkpoint", "config" or "gguf"
+    kind: SourceKind
     path: Path
     n_layer: int                  # trunk layers (recipe layer spans count these)
     plans: list[TensorPlan]

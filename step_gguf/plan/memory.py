@@ -4,11 +4,14 @@ step reads of the cache."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from ..model_facts import ModelFacts
 
-
-KV_TYPES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
-            "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+# the KV cache types llama.cpp takes (--cache-type-k/-v), and their bytes per value
+KvType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+KV_TYPES: dict[KvType, float] = dict(zip(get_args(KvType), (4.0, 2.0, 2.0, 34 / 32, 24 / 32, 22 / 32, 20 / 32,
+                                                           18 / 32)))
 
 
 def pad256(n: int) -> int:
@@ -24,12 +27,12 @@ def kv_positions(m: ModelFacts, layer: int, ctx: int, n_ubatch: int, n_seq: int 
     return n_seq * pad256(ctx)
 
 
-def _position_bytes(m: ModelFacts, layer: int, kv_type: str) -> float:
+def _position_bytes(m: ModelFacts, layer: int, kv_type: KvType) -> float:
     """K and V of one cached position of `layer`."""
     return m.n_head_kv[layer] * m.head_dim * 2 * KV_TYPES[kv_type]
 
 
-def kv_bytes(m: ModelFacts, layers: range, ctx: int, kv_type: str, n_ubatch: int,
+def kv_bytes(m: ModelFacts, layers: range, ctx: int, kv_type: KvType, n_ubatch: int,
              n_seq: int = 1) -> int:
     return int(sum(kv_positions(m, i, ctx, n_ubatch, n_seq) * _position_bytes(m, i, kv_type)
                    for i in layers))
@@ -63,14 +66,14 @@ def compute_buffer(m: ModelFacts, ctx: int, n_ubatch: int) -> int:
     return mask_bytes(m, ctx, n_ubatch) + 4 * n_ubatch * per_token
 
 
-def checkpoint_bytes(m: ModelFacts, kv_type: str, n_ubatch: int) -> int:
+def checkpoint_bytes(m: ModelFacts, kv_type: KvType, n_ubatch: int) -> int:
     """One llama-server context checkpoint: the sliding layers' cache of one sequence, at most
     a window plus a micro-batch of positions."""
     return int(sum((m.window + n_ubatch) * _position_bytes(m, i, kv_type)
                    for i in range(m.n_layer) if m.is_swa[i]))
 
 
-def kv_read(m: ModelFacts, pos: int, kv_type: str, layers: range | set[int] | None = None) -> float:
+def kv_read(m: ModelFacts, pos: int, kv_type: KvType, layers: range | set[int] | None = None) -> float:
     """Cache bytes one decode step at position `pos` reads in `layers` (default: the trunk):
     every past position of a full layer, at most a window of a sliding one."""
     return sum(min(pos, m.window if m.is_swa[i] and m.window else pos) * _position_bytes(m, i, kv_type)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from ..errors import StepGGUFError
 from ..model_facts import EXPERTS, ModelFacts, Tensor
 from .machines import GiB, Profile, RpcHost, usable
-from .memory import KV_TYPES, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
+from .memory import KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
 from .result import Device, Plan
 from .speed import CPU_EFFICIENCY, decode_tps, prompt_tps
 
@@ -23,7 +23,7 @@ KV_SHARE = 1 / 6
 _MTP_SKIPPED = re.compile(r"\.(nextn\.(eh_proj|enorm|hnorm)|attn_(norm|q|k|v|qkv|output)|ffn_norm)\.weight$")
 
 
-def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: str | None = None,
+def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: KvType | None = None,
          mtp: bool = True, parallel: int = 1, n_ubatch: int = 512, checkpoints: int = 8,
          rpc: tuple[RpcHost, ...] = ()) -> Plan:
     """Place `m` on `profile` for a context of `ctx` tokens; raises when it cannot fit.
@@ -113,7 +113,7 @@ class _Setup:
     m: ModelFacts
     profile: Profile
     ctx: int
-    kv_type: str
+    kv_type: KvType
     mtp: bool
     parallel: int
     n_ubatch: int

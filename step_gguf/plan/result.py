@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import StepGGUFError
 from ..model_facts import ModelFacts, Tensor, layer_of_gguf
 from .machines import Profile
-from .memory import kv_bytes
+from .memory import KvType, kv_bytes
 
 PROMPT_CACHE_MAX_MIB = 8192  # llama-server's own default for --cache-ram
 
@@ -53,7 +53,7 @@ class Plan:
     model: ModelFacts
     profile: Profile
     ctx: int
-    kv_type: str
+    kv_type: KvType
     n_batch: int
     n_ubatch: int
     parallel: int

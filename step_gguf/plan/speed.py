@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..model_facts import EXPERTS, ModelFacts
 from .machines import Profile
-from .memory import kv_read
+from .memory import KvType, kv_read
 from .result import Device
 
 
@@ -28,7 +28,7 @@ SPLIT_LAYER_S = 40e-6
 RPC_ROUND_TRIP_S = 300e-6
 
 
-def decode_tps(m: ModelFacts, devices: list[Device], kv_type: str, pos: int) -> float:
+def decode_tps(m: ModelFacts, devices: list[Device], kv_type: KvType, pos: int) -> float:
     """Tokens/s of plain decoding at position `pos`: bytes read on each device over its rate,
     the synchronisation of CPU-computed layers, and the network hops to RPC hosts."""
     seconds = 0.0
