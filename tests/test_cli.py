@@ -56,9 +56,9 @@ def test_run_on_a_missing_file_says_so(runtime, tmp_path):
 def test_a_long_build_shows_its_stages_and_compile_steps(capsys):
     """Off a terminal (CI, a log) a 15-minute build prints its stages and a line at every tenth
     of the compile steps, not one "compiling" line."""
-    from step_gguf.cli.progress import _StepProgress
+    from step_gguf.cli.progress import StepProgress
 
-    progress = _StepProgress()
+    progress = StepProgress()
     progress.stage("configuring")
     progress.stage("compiling")
     for done in range(1, 236):
@@ -76,10 +76,10 @@ def test_a_long_build_shows_its_stages_and_compile_steps(capsys):
 def test_build_progress_follows_ninja_past_its_globbed_folder_recheck(capsys):
     """A Vulkan build's ninja first prints `[0/2] Re-checking globbed directories...` (and
     reaches 2/2), then counts the real build: its tenths are shown, not swallowed as done."""
-    from step_gguf.cli.progress import _StepProgress
+    from step_gguf.cli.progress import StepProgress
     from step_gguf.runtime.build import _steps
 
-    progress = _StepProgress()
+    progress = StepProgress()
     on_line = _steps(progress.step)
     for line in ["[0/2] Re-checking globbed directories...", "[1/2] a", "[2/2] b",
                  *(f"[{i}/563] Building CXX object x{i}.o" for i in range(1, 564))]:

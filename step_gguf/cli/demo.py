@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .progress import _human
+from .progress import human_size
 
 
 @click.command()
@@ -33,12 +33,12 @@ def demo(keep: Path | None) -> None:
         click.echo(f"synthesised tiny Step 3.5 checkpoint at {ckpt} in {t1 - t0:.2f} s")
         result = run_convert(ckpt, gguf_path, outtype="bf16")
         t2 = time.perf_counter()
-        click.echo(f"converted to {gguf_path} ({_human(gguf_path.stat().st_size)}, "
+        click.echo(f"converted to {gguf_path} ({human_size(gguf_path.stat().st_size)}, "
                    f"{result.n_tensors} tensors) in {t2 - t1:.2f} s")
         quantized = q.quantize(ckpt, int4_path, load_recipe("int4-mixed"))
         t3 = time.perf_counter()
         click.echo(f"quantized the checkpoint in one pass to {int4_path} "
-                   f"({_human(int4_path.stat().st_size)}, {quantized.pricing.bpw:.2f} bits per weight; "
+                   f"({human_size(int4_path.stat().st_size)}, {quantized.pricing.bpw:.2f} bits per weight; "
                    f"tiny widths take K-quant fallbacks) in {t3 - t2:.2f} s")
         with server.serve(int4_path, n_ctx=256) as url:
             t4 = time.perf_counter()

@@ -12,7 +12,7 @@ from ..choices import MTP_MODES, OUTTYPES, MtpMode, OutType
 from ..errors import StepGGUFError
 from ..synth_presets import PRESETS
 from ..units import SIZE_HELP, parse_size
-from .progress import _ByteBar, _human
+from .progress import ByteBar, human_size
 
 
 def _card_options(f):
@@ -95,7 +95,7 @@ def convert(src: Path, out: Path, outtype: OutType, mtp: MtpMode, draft_out: Pat
 
     if mtp == "split" and draft_out is None:
         draft_out = draft_path(out)  # where run/serve/plan look for it
-    bar = _ByteBar(f"converting {src.name}")
+    bar = ByteBar(f"converting {src.name}")
     start = time.perf_counter()
     try:
         result = run_convert(src, out, outtype=outtype, mtp=mtp,
@@ -108,9 +108,9 @@ def convert(src: Path, out: Path, outtype: OutType, mtp: MtpMode, draft_out: Pat
         bar.close()
     secs = time.perf_counter() - start
     for path in result.outputs:
-        click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
-    click.echo(f"{result.n_tensors} tensors, {_human(result.source_bytes)} read in {secs:.1f} s "
-               f"({_human(result.source_bytes / max(secs, 1e-9))}/s)")
+        click.echo(f"wrote {path} ({human_size(path.stat().st_size)})")
+    click.echo(f"{result.n_tensors} tensors, {human_size(result.source_bytes)} read in {secs:.1f} s "
+               f"({human_size(result.source_bytes / max(secs, 1e-9))}/s)")
 
 
 def _print_plan(pricing, stock=None) -> None:
@@ -121,15 +121,15 @@ def _print_plan(pricing, stock=None) -> None:
     click.echo(head + ("  stock  " if stock else "  ") + "why")
     for r in pricing.rows:
         extra = f"  {stock_types.get(r.name, '?'):<6} " if stock else "  "
-        click.echo(f"{r.name:<{width}}  {r.qtype:<7} {_human(r.bytes):>10}{extra}{r.why}")
+        click.echo(f"{r.name:<{width}}  {r.qtype:<7} {human_size(r.bytes):>10}{extra}{r.why}")
     click.echo("")
     for qtype, n in pricing.by_type().items():
-        click.echo(f"  {qtype:<7} {_human(n):>10}  {100 * n / max(pricing.total_bytes, 1):5.1f}%")
-    click.echo(f"{pricing.recipe}: {_human(pricing.total_bytes)} ({pricing.total_bytes} bytes), "
+        click.echo(f"  {qtype:<7} {human_size(n):>10}  {100 * n / max(pricing.total_bytes, 1):5.1f}%")
+    click.echo(f"{pricing.recipe}: {human_size(pricing.total_bytes)} ({pricing.total_bytes} bytes), "
                f"{pricing.bpw:.3f} bits per weight")
     if stock:
         ratio = pricing.total_bytes / stock.total_bytes
-        click.echo(f"stock {stock.ftype} (llama.cpp's quantizer): {_human(stock.total_bytes)} "
+        click.echo(f"stock {stock.ftype} (llama.cpp's quantizer): {human_size(stock.total_bytes)} "
                    f"({stock.total_bytes} bytes); {pricing.recipe} is {ratio:.3f}x its size")
 
 
@@ -214,7 +214,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         target = q.Target(parse_size(target_size, "--target-size") if target_size else None, target_bpw)
         if imatrix_file is None:
             click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
-    bar = _ByteBar(f"quantizing {src.name} ({recipe.name})")
+    bar = ByteBar(f"quantizing {src.name} ({recipe.name})")
     start = time.perf_counter()
     try:
         result = q.quantize(src, out, recipe, mtp=mtp, draft_out=draft_out if mtp == "split" else None,
@@ -255,9 +255,9 @@ def _report(result, secs: float, budget: bool) -> None:
     if budget:
         _print_plan(result.pricing)
     for path in result.outputs:
-        click.echo(f"wrote {path} ({_human(path.stat().st_size)})")
-    click.echo(f"{result.recipe.name}: {result.pricing.bpw:.3f} bits per weight; {_human(result.source_bytes)} "
-               f"read in {secs:.1f} s ({_human(result.source_bytes / max(secs, 1e-9))}/s)")
+        click.echo(f"wrote {path} ({human_size(path.stat().st_size)})")
+    click.echo(f"{result.recipe.name}: {result.pricing.bpw:.3f} bits per weight; {human_size(result.source_bytes)} "
+               f"read in {secs:.1f} s ({human_size(result.source_bytes / max(secs, 1e-9))}/s)")
 
 
 @click.command()
@@ -328,7 +328,7 @@ def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template:
         from ..runtime.build import STEP35_TEMPLATE, sdist_text
 
         chat_template = sdist_text(STEP35_TEMPLATE)
-    bar = _ByteBar(f"writing {preset} checkpoint")
+    bar = ByteBar(f"writing {preset} checkpoint")
     try:
         run_synth(out, preset, seed=seed, fp8=fp8, step3p7=step3p7, on_start=bar.start,
                   on_bytes=bar.advance, script=script, chat_template=chat_template,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .progress import _ByteBar
+from .progress import ByteBar
 
 
 @click.command()
@@ -41,7 +41,7 @@ def imatrix(model: Path, out: Path, text_file: Path | None, ctx: int, chunks: in
     from ..imatrix import load_imatrix
     from ..runtime import tools
 
-    bars = {"chunks": _ByteBar(f"imatrix of {model.name}"), "depths": _ByteBar("depth gains")}
+    bars = {"chunks": ByteBar(f"imatrix of {model.name}"), "depths": ByteBar("depth gains")}
     done_before = dict.fromkeys(bars, 0)
 
     def following(which: str):

@@ -9,7 +9,7 @@ import time
 import click
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
     if n < 1024:
         return f"{int(n)} B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
@@ -19,7 +19,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-class _ByteBar:
+class ByteBar:
     """A progress bar on stderr that counts bytes, shown only when stderr is a terminal."""
 
     def __init__(self, label: str) -> None:
@@ -43,7 +43,7 @@ class _ByteBar:
             self.bar = None
 
 
-class _StepProgress:
+class StepProgress:
     """Stages and compile steps of a long build on stderr: a bar of steps done of total on a
     terminal, else (CI, a log file) a line at every tenth of the steps, with the time taken."""
 

@@ -8,7 +8,7 @@ import click
 
 from ..errors import StepGGUFError
 from ..runtime.build import BACKEND_FLAGS
-from .progress import _human, _StepProgress
+from .progress import human_size, StepProgress
 
 
 @click.group()
@@ -62,7 +62,7 @@ def runtime_build(backend: str, cuda_arch: str | None, cmake_args: tuple[str, ..
     else:
         click.echo(f"building runtime {spec.key} (llama-cpp-python {b.LLAMA_CPP_PYTHON_VERSION}, "
                    f"{'no patches' if stock else f'patch series {b.series_id()}'}, {backend})")
-        progress = _StepProgress()
+        progress = StepProgress()
         result = b.build(spec, jobs=jobs, on_step=progress.step, on_stage=progress.stage)
         progress.close()
     if no_install:
@@ -93,7 +93,7 @@ def runtime_status() -> None:
         return
     gpus = devices.gpus()
     for gpu in gpus:
-        click.echo(f"{gpu.name}: {gpu.description}, {_human(gpu.free)} free of {_human(gpu.total)}"
+        click.echo(f"{gpu.name}: {gpu.description}, {human_size(gpu.free)} free of {human_size(gpu.total)}"
                    + (" (shares system memory)" if gpu.integrated else ""))
     if not gpus:
         click.echo(f"no {info.backend} GPU visible: models run on the CPU"

@@ -12,7 +12,7 @@ import click
 from ..errors import StepGGUFError
 from ..plan import MAX_SLOTS, SLOT_CTX
 from .foreground import hold_until_stopped, paused
-from .progress import _human
+from .progress import human_size
 
 
 def _profiles_help() -> str:
@@ -159,12 +159,12 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
             click.echo(f"{d.name} is the RPC host {d.endpoint}")
     click.echo(f"{'':<22}" + "".join(f"{d.name:>12}" for d in p.devices))
     for k in kinds:
-        click.echo(f"{k:<22}" + "".join(f"{_human(classes[d.name].get(k, 0)):>12}" for d in p.devices))
+        click.echo(f"{k:<22}" + "".join(f"{human_size(classes[d.name].get(k, 0)):>12}" for d in p.devices))
     for k in sorted({k for d in p.devices for k in d.extra}):
-        click.echo(f"{k:<22}" + "".join(f"{_human(d.extra.get(k, 0)):>12}" for d in p.devices))
+        click.echo(f"{k:<22}" + "".join(f"{human_size(d.extra.get(k, 0)):>12}" for d in p.devices))
     click.echo(f"{'total / usable':<22}" + "".join(
-        f"{_human(d.bytes) + ' / ' + _human(d.capacity):>24}" for d in p.devices))
-    click.echo(f"prompt cache: up to {_human(p.prompt_cache_mib * 2**20)} of what is left in system memory "
+        f"{human_size(d.bytes) + ' / ' + human_size(d.capacity):>24}" for d in p.devices))
+    click.echo(f"prompt cache: up to {human_size(p.prompt_cache_mib * 2**20)} of what is left in system memory "
                "(--cache-ram; earlier prompts' state, for requests that come back to them)")
     click.echo(f"predicted: prompt {p.predicted_prompt_tps:.0f} tok/s, decode "
                f"{p.predicted_decode_tps:.1f} tok/s ({p.predicted_decode_tps_full:.1f} at a full "

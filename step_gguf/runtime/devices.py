@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RuntimeMissingError, StepGGUFError
-from .installed import _FIX, check
+from .installed import BUILD_HINT, check
 
 
 _GGML_API = (("ggml_backend_dev_count", ctypes.c_size_t, []),
@@ -42,7 +42,7 @@ def libggml() -> ctypes.CDLL:
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     found = sorted(lib_dir.glob("libggml.so.*"), key=lambda f: len(f.name)) or sorted(lib_dir.glob("libggml.*"))
     if not found:
-        raise RuntimeMissingError(f"libggml is missing from {lib_dir}; {_FIX}")
+        raise RuntimeMissingError(f"libggml is missing from {lib_dir}; {BUILD_HINT}")
     lib = ctypes.CDLL(str(found[0]))
     for fn, res, args in _GGML_API:
         getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
@@ -66,7 +66,7 @@ def cpu_backend_file() -> Path:
     fn = reg and lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
     info = _DlInfo()
     if not fn or not ctypes.CDLL(None).dladdr(ctypes.c_void_p(fn), ctypes.byref(info)):
-        raise RuntimeMissingError(f"ggml loaded no CPU backend; {_FIX}")
+        raise RuntimeMissingError(f"ggml loaded no CPU backend; {BUILD_HINT}")
     return Path(info.dli_fname.decode())
 
 
@@ -103,7 +103,7 @@ def rpc_device(endpoint: str) -> int:
     rpc = lib.ggml_backend_reg_by_name(b"RPC")
     add = rpc and lib.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server")
     if not add:
-        raise RuntimeMissingError(f"this runtime was built without ggml RPC; {_FIX}")
+        raise RuntimeMissingError(f"this runtime was built without ggml RPC; {BUILD_HINT}")
     reg = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add)(endpoint.encode())
     lib.ggml_backend_register(reg)
     return lib.ggml_backend_reg_dev_get(reg, 0)

@@ -15,7 +15,7 @@ from . import cpu
 from .build import MANIFEST, series_id
 
 
-_FIX = "run `step-gguf runtime build` to build and install the patched runtime"
+BUILD_HINT = "run `step-gguf runtime build` to build and install the patched runtime"
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class RuntimeInfo:
     def tool(self, name: str) -> Path:
         path = self.bin_dir / name
         if not path.is_file():
-            raise RuntimeMissingError(f"{name} is missing from {self.bin_dir}; {_FIX}")
+            raise RuntimeMissingError(f"{name} is missing from {self.bin_dir}; {BUILD_HINT}")
         return path
 
 
@@ -38,21 +38,21 @@ def check() -> RuntimeInfo:
     try:
         import llama_cpp.llama_cpp as lib  # noqa: PLC0415 (import cost only when needed)
     except ImportError as exc:
-        raise RuntimeMissingError(f"llama-cpp-python is not installed ({exc}); {_FIX}") from exc
+        raise RuntimeMissingError(f"llama-cpp-python is not installed ({exc}); {BUILD_HINT}") from exc
     except (OSError, RuntimeError) as exc:  # installed, but its shared library is absent or broken
-        raise RuntimeMissingError(f"llama-cpp-python cannot load its library ({exc}); {_FIX}") from exc
+        raise RuntimeMissingError(f"llama-cpp-python cannot load its library ({exc}); {BUILD_HINT}") from exc
     try:
         probe = lib._lib.step_gguf_build_id
     except AttributeError:
         raise RuntimeMissingError(
-            f"the installed llama-cpp-python is not built from step-gguf's patches; {_FIX}"
+            f"the installed llama-cpp-python is not built from step-gguf's patches; {BUILD_HINT}"
         ) from None
     probe.restype = ctypes.c_char_p
     built = probe().decode()
     if built != series_id():
         raise RuntimeMissingError(
             f"the installed runtime was built from patch series {built}, this step-gguf needs "
-            f"{series_id()}; {_FIX}"
+            f"{series_id()}; {BUILD_HINT}"
         )
     manifest = json.loads(resources.files("llama_cpp").joinpath(MANIFEST).read_text())
     variants = tuple(manifest.get("cpu_variants", ()))
