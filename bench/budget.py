@@ -23,7 +23,7 @@ from pathlib import Path
 from _common import QUALITY_CTX as CTX
 from _common import quality_files, work_dir
 
-from step_gguf.quantize import Target, quantize
+from step_gguf.quantize import QuantizeOptions, Target, quantize
 from step_gguf.recipe import load_recipe
 from step_gguf.runtime import installed, tools
 
@@ -61,8 +61,8 @@ def compare(work: Path, preset: str, seed: int, threads: int) -> dict[str, float
         tag = "imatrix" if imat else "plain"
         budget = work / f"budget-{tag}.gguf"
         if not budget.exists():  # as `step-gguf quantize --target-size` does it: --imatrix equalizes
-            quantize(src, budget, load_recipe("int4-mixed"), imatrix=imat, equalization=imat is not None,
-                     target=Target(bytes=target))
+            quantize(src, budget, load_recipe("int4-mixed"),
+                     QuantizeOptions(imatrix=imat, equalization=imat is not None, target=Target(bytes=target)))
         rows.append((tag, "budget mode", budget))
         for name, dense, gu, down in MIXES:
             rows.append((tag, name, static_mix(bf16, work / f"mix-{tag}-{name.replace('/', '_')}.gguf",

@@ -28,7 +28,7 @@ from _common import QUALITY_CTX, machine_parser, quality_files, work_dir
 
 from step_gguf import budget
 from step_gguf.imatrix import load_imatrix
-from step_gguf.quantize import attach_imatrix, open_source, quantize
+from step_gguf.quantize import QuantizeOptions, attach_imatrix, open_source, quantize
 from step_gguf.recipe import Recipe, Rule, load_recipe
 from step_gguf.runtime import propagation, tools
 from step_gguf.sensitivity import logit_errors
@@ -81,7 +81,7 @@ def main() -> None:
     def kld(name: str, recipe: Recipe) -> float:
         if name not in measured:
             out = work / "case.gguf"
-            quantize(q.src, out, recipe, imatrix=q.imatrix if a.imatrix else None, resume=False)
+            quantize(q.src, out, recipe, QuantizeOptions(imatrix=q.imatrix if a.imatrix else None, resume=False))
             measured[name] = tools.kld(out, q.f32, q.held_out, ctx=QUALITY_CTX, threads=a.threads)["kld_mean"]
             out.unlink()
             store.write_text(json.dumps(measured, indent=1))

@@ -18,8 +18,9 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 
 from .choices import MtpMode
+from .quantize_options import QuantizeOptions, Target
 from .convert import OpenedCheckpoint, checkpoint_jobs, open_checkpoint, write_metadata
-from .output import OutputJob, SplitLimits, file_bytes, write_outputs, write_shape_only
+from .output import OutputJob, file_bytes, write_outputs, write_shape_only
 from .tensor_plan import FLOAT_TYPES, TensorPlan, plan_shapes
 from .errors import SourceError, StepGGUFError, describe, malformed
 from .gguf_source import add_kv_fields, kv_fields, open_gguf
@@ -278,19 +279,6 @@ def imatrix_kv(imat: Imatrix) -> Callable[[gguf.GGUFWriter], None]:
     return write
 
 
-@dataclass(frozen=True)
-class Target:
-    """A size budget: the bytes of the whole output (header, metadata, the plan stored in it
-    and alignment padding included: what the disk and the loader see), or bits per weight of
-    the tensor data."""
-
-    bytes: int | None = None
-    bpw: float | None = None
-
-    def resolve(self, n_params: int) -> int:
-        return self.bytes if self.bytes is not None else int(self.bpw * n_params / 8)
-
-
 def retype(plans: list[TensorPlan], recipe: Recipe, n_layer: int) -> list[TensorPlan]:
     out = []
     for p in plans:
@@ -349,49 +337,44 @@ def _fit(source: Source, plans: list[TensorPlan], imat: Imatrix | None, base: st
     raise BudgetError(f"the output does not fit {budget} bytes with its header; raise --target-size")
 
 
-def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, *,
-             mtp: MtpMode = "keep", draft_out: str | os.PathLike | None = None,
-             imatrix: str | os.PathLike | None = None, equalization: bool = False,
-             target: Target | None = None, allow_requantize: bool = False,
-             tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
-             card: CardOverrides | None = None, split: SplitLimits | None = None,
+def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
+             options: QuantizeOptions = QuantizeOptions(), *,
              on_stage: Callable[[str], None] = lambda what: None,
              on_start: Callable[[int], None] = lambda total: None,
              on_bytes: Callable[[int], None] = lambda n: None) -> QuantizeResult:
-    """Quantize `src` to `out` under `recipe` in one streaming pass, optionally with the
-    importance matrix at `imatrix`, per-channel equalization from it, and a size `target` met
-    with the least measured error. Nothing appears at `out` unless the whole file was written.
-    `on_stage` names each preparatory step (measuring can take a while on a large model).
-    `card` overrides the model card's name, basename or license; a GGUF source keeps its card
-    otherwise. With `split` limits, `out` is written as llama.cpp's gguf-split shards
-    OUT-00001-of-0000N.gguf ... (a draft GGUF of mtp="split" stays one file)."""
-    source = open_source(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
+    """Quantize `src` to `out` under `recipe` in one streaming pass, as `options` say. Nothing
+    appears at `out` unless the whole file was written. `on_stage` names each preparatory step
+    (measuring can take a while on a large model); `on_start` and `on_bytes` count source
+    bytes for a progress bar."""
+    o = options
+    mtp, imatrix, card = o.mtp, o.imatrix, o.card
+    source = open_source(src, recipe, mtp=mtp, tokenizer_pre=o.tokenizer_pre, card=card)
     if not source.readable:
         raise SourceError(f"{source.path} is a config without weights: it can be priced "
                           "(--dry-run), not quantized")
     if source.kind == "gguf" and mtp != "keep":
         raise SourceError("--mtp drop/split applies to checkpoint sources; this GGUF is quantized as it is")
-    if equalization and imatrix is None:
+    if o.equalization and imatrix is None:
         raise StepGGUFError("equalization derives its scales from activations: pass --imatrix too")
-    _requantize_check(source, allow_requantize)
+    _requantize_check(source, o.allow_requantize)
     imat = load_imatrix(imatrix) if imatrix is not None else None
     plans = attach_imatrix(source.plans, imat, recipe)
     report: list[Equalized] = []
-    if equalization:
+    if o.equalization:
         on_stage("equalizing")
         plans, report = equalize(plans, imat, source.top_k)
     source.plans = plans
 
     def jobs_for(r: Recipe) -> list[OutputJob]:
-        made = _jobs(source, Path(out), mtp, Path(draft_out) if draft_out is not None else None, card,
+        made = _jobs(source, Path(out), mtp, Path(o.draft_out) if o.draft_out is not None else None, card,
                      [recipe_kv(r)] + ([imatrix_kv(imat)] if imat is not None else []))
-        return [replace(made[0], split=split), *made[1:]]
+        return [replace(made[0], split=o.split), *made[1:]]
 
-    if target is not None:
-        recipe = _fit(source, plans, imat, recipe.name, target, jobs_for, on_stage)
+    if o.target is not None:
+        recipe = _fit(source, plans, imat, recipe.name, o.target, jobs_for, on_stage)
         plans = source.plans
     jobs = jobs_for(recipe)
     on_stage("writing")
-    written = write_outputs(jobs, on_start, on_bytes, threads=threads, resume=resume)
+    written = write_outputs(jobs, on_start, on_bytes, threads=o.threads, resume=o.resume)
     return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe,
                           tuple(report))

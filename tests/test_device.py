@@ -60,7 +60,7 @@ def models(llvmpipe, tmp_path_factory) -> dict[str, Path]:
     """The scripted MTP model (int4-mixed, heads embedded), the same model as a trunk and a
     separate draft (`--mtp split`), and as int8."""
     from step_gguf.draft import draft_path
-    from step_gguf.quantize import quantize
+    from step_gguf.quantize import QuantizeOptions, quantize
     from step_gguf.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("device")
@@ -69,7 +69,8 @@ def models(llvmpipe, tmp_path_factory) -> dict[str, Path]:
            "int8": root / "scripted-int8.gguf"}
     quantize(ckpt, out["embedded"], load_recipe("int4-mixed"))
     quantize(ckpt, out["int8"], load_recipe("int8"))  # Q8_0 experts: repacked at any width
-    quantize(ckpt, out["trunk"], load_recipe("int4-mixed"), mtp="split", draft_out=draft_path(out["trunk"]))
+    quantize(ckpt, out["trunk"], load_recipe("int4-mixed"),
+             QuantizeOptions(mtp="split", draft_out=draft_path(out["trunk"])))
     out["draft"] = draft_path(out["trunk"])
     return out
 
@@ -307,13 +308,13 @@ def test_kl_on_the_device_is_stock_vulkans(models, gguf_file, tmp_path):
     sdist, both scored against the BF16 model on the same text: ours is no further from it
     than stock's + 1e-4 (mean KL), on the tiny model and on the scripted MTP model."""
     from native_build import stock_build
-    from step_gguf.quantize import quantize
+    from step_gguf.quantize import QuantizeOptions, quantize
     from step_gguf.recipe import load_recipe
     from step_gguf.runtime import tools
 
     stock = stock_build().tool("llama-perplexity")
     pairs = {"tiny": (gguf_file("tiny", "bf16"), tmp_path / "tiny-int4.gguf")}
-    quantize(pairs["tiny"][0], pairs["tiny"][1], load_recipe("int4-mixed"), allow_requantize=True)
+    quantize(pairs["tiny"][0], pairs["tiny"][1], load_recipe("int4-mixed"), QuantizeOptions(allow_requantize=True))
     scripted_bf16 = tmp_path / "scripted-bf16.gguf"
     from step_gguf.convert import convert
 

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "runtime.installed",
                 "runtime.ggml", "runtime.propagation", "runtime.tools"}),
     ("pipeline", {"tensor_plan", "tensor_data", "output", "convert", "sensitivity", "equalize",
-                  "budget", "quantize", "facts"}),
+                  "budget", "quantize_options", "quantize", "facts"}),
     ("planner", {"plan.__init__", "plan.machines", "plan.memory", "plan.result", "plan.speed",
                  "plan.placement"}),
     ("runtime", {"runtime.devices", "runtime.rpc", "runtime.llama", "runtime.server", "runtime.loadlog"}),

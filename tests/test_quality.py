@@ -57,7 +57,7 @@ def kld(lab):
 @pytest.fixture(scope="module")
 def made(lab, workdir, runtime):
     """stock Q4_K_M (with and without the imatrix) and our int4-mixed steps."""
-    from step_gguf.quantize import Target, dry_run, quantize
+    from step_gguf.quantize import QuantizeOptions, Target, dry_run, quantize
 
     out = {}
     for name, extra in (("stock", []), ("stock-imatrix", ["--imatrix", str(lab["imatrix"])])):
@@ -69,12 +69,12 @@ def made(lab, workdir, runtime):
              "int4-imatrix-eq": {"imatrix": lab["imatrix"], "equalization": True}}
     for name, kw in steps.items():
         out[name] = workdir / f"quality-{name}.gguf"
-        result = quantize(lab["src"], out[name], int4, **kw)
+        result = quantize(lab["src"], out[name], int4, QuantizeOptions(**kw))
         if name == "int4-imatrix-eq":
             out["equalized"] = result.equalized
     out["budget"] = workdir / "quality-budget.gguf"
-    quantize(lab["src"], out["budget"], int4, imatrix=lab["imatrix"],
-             target=Target(bytes=dry_run(lab["src"], int4).total_bytes))
+    quantize(lab["src"], out["budget"], int4,
+             QuantizeOptions(imatrix=lab["imatrix"], target=Target(bytes=dry_run(lab["src"], int4).total_bytes)))
     return out
 
 

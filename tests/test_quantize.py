@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as Q
 
 from step_gguf.cli import main
 from step_gguf.output import OutputJob
-from step_gguf.quantize import KV_RECIPE, KV_RECIPE_TOML, dry_run, price_stock, quantize
+from step_gguf.quantize import KV_RECIPE, KV_RECIPE_TOML, QuantizeOptions, dry_run, price_stock, quantize
 from step_gguf.recipe import Recipe, RecipeError, load_recipe
 
 REAL_CONFIG = Path(__file__).parent / "data" / "step3p5-flash-config.json"
@@ -175,7 +175,7 @@ def test_bytes_equal_llama_quantize(qtype, with_imatrix, mini, mini_imatrix, run
     src, bf16 = mini
     imatrix = mini_imatrix if with_imatrix else None
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
-    quantize(src, ours, load_recipe(qtype), imatrix=imatrix)
+    quantize(src, ours, load_recipe(qtype), QuantizeOptions(imatrix=imatrix))
     _llama_quantize(runtime, bf16, theirs, qtype, imatrix)
     a, b = _tensors(ours), _tensors(theirs)
     assert set(a) == set(b)
@@ -193,7 +193,7 @@ def test_imatrix_changes_the_bytes(mini, mini_imatrix, tmp_path):
     src, _ = mini
     plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
     quantize(src, plain, load_recipe("Q4_K"))
-    quantize(src, weighted, load_recipe("Q4_K"), imatrix=mini_imatrix)
+    quantize(src, weighted, load_recipe("Q4_K"), QuantizeOptions(imatrix=mini_imatrix))
     name = "blk.1.ffn_up_exps.weight"
     assert np.asarray(_tensors(plain)[name].data).tobytes() != np.asarray(_tensors(weighted)[name].data).tobytes()
 
@@ -202,8 +202,8 @@ def test_imatrix_changes_the_bytes(mini, mini_imatrix, tmp_path):
 def test_gguf_source_gives_the_same_file_and_records_the_recipe(mini, tmp_path):
     src, bf16 = mini
     from_ckpt, from_gguf = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    quantize(src, from_ckpt, load_recipe("int4-mixed"), threads=1)
-    quantize(bf16, from_gguf, load_recipe("int4-mixed"), threads=2)
+    quantize(src, from_ckpt, load_recipe("int4-mixed"), QuantizeOptions(threads=1))
+    quantize(bf16, from_gguf, load_recipe("int4-mixed"), QuantizeOptions(threads=2))
     a, b = _tensors(from_ckpt), _tensors(from_gguf)
     assert {n: np.asarray(t.data).tobytes() for n, t in a.items()} == \
            {n: np.asarray(t.data).tobytes() for n, t in b.items()}
@@ -415,7 +415,7 @@ def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, 
     probe = quantize(src, tmp_path / "probe.gguf", load_recipe("int4-mixed"))
     header = probe.outputs[0].stat().st_size - sum(p.nbytes for p in plans)
     target = header + int(cheapest + share * (dearest - cheapest))
-    quantize(src, out, load_recipe("int4-mixed"), target=Target(bytes=target))
+    quantize(src, out, load_recipe("int4-mixed"), QuantizeOptions(target=Target(bytes=target)))
     size = out.stat().st_size
     print(f"{model}: target {target}, file {size} ({size / target:.4f}), header ~{header}")
     assert 0.98 * target <= size <= target
@@ -435,7 +435,7 @@ def test_budget_mode_leaves_the_mtp_blocks_at_the_recipes_types(mini, tmp_path):
     probe = quantize(src, tmp_path / "probe.gguf", load_recipe("int4-mixed")).outputs[0].stat().st_size
     for share, name in ((0.8, "low.gguf"), (1.3, "high.gguf")):
         out = tmp_path / name
-        quantize(src, out, load_recipe("int4-mixed"), target=Target(bytes=int(share * probe)))
+        quantize(src, out, load_recipe("int4-mixed"), QuantizeOptions(target=Target(bytes=int(share * probe))))
         tensors = _tensors(out)
         mtp = {n: t.tensor_type for n, t in tensors.items()
                if n.startswith(f"blk.{n_layer}.") and len(t.shape) > 1 and "router" not in n and "gate_inp" not in n}

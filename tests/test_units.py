@@ -30,11 +30,11 @@ def test_target_size_and_split_size_mean_the_same_bytes(checkpoint, tmp_path, mo
     --split-max-size 100G 100 * 10^9, on one command line."""
     seen = {}
 
-    def record(src, out, recipe, **kw):
-        seen.update(kw)
+    def record(src, out, recipe, options, **callbacks):
+        seen["options"] = options
         raise StepGGUFError("recorded")
     monkeypatch.setattr(q, "quantize", record)
     result = CliRunner().invoke(main, ["quantize", str(checkpoint("tiny")), "-o", str(tmp_path / "o.gguf"),
                                        "--target-size", "100G", "--split-max-size", "100G"])
     assert "recorded" in result.output, result.output
-    assert seen["target"].bytes == seen["split"].max_bytes == 100 * 10**9
+    assert seen["options"].target.bytes == seen["options"].split.max_bytes == 100 * 10**9

@@ -214,16 +214,16 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         target = q.Target(parse_size(target_size, "--target-size") if target_size else None, target_bpw)
         if imatrix_file is None:
             click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
+    options = q.QuantizeOptions(mtp=mtp, draft_out=draft_out if mtp == "split" else None,
+                                allow_requantize=allow_requantize, imatrix=imatrix_file,
+                                equalization=imatrix_file is not None if equalization is None else equalization,
+                                target=target, threads=threads, resume=not no_resume,
+                                card=_card(card_name, card_basename, card_license),
+                                split=_split(split_max_size, split_max_tensors))
     bar = ByteBar(f"quantizing {src.name} ({recipe.name})")
     start = time.perf_counter()
     try:
-        result = q.quantize(src, out, recipe, mtp=mtp, draft_out=draft_out if mtp == "split" else None,
-                            allow_requantize=allow_requantize, imatrix=imatrix_file,
-                            equalization=imatrix_file is not None if equalization is None else equalization,
-                            target=target, threads=threads, resume=not no_resume,
-                            card=_card(card_name, card_basename, card_license),
-                            split=_split(split_max_size, split_max_tensors),
-                            on_stage=_stage, on_start=bar.start, on_bytes=bar.advance)
+        result = q.quantize(src, out, recipe, options, on_stage=_stage, on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()
     _report(result, time.perf_counter() - start, budget=target is not None)
