@@ -40,10 +40,11 @@ def read_facts(src: str | os.PathLike, scheme: str | None = None,
     source = open_source(src, load_recipe(scheme or "int4-mixed"))
     cfg = source.cfg
     tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in source.plans)
-    return ModelFacts(src.name, cfg.n_layer, cfg.n_nextn, cfg.is_swa, cfg.n_head_kv, cfg.head_dim,
-                      cfg.sliding_window, cfg.vocab_size, cfg.hidden_size, cfg.n_expert,
-                      cfg.n_expert_used, cfg.expert_ff, max(cfg.n_head), cfg.context_length,
-                      tensors)
+    return ModelFacts(name=src.name, n_layer=cfg.n_layer, n_nextn=cfg.n_nextn, is_swa=cfg.is_swa,
+                      n_head_kv=cfg.n_head_kv, head_dim=cfg.head_dim, window=cfg.sliding_window,
+                      n_vocab=cfg.vocab_size, n_embd=cfg.hidden_size, n_expert=cfg.n_expert,
+                      n_expert_used=cfg.n_expert_used, expert_ff=cfg.expert_ff, max_heads=max(cfg.n_head),
+                      n_ctx_train=cfg.context_length, tensors=tensors)
 
 
 def _gguf_facts(path: Path) -> ModelFacts:
@@ -75,12 +76,13 @@ def _gguf_facts(path: Path) -> ModelFacts:
     n_head_kv = tuple(int(x) for x in per_layer(kv(Keys.Attention.HEAD_COUNT_KV, list(n_head))))
     head_dim = int(kv(Keys.Attention.KEY_LENGTH, n_embd // n_head[0] if n_head[0] else 0))
     return ModelFacts(
-        path.name, n_all - n_nextn, n_nextn,
-        tuple(bool(x) for x in per_layer(kv(Keys.Attention.SLIDING_WINDOW_PATTERN, [False] * n_all))),
-        n_head_kv, head_dim, int(kv(Keys.Attention.SLIDING_WINDOW, 0)),
-        int(embd.shape[1]), n_embd, int(kv(Keys.LLM.EXPERT_COUNT, 1)),
-        largest(kv(Keys.LLM.EXPERT_USED_COUNT, 1)), largest(kv(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0)),
-        max(n_head), int(kv(Keys.LLM.CONTEXT_LENGTH)), tensors)
+        name=path.name, n_layer=n_all - n_nextn, n_nextn=n_nextn,
+        is_swa=tuple(bool(x) for x in per_layer(kv(Keys.Attention.SLIDING_WINDOW_PATTERN, [False] * n_all))),
+        n_head_kv=n_head_kv, head_dim=head_dim, window=int(kv(Keys.Attention.SLIDING_WINDOW, 0)),
+        n_vocab=int(embd.shape[1]), n_embd=n_embd, n_expert=int(kv(Keys.LLM.EXPERT_COUNT, 1)),
+        n_expert_used=largest(kv(Keys.LLM.EXPERT_USED_COUNT, 1)),
+        expert_ff=largest(kv(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0)),
+        max_heads=max(n_head), n_ctx_train=int(kv(Keys.LLM.CONTEXT_LENGTH)), tensors=tensors)
 
 
 def _with_draft(m: ModelFacts, d: ModelFacts, path: str | os.PathLike) -> ModelFacts:

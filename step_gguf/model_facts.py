@@ -34,7 +34,7 @@ class Tensor:
 TensorKind = Literal["mtp", "draft_shared", "experts", "embeddings", "output", "shared", "attention", "router",
                      "norms", "dense"]
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelFacts:
     """What placement needs to know about a model, from a GGUF header or a config + recipe."""
 

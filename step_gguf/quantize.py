@@ -43,7 +43,7 @@ KV_RECIPE_TOML = "step_gguf.recipe.toml"  # the recipe (or budget plan) itself, 
 SourceKind = Literal["checkpoint", "config", "gguf"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Source:
     """What a recipe is applied to: the planned tensors and how to write the metadata."""
 
@@ -80,9 +80,10 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep"
         src = src / "config.json"
     if src.is_dir():
         opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
-        return Source("checkpoint", src, opened.cfg.n_layer, opened.plans,
-                      lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", opened.card),
-                      opened.cfg.n_expert_used, opened, opened.cfg, opened.cfg.routing_weight)
+        return Source(kind="checkpoint", path=src, n_layer=opened.cfg.n_layer, plans=opened.plans,
+                      write_kv=lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", opened.card),
+                      top_k=opened.cfg.n_expert_used, opened=opened, cfg=opened.cfg,
+                      routing_weight=opened.cfg.routing_weight)
     if not src.is_file():
         raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
     if src.suffix == ".json":
@@ -90,9 +91,9 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep"
         vocab = _placeholder_vocab(cfg.vocab_size)
         plans = plan_shapes(cfg, recipe, with_mtp=mtp != "drop")
         card = load_card(src.parent, cfg)
-        return Source("config", src, cfg.n_layer, plans,
-                      lambda w: write_metadata(w, cfg, vocab, mtp != "drop", card),
-                      cfg.n_expert_used, cfg=cfg, routing_weight=cfg.routing_weight)
+        return Source(kind="config", path=src, n_layer=cfg.n_layer, plans=plans,
+                      write_kv=lambda w: write_metadata(w, cfg, vocab, mtp != "drop", card),
+                      top_k=cfg.n_expert_used, cfg=cfg, routing_weight=cfg.routing_weight)
     return _open_gguf(src, recipe)
 
 
@@ -135,8 +136,8 @@ def _read_gguf(path: Path, recipe: Recipe) -> Source:
     top_k = max(int(k) for k in top_k) if isinstance(top_k, list) and top_k else int(top_k or 1)
     routing = routing_weight(float(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
                              bool(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False)), top_k)
-    return Source("gguf", path, n_layer, plans, lambda w: add_kv_fields(w, fields), top_k,
-                  routing_weight=routing)
+    return Source(kind="gguf", path=path, n_layer=n_layer, plans=plans,
+                  write_kv=lambda w: add_kv_fields(w, fields), top_k=top_k, routing_weight=routing)
 
 
 # ---------------------------------------------------------------- pricing

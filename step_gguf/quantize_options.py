@@ -24,7 +24,7 @@ class Target:
         return self.bytes if self.bytes is not None else int(self.bpw * n_params / 8)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantizeOptions:
     """How `quantize` applies a recipe, beyond the recipe: built once by the CLI from its flags.
     `imatrix` weights the input channels (and `equalization` derives per-channel scales from
