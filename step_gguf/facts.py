@@ -16,6 +16,7 @@ from .gguf_source import first_shard, open_gguf
 from .model_facts import ModelFacts, Tensor
 from .quantize import open_source
 from .recipe import load_recipe
+from .source_path import locate
 
 
 def read_facts(src: str | os.PathLike, scheme: str | None = None,
@@ -24,7 +25,7 @@ def read_facts(src: str | os.PathLike, scheme: str | None = None,
     quantization scheme (default int4-mixed), priced by the quantizer's dry run. `draft`: a
     separate MTP draft GGUF for the GGUF `src` (checked against it), loaded beside it."""
     src = Path(src)
-    if src.is_file() and src.suffix != ".json":
+    if locate(src)[0] == "gguf":
         if scheme:
             raise StepGGUFError(f"{src} is already a GGUF; --scheme prices a checkpoint or config")
         if draft is not None:
@@ -53,8 +54,8 @@ def _gguf_facts(path: Path) -> ModelFacts:
     reader = open_gguf(path)
     kv = reader.kv
     path = reader.path
-    n_all = int(kv(Keys.LLM.BLOCK_COUNT))
-    n_nextn = int(kv(Keys.LLM.NEXTN_PREDICT_LAYERS, 0))
+    n_trunk, n_nextn = reader.layers
+    n_all = n_trunk + n_nextn
 
     def per_layer(value) -> tuple:
         values = tuple(value) if isinstance(value, list) else (value,) * n_all
@@ -76,11 +77,11 @@ def _gguf_facts(path: Path) -> ModelFacts:
     n_head_kv = tuple(int(x) for x in per_layer(kv(Keys.Attention.HEAD_COUNT_KV, list(n_head))))
     head_dim = int(kv(Keys.Attention.KEY_LENGTH, n_embd // n_head[0] if n_head[0] else 0))
     return ModelFacts(
-        name=path.name, n_layer=n_all - n_nextn, n_nextn=n_nextn,
+        name=path.name, n_layer=n_trunk, n_nextn=n_nextn,
         is_swa=tuple(bool(x) for x in per_layer(kv(Keys.Attention.SLIDING_WINDOW_PATTERN, [False] * n_all))),
         n_head_kv=n_head_kv, head_dim=head_dim, window=int(kv(Keys.Attention.SLIDING_WINDOW, 0)),
         n_vocab=int(embd.shape[1]), n_embd=n_embd, n_expert=int(kv(Keys.LLM.EXPERT_COUNT, 1)),
-        n_expert_used=largest(kv(Keys.LLM.EXPERT_USED_COUNT, 1)),
+        n_expert_used=reader.experts_used,
         expert_ff=largest(kv(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0)),
         max_heads=max(n_head), n_ctx_train=int(kv(Keys.LLM.CONTEXT_LENGTH)), tensors=tensors)
 

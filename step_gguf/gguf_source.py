@@ -214,6 +214,19 @@ class GGUFSource:
             raise SourceError(f"{self.path} lacks the key {name}")
         return default
 
+    @property
+    def layers(self) -> tuple[int, int]:
+        """(trunk layers, MTP blocks): block_count counts both."""
+        n_all = int(self.kv(gguf.Keys.LLM.BLOCK_COUNT))
+        n_nextn = int(self.kv(gguf.Keys.LLM.NEXTN_PREDICT_LAYERS, 0))
+        return n_all - n_nextn, n_nextn
+
+    @property
+    def experts_used(self) -> int:
+        """Experts each token uses: a scalar, or llama.cpp's per-layer array form (the largest)."""
+        value = self.kv(gguf.Keys.LLM.EXPERT_USED_COUNT, 1)
+        return max(int(k) for k in value) if isinstance(value, list) and value else int(value or 1)
+
 
 def open_gguf(path: str | os.PathLike, *, arch: str | None = ARCH) -> GGUFSource:
     """Open the GGUF model at `path` (a file, or any shard of a split set) and check it: every

@@ -12,13 +12,14 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import gguf
 from gguf import GGMLQuantizationType as Q
 
 from .choices import MtpMode
 from .quantize_options import QuantizeOptions, Target
+from .source_path import SourceKind, locate
 from .convert import OpenedCheckpoint, checkpoint_jobs, open_checkpoint, write_metadata
 from .output import OutputJob, file_bytes, write_outputs, write_shape_only
 from .tensor_plan import FLOAT_TYPES, TensorPlan, plan_shapes
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 
 KV_RECIPE = "step_gguf.recipe"            # the recipe's name
 KV_RECIPE_TOML = "step_gguf.recipe.toml"  # the recipe (or budget plan) itself, reusable as --recipe
-
-
-# where a recipe's tensors come from: a checkpoint folder, a config alone (priced, not read) or a GGUF
-SourceKind = Literal["checkpoint", "config", "gguf"]
 
 
 @dataclass(kw_only=True)
@@ -75,18 +72,14 @@ def _placeholder_vocab(n: int) -> Vocab:
 def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep",
                 tokenizer_pre: str | None = None, card: CardOverrides | None = None) -> Source:
     """Plan `src` under `recipe`, reading headers only. `card` applies to checkpoint sources."""
-    src = Path(src)
-    if src.is_dir() and not any(src.glob("*.safetensors")) and (src / "config.json").is_file():
-        src = src / "config.json"
-    if src.is_dir():
+    kind, src = locate(src)
+    if kind == "checkpoint":
         opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
         return Source(kind="checkpoint", path=src, n_layer=opened.cfg.n_layer, plans=opened.plans,
                       write_kv=lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", opened.card),
                       top_k=opened.cfg.n_expert_used, opened=opened, cfg=opened.cfg,
                       routing_weight=opened.cfg.routing_weight)
-    if not src.is_file():
-        raise SourceError(f"{src} does not exist; give a checkpoint folder, its config.json or a GGUF")
-    if src.suffix == ".json":
+    if kind == "config":
         cfg = _config(src)
         vocab = _placeholder_vocab(cfg.vocab_size)
         plans = plan_shapes(cfg, recipe, with_mtp=mtp != "drop")
@@ -123,7 +116,7 @@ def _open_gguf(path: Path, recipe: Recipe) -> Source:
 def _read_gguf(path: Path, recipe: Recipe) -> Source:
     reader = open_gguf(path)  # one file or any shard of a split set, checked
     kv = reader.kv
-    n_layer = int(kv(gguf.Keys.LLM.BLOCK_COUNT, 0)) - int(kv(gguf.Keys.LLM.NEXTN_PREDICT_LAYERS, 0))
+    n_layer = reader.layers[0]
     plans = []
     for t in reader.tensors:  # in shard order, each pointing into its shard
         shape = t.torch_shape
@@ -132,8 +125,7 @@ def _read_gguf(path: Path, recipe: Recipe) -> Source:
 
     # decoded now, so a corrupt value is reported as unreadable input, not met while writing
     fields = kv_fields(reader, _DERIVED_KEYS)
-    top_k = kv(gguf.Keys.LLM.EXPERT_USED_COUNT, 1)  # a scalar, or llama.cpp's per-layer array form
-    top_k = max(int(k) for k in top_k) if isinstance(top_k, list) and top_k else int(top_k or 1)
+    top_k = reader.experts_used
     routing = routing_weight(float(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
                              bool(kv(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False)), top_k)
     return Source(kind="gguf", path=path, n_layer=n_layer, plans=plans,
