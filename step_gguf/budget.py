@@ -24,7 +24,7 @@ from typing import Callable
 
 from gguf import GGMLQuantizationType as Q
 
-from .model_facts import layer_of_gguf
+from .gguf_names import layer_of_gguf
 from .tensor_plan import FLOAT_TYPES, TensorPlan
 from .errors import StepGGUFError
 from .imatrix import Imatrix

@@ -16,12 +16,12 @@ plan's own types;
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .tensor_plan import FLOAT_TYPES, TensorPlan
+from .gguf_names import norm_consumers
 from .imatrix import Imatrix
 from .sensitivity import measure_tensor, usage
 
@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 ALPHAS = (0.0, 0.25, 0.5)
 MIN_GAIN = 0.01  # keep a scaling only where it lowers the measured error by more than this
 
-# norm -> the matrices that read its output, in the order their statistics are preferred
-# (a dense consumer has seen every token)
-CONSUMERS = {
-    "attn_norm": ("attn_q", "attn_k", "attn_v", "attn_gate"),
-    "ffn_norm": ("ffn_gate_shexp", "ffn_up_shexp", "ffn_gate", "ffn_up", "ffn_gate_inp",
-                 "ffn_gate_exps", "ffn_up_exps"),
-}
-_NORM = re.compile(r"^blk\.(\d+)\.(attn_norm|ffn_norm)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -65,10 +57,9 @@ def _groups(plans: list[TensorPlan], imat: Imatrix):
     """(norm, its consumers, their input statistics) for every norm the imatrix has seen."""
     by_name = {p.name: p for p in plans}
     for name, norm in by_name.items():
-        m = _NORM.match(name)
-        if not m:
+        names = norm_consumers(name)
+        if names is None:
             continue
-        names = [f"blk.{m.group(1)}.{c}.weight" for c in CONSUMERS[m.group(2)]]
         stats = next((imat[n][0] for n in names if n in imat and imat.entries[n].counts.size == 1), None)
         if stats is not None:
             yield norm, [by_name[n] for n in names if n in by_name], stats

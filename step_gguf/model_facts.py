@@ -4,19 +4,10 @@ read from a GGUF or a checkpoint by `facts`, consumed by the planner."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
-_BLK = re.compile(r"^blk\.(\d+)\.")
-# routed expert tensors, by GGUF name
-EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.")
-
-
-def layer_of_gguf(name: str) -> int | None:
-    m = _BLK.match(name)
-    return int(m.group(1)) if m else None
-
+from .gguf_names import EXPERTS, layer_of_gguf
 
 @dataclass(frozen=True)
 class Tensor:

@@ -23,7 +23,7 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 
 from .errors import StepGGUFError
-from .model_facts import layer_of_gguf
+from .gguf_names import layer_of_gguf
 
 RECIPES = "step_gguf.recipes"  # the top-level quant/ folder, as packaged
 

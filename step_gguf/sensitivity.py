@@ -13,12 +13,12 @@ relative perturbation it causes in what reaches the logits.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from .gguf_names import is_head, is_routed, stream_writer, writer
 from .tensor_data import transformed_rows
 from .tensor_plan import TensorPlan
 from .imatrix import EMBD_POINT, OUTPUT_POINT, Imatrix, layer_point
@@ -104,41 +104,22 @@ def measure_tensor(plan: TensorPlan, qtypes: list[Q], use: Usage) -> Measured:
     return Measured(e, {t.name: float(v / e) if e > 0 else 0.0 for t, v in zip(qtypes, err)})
 
 
-# inner matrices and the matrix whose output carries their error into the residual stream
-_DOWNSTREAM = [
-    (re.compile(r"^(blk\.\d+\.)attn_(q|k|v|gate)\.weight$"), r"\1attn_output.weight"),
-    (re.compile(r"^(blk\.\d+\.)ffn_(gate|up)_exps\.weight$"), r"\1ffn_down_exps.weight"),
-    (re.compile(r"^(blk\.\d+\.)ffn_(gate|up)_shexp\.weight$"), r"\1ffn_down_shexp.weight"),
-    (re.compile(r"^(blk\.\d+\.)ffn_(gate|up)\.weight$"), r"\1ffn_down.weight"),
-]
 # How far a depth's measured gain carries into a quantized tensor's cost. Single-group changes on
 # two synthetic checkpoints (bench/sensitivity.py: 19 groups each moved to Q2_K) follow about the
 # square root of the gains, which span 27x from the embeddings to the output (log error of the
 # prediction 0.46-0.52 at 0.5, 0.71 at 1), and budget mode's files came out best with it
 GAIN_POWER = 0.5
-_HEADS = re.compile(r"^output\.weight$|nextn\.shared_head_head\.weight$")
-_ROUTED = re.compile(r"_exps\.weight$")
-
-
-def _writer(name: str) -> str:
-    for rx, repl in _DOWNSTREAM:
-        if rx.match(name):
-            return rx.sub(repl, name)
-    return name
 
 
 def stream_point(name: str) -> str | None:
     """The point of the residual stream a tensor's error enters (runtime/propagation.py's names):
     its own or its writer's; None for tensors outside the trunk's stream (the MTP blocks)."""
-    writer = _writer(name)
-    if writer == "token_embd.weight":
+    if writer(name) == "token_embd.weight":
         return EMBD_POINT
-    if _HEADS.search(name):
+    if is_head(name):
         return OUTPUT_POINT if name == "output.weight" else None
-    m = re.match(r"^blk\.(\d+)\.(attn_output|ffn_down(_exps|_shexp)?)\.weight$", writer)
-    if m is None:
-        return None
-    return layer_point("attn" if m.group(2) == "attn_output" else "ffn", int(m.group(1)))
+    at = stream_writer(writer(name))
+    return layer_point(at[1], at[0]) if at is not None else None
 
 
 def logit_errors(measured: dict[str, Measured], order: list[str],
@@ -161,17 +142,17 @@ def logit_errors(measured: dict[str, Measured], order: list[str],
     for name in order:  # residual energy seen by each writer: what was written before it
         if name not in measured:
             continue
-        writer = _writer(name)
-        if _HEADS.search(name):
+        into = writer(name)
+        if is_head(name):
             weight[name] = 1.0
-        elif writer == name:  # token_embd, attn_output, ffn_down*, nextn.eh_proj
-            energy = measured[name].energy * (routing_weight ** 2 if _ROUTED.search(name) else 1.0)
+        elif into == name:  # token_embd, attn_output, ffn_down*, nextn.eh_proj
+            energy = measured[name].energy * (routing_weight ** 2 if is_routed(name) else 1.0)
             stream += energy
             weight[name] = energy / stream
     for name in measured:
         if name not in weight:
-            writer = _writer(name)
-            weight[name] = weight.get(writer, 0.0) if writer != name else 0.0
+            into = writer(name)
+            weight[name] = weight.get(into, 0.0) if into != name else 0.0
     if gains:
         weight = {n: w * gains.get(stream_point(n) or "", 1.0) ** GAIN_POWER for n, w in weight.items()}
     return {n: {t: r * weight[n] for t, r in m.relative_error.items()} for n, m in measured.items()}

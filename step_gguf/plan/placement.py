@@ -5,11 +5,11 @@ layers, only those this machine cannot hold."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 from ..errors import StepGGUFError
-from ..model_facts import EXPERTS, ModelFacts, Tensor
+from ..gguf_names import EXPERTS, mtp_required
+from ..model_facts import ModelFacts, Tensor
 from .machines import GiB, Profile, RpcHost, usable
 from .memory import KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
 from .result import Device, Plan
@@ -20,7 +20,6 @@ from .speed import CPU_EFFICIENCY, decode_tps, prompt_tps
 KV_SHARE = 1 / 6
 
 
-_MTP_SKIPPED = re.compile(r"\.(nextn\.(eh_proj|enorm|hnorm)|attn_(norm|q|k|v|qkv|output)|ffn_norm)\.weight$")
 
 
 def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: KvType | None = None,
@@ -131,7 +130,7 @@ class _Setup:
         file is loaded whole, and only to draft."""
         if t.draft:
             return self.mtp
-        return self.mtp or self.m.kind(t) != "mtp" or not _MTP_SKIPPED.search(t.name)
+        return self.mtp or self.m.kind(t) != "mtp" or not mtp_required(t.name)
 
     def on_cpu(self, t: Tensor) -> bool:
         """Tensors that stay in system memory whatever the GPU holds: the input layer (llama.cpp

@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import StepGGUFError
-from ..model_facts import ModelFacts, Tensor, layer_of_gguf
+from ..gguf_names import layer_of_gguf
+from ..model_facts import ModelFacts, Tensor
 from .machines import Profile
 from .memory import KvType, kv_bytes
 

@@ -4,7 +4,8 @@ doing it (plus the copies of system-memory experts to a GPU)."""
 
 from __future__ import annotations
 
-from ..model_facts import EXPERTS, ModelFacts
+from ..gguf_names import EXPERTS
+from ..model_facts import ModelFacts
 from .machines import Profile
 from .memory import KvType, kv_read
 from .result import Device
