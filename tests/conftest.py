@@ -50,6 +50,37 @@ def gguf_file(workdir, checkpoint):
     return get
 
 
+REAL_CONFIG = Path(__file__).parent / "data" / "step3p5-flash-config.json"  # the published 196B config
+
+
+@pytest.fixture(scope="session")
+def real_config() -> Path:
+    return REAL_CONFIG
+
+
+MINI = dict(n_layer=3, n_dense=1, n_expert=8, top_k=2, vocab=1024)  # the quant preset, shrunk
+
+
+@pytest.fixture(scope="session")
+def mini(workdir):
+    """The quant preset shrunk (3 layers, 8 experts): its checkpoint and BF16 GGUF."""
+    from step_gguf.convert import convert
+    from step_gguf.synth import synth
+
+    src = synth(workdir / "quant-mini", "quant", seed=5, **MINI)
+    bf16 = workdir / "quant-mini-bf16.gguf"
+    convert(src, bf16, outtype="bf16")
+    return src, bf16
+
+
+@pytest.fixture(scope="session")
+def mini_imatrix(mini, workdir, runtime):
+    """llama-imatrix's importance matrix of `mini`, 4 chunks of 128 tokens."""
+    from step_gguf.runtime import tools
+
+    return tools.imatrix(mini[1], workdir / "quant-mini-imatrix.gguf", ctx=128, chunks=4)
+
+
 @pytest.fixture(scope="session")
 def runtime():
     """The patched runtime; a missing one fails the test (CI must build it, not skip)."""
