@@ -28,7 +28,6 @@ from .vocab import Vocab, load_vocab
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------- metadata
 
 

@@ -31,7 +31,6 @@ ALPHAS = (0.0, 0.25, 0.5)
 MIN_GAIN = 0.01  # keep a scaling only where it lowers the measured error by more than this
 
 
-
 @dataclass(frozen=True)
 class Equalized:
     norm: str

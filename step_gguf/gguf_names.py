@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
-# routed expert tensors
-EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.")
-# the norms that scale a block's inputs, and the matrices that read each norm's output
+_EXPERTS = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.")
+# the norms that scale a block's inputs, and the matrices that read each norm's output, in the
+# order their input statistics are preferred (a dense consumer has seen every token)
 _NORM = re.compile(r"^blk\.(\d+)\.(attn_norm|ffn_norm)\.weight$")
-NORM_CONSUMERS = {
+_NORM_CONSUMERS = {
     "attn_norm": ("attn_q", "attn_k", "attn_v", "attn_gate"),
     "ffn_norm": ("ffn_gate_shexp", "ffn_up_shexp", "ffn_gate", "ffn_up", "ffn_gate_inp",
                  "ffn_gate_exps", "ffn_up_exps"),
@@ -26,7 +26,6 @@ _DOWNSTREAM = [
 ]
 _STREAM_WRITER = re.compile(r"^blk\.(\d+)\.(attn_output|ffn_down(_exps|_shexp)?)\.weight$")
 _HEADS = re.compile(r"^output\.weight$|nextn\.shared_head_head\.weight$")
-_ROUTED = re.compile(r"_exps\.weight$")
 # an MTP block's required tensors (input projection, norms, attention), which llama.cpp skips
 # when it does not draft; it still loads the optional ones, the experts among them
 _MTP_REQUIRED = re.compile(r"\.(nextn\.(eh_proj|enorm|hnorm)|attn_(norm|q|k|v|qkv|output)|ffn_norm)\.weight$")
@@ -38,8 +37,8 @@ def layer_of_gguf(name: str) -> int | None:
 
 
 def is_routed(name: str) -> bool:
-    """A routed expert's stacked weight."""
-    return _ROUTED.search(name) is not None
+    """A routed expert tensor (the experts' stacked gate, up or down)."""
+    return _EXPERTS.match(name) is not None
 
 
 def is_head(name: str) -> bool:
@@ -50,7 +49,7 @@ def is_head(name: str) -> bool:
 def norm_consumers(name: str) -> list[str] | None:
     """The matrices reading the norm `name` (blk.N.attn_norm / ffn_norm), or None for another tensor."""
     m = _NORM.match(name)
-    return [f"blk.{m.group(1)}.{c}.weight" for c in NORM_CONSUMERS[m.group(2)]] if m else None
+    return [f"blk.{m.group(1)}.{c}.weight" for c in _NORM_CONSUMERS[m.group(2)]] if m else None
 
 
 def writer(name: str) -> str:
@@ -62,10 +61,10 @@ def writer(name: str) -> str:
     return name
 
 
-def stream_writer(name: str) -> tuple[int, str] | None:
-    """(block, "attn" or "ffn") of a matrix writing into the residual stream, else None."""
+def stream_writer(name: str) -> tuple[str, int] | None:
+    """("attn" or "ffn", block) of a matrix writing into the residual stream, else None."""
     m = _STREAM_WRITER.match(name)
-    return (int(m.group(1)), "attn" if m.group(2) == "attn_output" else "ffn") if m else None
+    return ("attn" if m.group(2) == "attn_output" else "ffn", int(m.group(1))) if m else None
 
 
 def mtp_required(name: str) -> bool:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .gguf_names import EXPERTS, layer_of_gguf
+from .gguf_names import is_routed, layer_of_gguf
+
 
 @dataclass(frozen=True)
 class Tensor:
@@ -24,6 +25,7 @@ class Tensor:
 # the class a tensor is reported and placed under (ModelFacts.kind)
 TensorKind = Literal["mtp", "draft_shared", "experts", "embeddings", "output", "shared", "attention", "router",
                      "norms", "dense"]
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelFacts:
@@ -53,7 +55,7 @@ class ModelFacts:
             return "mtp"
         if t.draft:  # the draft file's own embeddings, output and norms, loaded a second time
             return "draft_shared"
-        if EXPERTS.match(t.name):
+        if is_routed(t.name):
             return "experts"
         if t.name.startswith("token_embd"):
             return "embeddings"
@@ -73,7 +75,7 @@ class ModelFacts:
         """Bytes one decoded token reads of `t`."""
         if t.name.startswith("token_embd"):
             return t.bytes / self.n_vocab
-        if EXPERTS.match(t.name):
+        if is_routed(t.name):
             return t.bytes * self.n_expert_used / self.n_expert
         return t.bytes
 

@@ -114,12 +114,13 @@ GAIN_POWER = 0.5
 def stream_point(name: str) -> str | None:
     """The point of the residual stream a tensor's error enters (runtime/propagation.py's names):
     its own or its writer's; None for tensors outside the trunk's stream (the MTP blocks)."""
-    if writer(name) == "token_embd.weight":
+    into = writer(name)
+    if into == "token_embd.weight":
         return EMBD_POINT
     if is_head(name):
         return OUTPUT_POINT if name == "output.weight" else None
-    at = stream_writer(writer(name))
-    return layer_point(at[1], at[0]) if at is not None else None
+    at = stream_writer(into)
+    return layer_point(*at) if at is not None else None
 
 
 def logit_errors(measured: dict[str, Measured], order: list[str],

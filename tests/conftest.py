@@ -50,12 +50,10 @@ def gguf_file(workdir, checkpoint):
     return get
 
 
-REAL_CONFIG = Path(__file__).parent / "data" / "step3p5-flash-config.json"  # the published 196B config
-
-
 @pytest.fixture(scope="session")
 def real_config() -> Path:
-    return REAL_CONFIG
+    """Step 3.5 Flash's published config.json (196B): priced and planned from shapes alone."""
+    return Path(__file__).parent / "data" / "step3p5-flash-config.json"
 
 
 MINI = dict(n_layer=3, n_dense=1, n_expert=8, top_k=2, vocab=1024)  # the quant preset, shrunk

@@ -74,10 +74,9 @@ def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, 
     header (vocabulary, merges, template, the stored recipe) is 3% of the file, more than the
     2% the bound leaves: a budget of tensor data alone would overshoot."""
     from step_gguf.budget import _candidates
+    from step_gguf.gguf_names import layer_of_gguf
     from step_gguf.quantize import Target, open_source
     from step_gguf.recipe import tensor_bytes
-
-    from step_gguf.gguf_names import layer_of_gguf
 
     src = mini[0] if model == "mini" else checkpoint("tiny")
     source = open_source(src, load_recipe("int4-mixed"))

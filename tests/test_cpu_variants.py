@@ -15,7 +15,7 @@ from step_gguf.runtime import build as b
 from step_gguf.runtime import cpu, glslc_cache
 
 TAGS = [v.tag for v in cpu.CPU_VARIANTS]
-AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
+AVX2_ONLY = set(cpu.BY_TAG["haswell"].flags)
 
 
 def test_a_cpu_without_avx2_is_refused_in_one_line(monkeypatch):

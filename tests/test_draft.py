@@ -25,7 +25,6 @@ from step_gguf.draft import beside, draft_path, resolve
 from step_gguf.errors import StepGGUFError
 from step_gguf.model import Step35Config
 
-REAL = Path(__file__).parent / "data" / "step3p5-flash-config.json"
 PLAN_ARGS = ["--profile", "custom", "--ram", "1", "--mem-bw", "10", "--vram", "0.5", "--gpu-bw",
              "100", "-c", "256", "--json"]
 SHARED = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
@@ -116,8 +115,8 @@ def test_plan_places_and_counts_a_separate_draft_as_the_embedded_heads(pair, che
     assert not any(d["draft_tensors"] for d in off["devices"])
 
 
-def test_a_separate_draft_of_the_real_model_is_planned_as_its_embedded_heads():
-    real = read_facts(REAL)
+def test_a_separate_draft_of_the_real_model_is_planned_as_its_embedded_heads(real_config):
+    real = read_facts(real_config)
     heads = [t for t in real.tensors if (t.layer or 0) >= real.n_layer]
     trunk = replace(real, tensors=tuple(t for t in real.tensors if t not in heads))
     draft = replace(real, tensors=tuple(heads) + tuple(t for t in real.tensors if t.name in SHARED))
@@ -137,7 +136,7 @@ def test_a_separate_draft_of_the_real_model_is_planned_as_its_embedded_heads():
     assert [args[i + 1] for i, x in enumerate(args) if x == "-otd"] == [r"^output\.weight$=CPU"]
 
 
-def test_a_wrong_draft_is_one_line(pair, checkpoint, tmp_path):
+def test_a_wrong_draft_is_one_line(pair, checkpoint, tmp_path, real_config):
     whole, trunk, draft = pair
     _one_line_error(_cli("plan", trunk, "--draft", trunk, *PLAN_ARGS), "trunk, not a draft")
     _one_line_error(_cli("plan", trunk, "--draft", whole, *PLAN_ARGS), "holds a whole model")
@@ -145,7 +144,7 @@ def test_a_wrong_draft_is_one_line(pair, checkpoint, tmp_path):
     _one_line_error(_cli("plan", trunk, "--draft", tmp_path / "none.gguf", *PLAN_ARGS), "does not exist")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     _one_line_error(_cli("plan", trunk, "--draft", tmp_path / "junk.gguf", *PLAN_ARGS), "junk.gguf")
-    _one_line_error(_cli("plan", REAL, "--draft", draft, *PLAN_ARGS), "--draft goes with a GGUF")
+    _one_line_error(_cli("plan", real_config, "--draft", draft, *PLAN_ARGS), "--draft goes with a GGUF")
     # the draft of a model of another shape (hidden 96, 6 layers)
     other = tmp_path / "other.gguf"
     convert(checkpoint("tiny-fp8-3p7"), other, outtype="bf16", mtp="split", draft_out=draft_path(other))

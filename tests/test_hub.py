@@ -29,7 +29,6 @@ from step_gguf.synth import synth
 from step_gguf.synth_tokenizer import BASE_MODEL
 
 ORG, NAME, REV = "stepfun-ai", "Step-3.5-Flash-Tiny", "0f3c9a1e5b7d2c4a6e8f0b1d3c5e7a9b2d4f6a8c"
-REAL_CONFIG = Path(__file__).parent / "data" / "step3p5-flash-config.json"
 General = gguf.Keys.General
 
 
@@ -185,8 +184,8 @@ def test_front_matter_that_is_not_yaml_is_left_out_with_a_warning(plain, tmp_pat
     assert "front matter unreadable" in caplog.text
 
 
-def test_size_label_of_the_real_model():
-    cfg = Step35Config.from_dict(json.loads(REAL_CONFIG.read_text()))
+def test_size_label_of_the_real_model(real_config):
+    cfg = Step35Config.from_dict(json.loads(real_config.read_text()))
     total, active = param_counts(cfg)
     # 42 MoE layers x 288 experts x 3 x 4096 x 1280 = 190.3B routed; 8 of 288 run per token
     assert 196e9 < total < 197e9 and 11e9 < active < 12e9

@@ -14,9 +14,10 @@ PACKAGE = Path(__file__).parent.parent / "step_gguf"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS: list[tuple[str, set[str]]] = [
-    ("facts", {"__init__", "errors", "layout", "model", "gguf_names", "model_facts", "recipe", "probe", "units", "choices", "synth_presets"}),
-    ("files", {"source_path", "checkpoint", "gguf_source", "vocab", "imatrix", "resume", "model_card", "draft",
-               "synth", "synth_script", "synth_tokenizer"}),
+    ("facts", {"__init__", "errors", "layout", "model", "gguf_names", "model_facts", "recipe", "probe", "units",
+               "choices", "synth_presets"}),
+    ("files", {"source_path", "checkpoint", "gguf_source", "vocab", "imatrix", "resume", "model_card",
+               "draft", "synth", "synth_script", "synth_tokenizer"}),
     ("native", {"runtime.process", "runtime.page", "runtime.cpu", "runtime.glslc_cache", "runtime.build",
                 "runtime.installed",
                 "runtime.ggml", "runtime.propagation", "runtime.tools"}),

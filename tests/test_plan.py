@@ -2,7 +2,6 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +11,6 @@ from step_gguf.facts import read_facts
 from step_gguf.cli import main
 from step_gguf.errors import StepGGUFError
 
-REAL = Path(__file__).parent / "data" / "step3p5-flash-config.json"
 GiB = 1 << 30
 # one cached position of one layer, f16: K and V, 8 KV heads x 128 dims x 2 bytes
 POS = 2 * 8 * 128 * 2
@@ -22,8 +20,8 @@ Q4_K, Q5_K = EXPERT_WEIGHTS // 256 * 144, EXPERT_WEIGHTS // 256 * 176
 
 
 @pytest.fixture(scope="module")
-def real():
-    return read_facts(REAL)   # priced under int4-mixed, from the config alone
+def real(real_config):
+    return read_facts(real_config)   # priced under int4-mixed, from the config alone
 
 
 @pytest.mark.parametrize("ctx, expected", [
@@ -103,11 +101,11 @@ def test_server_args_keep_exactly_the_planned_tensors_on_the_cpu(real):
     assert args[args.index("--spec-draft-n-max") + 1] == "3"
 
 
-def test_refuses_a_machine_the_model_cannot_fit(real):
+def test_refuses_a_machine_the_model_cannot_fit(real, real_config):
     # 12 GB GPU + 64 GB RAM: about 68 GiB usable for 111 GiB of weights
     with pytest.raises(StepGGUFError, match=r"does not fit gpu-12gb: it needs 1\d\d\.\d\d GiB"):
         P.plan(real, P.machine("gpu-12gb"), 32768)
-    r = CliRunner().invoke(main, ["plan", str(REAL), "--profile", "gpu-12gb"])
+    r = CliRunner().invoke(main, ["plan", str(real_config), "--profile", "gpu-12gb"])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "does not fit" in r.output
 

@@ -135,11 +135,11 @@ def test_fuzzed_gguf_input(pristine_gguf, tmp_path_factory, data):
 
 @FUZZ
 @given(text=st.text(max_size=300))
-def test_fuzzed_recipe_files(tmp_path_factory, text):
+def test_fuzzed_recipe_files(tmp_path_factory, real_config, text):
     path = tmp_path_factory.mktemp("recipe") / "r.toml"
     path.write_text('[[rule]]\nmatch = "."\ntype = "Q8_0"\n' if not text else text)
-    config = Path(__file__).parent / "data" / "step3p5-flash-config.json"
-    _assert_clean_failure(CliRunner().invoke(main, ["quantize", str(config), "--dry-run", "--recipe", str(path)]))
+    _assert_clean_failure(CliRunner().invoke(main, ["quantize", str(real_config), "--dry-run", "--recipe",
+                                                    str(path)]))
 
 
 @FUZZ

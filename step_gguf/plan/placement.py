@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import StepGGUFError
-from ..gguf_names import EXPERTS, mtp_required
+from ..gguf_names import is_routed, mtp_required
 from ..model_facts import ModelFacts, Tensor
 from .machines import GiB, Profile, RpcHost, usable
 from .memory import KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
@@ -18,8 +18,6 @@ from .speed import CPU_EFFICIENCY, decode_tps, prompt_tps
 
 # quantized KV when f16 would take more than this share of the usable VRAM
 KV_SHARE = 1 / 6
-
-
 
 
 def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: KvType | None = None,
@@ -230,7 +228,7 @@ def _local(s: _Setup, lo: int, hi: int, output: bool,
     embd = [t for t in used if s.on_cpu(t)]
     # MTP experts before the trunk's: a draft step runs one head alone, so a head in system
     # memory pays a GPU->CPU round trip for every drafted token
-    heads_experts = [t for t in used if EXPERTS.match(t.name) and m.kind(t) == "mtp"]
+    heads_experts = [t for t in used if is_routed(t.name) and m.kind(t) == "mtp"]
     trunk_experts = [t for t in used if m.kind(t) == "experts"]
     experts = heads_experts + trunk_experts if s.mtp else trunk_experts + heads_experts
     first = [t for t in used if t not in embd and t not in experts]

@@ -4,7 +4,7 @@ doing it (plus the copies of system-memory experts to a GPU)."""
 
 from __future__ import annotations
 
-from ..gguf_names import EXPERTS
+from ..gguf_names import is_routed
 from ..model_facts import ModelFacts
 from .machines import Profile
 from .memory import KvType, kv_read
@@ -62,7 +62,7 @@ def prompt_tps(m: ModelFacts, devices: list[Device], profile: Profile, n_ubatch:
         seconds += flops(local) / profile.gpu_flops
         if not profile.unified:
             seconds += sum(t.bytes for d in local if d.name == "CPU" for t in d.tensors
-                           if EXPERTS.match(t.name)) / (profile.link_bw * n_ubatch)
+                           if is_routed(t.name)) / (profile.link_bw * n_ubatch)
     else:
         seconds += flops(local) / profile.cpu_flops
     return 1 / seconds if seconds else 0.0
