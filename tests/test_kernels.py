@@ -134,8 +134,7 @@ def test_every_simd_kernel_matches_the_portable_c_kernel(kernel_cases, variant):
 def test_repacked_ops_match_ggmls_unpatched_ops(kernel_cases):
     ops = [(what, v) for level, what, v in kernel_cases if level == "op"]
     assert {w.split()[3] for w, _ in ops} == {"mul_mat", "mul_mat_id", "mul_mat_id_bcast"}
-    repacked = 4 - sum(level == "layout" for level, _, _ in kernel_cases) // (2 + 6 * 5 + 4)
-    assert len(ops) == repacked * 3 * (8 + 2 * 6)  # repacked types x (random, two adversarial) x cases
+    assert len(ops) == 4 * 3 * (8 + 2 * 6)  # the four types x (random, two adversarial) x cases
     bad = [(w, v) for w, v in ops if not v <= _bound(w)]
     assert not bad, bad
 
