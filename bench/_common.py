@@ -15,9 +15,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from step_gguf.runtime import cpu
-from step_gguf.runtime.build import extract_sdist, fetch_sdist
-from step_gguf.synth import synth
+from step_gguf.native import cpu
+from step_gguf.native.build import extract_sdist, fetch_sdist
+from step_gguf.synth.writer import synth
 
 QUALITY_CTX = 256  # tokens a chunk, for the imatrix and KLD of the quality benches
 
@@ -151,8 +151,8 @@ class Quality:
 
 def quality_files(work: Path, preset: str, seed: int, threads: int) -> Quality:
     """`preset` at `seed` under `work` with its reference files, each made once."""
-    from step_gguf.convert import convert  # noqa: PLC0415
-    from step_gguf.runtime import tools  # noqa: PLC0415
+    from step_gguf.pipeline.convert import convert  # noqa: PLC0415
+    from step_gguf.native import tools  # noqa: PLC0415
 
     q = Quality(work / f"{preset}-{seed}", work / "f32.gguf", work / "bf16.gguf", work / "imatrix.gguf",
                 work / "held-out.txt")

@@ -23,9 +23,9 @@ from pathlib import Path
 from _common import QUALITY_CTX as CTX
 from _common import quality_files, work_dir
 
-from step_gguf.quantize import QuantizeOptions, Target, quantize
-from step_gguf.recipe import load_recipe
-from step_gguf.runtime import installed, tools
+from step_gguf.core.recipe import load_recipe
+from step_gguf.native import installed, tools
+from step_gguf.pipeline.quantize import QuantizeOptions, Target, quantize
 
 EVERY_TOKEN = r"attn|shexp|ffn_(gate|up|down)\.|token_embd|output"
 # (name, every-token type, gate/up experts, down experts)

@@ -32,12 +32,13 @@ from typing import NamedTuple
 from _common import checkpoint, machine_parser, work_dir
 
 from step_gguf import plan as planner
-from step_gguf.facts import read_facts
-from step_gguf.probe import ram_bytes, read_bandwidth
-from step_gguf.quantize import quantize
-from step_gguf.recipe import load_recipe
-from step_gguf.runtime import installed, llama, server
-from step_gguf.synth import synth
+from step_gguf.core.recipe import load_recipe
+from step_gguf.native import installed
+from step_gguf.native.machine_probe import ram_bytes, read_bandwidth
+from step_gguf.pipeline.quantize import quantize
+from step_gguf.pipeline.source_facts import read_facts
+from step_gguf.runtime import llama, server
+from step_gguf.synth.writer import synth
 
 
 def llama_bench(gguf: Path, threads: int, tokens: int) -> tuple[float, float]:

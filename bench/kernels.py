@@ -41,12 +41,12 @@ from pathlib import Path
 from _common import checkpoint, machine_parser, pin_variant, work_dir
 from decode import SCRIPT, mtp_plans, mtp_rounds, scripted, this_machine
 
-from step_gguf.convert import convert
-from step_gguf.probe import read_bandwidth
-from step_gguf.quantize import quantize
-from step_gguf.recipe import load_recipe
-from step_gguf.runtime import build as b
-from step_gguf.runtime import installed
+from step_gguf.core.recipe import load_recipe
+from step_gguf.native import build as b
+from step_gguf.native import installed
+from step_gguf.native.machine_probe import read_bandwidth
+from step_gguf.pipeline.convert import convert
+from step_gguf.pipeline.quantize import quantize
 
 BATCHES = (1, 2, 4, 8)
 PROMPT = 512

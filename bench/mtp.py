@@ -34,7 +34,7 @@ from _common import machine_parser, work_dir
 from decode import scripted, this_machine
 
 from step_gguf import plan as planner
-from step_gguf.facts import read_facts
+from step_gguf.pipeline.source_facts import read_facts
 from step_gguf.runtime import server
 
 ACCURACIES = (0.0, 0.3, 0.6, 0.9, 1.0)

@@ -29,10 +29,11 @@ from pathlib import Path
 from _common import description, work_dir
 
 from step_gguf import plan as P
-from step_gguf.errors import StepGGUFError
-from step_gguf.facts import read_facts
-from step_gguf.runtime import installed, server
-from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
+from step_gguf.core.errors import StepGGUFError
+from step_gguf.native import installed
+from step_gguf.native.build import STEP35_TEMPLATE, sdist_text
+from step_gguf.pipeline.source_facts import read_facts
+from step_gguf.runtime import server
 from step_gguf.runtime.loadlog import COPY_STATS, MiB, LoadLog
 
 CTX, UBATCH = 4096, 64
@@ -41,9 +42,9 @@ SCRIPT = ["The user", " wants", " the weather", " in Paris.", "\n</think>\n", "I
 
 
 def scripted_model(work: Path) -> Path:
-    from step_gguf.quantize import quantize
-    from step_gguf.recipe import load_recipe
-    from step_gguf.synth import synth
+    from step_gguf.pipeline.quantize import quantize
+    from step_gguf.core.recipe import load_recipe
+    from step_gguf.synth.writer import synth
 
     out = work / "scripted-int4.gguf"
     if not out.exists():

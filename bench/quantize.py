@@ -36,7 +36,7 @@ from pathlib import Path
 # run as a script, bench/ is on sys.path
 from _common import Timing, best, checkpoint, description, llama_cpp_convert_cmd, measure, read_through, remove
 
-from step_gguf.runtime import installed, tools
+from step_gguf.native import installed, tools
 
 SCHEME = "int4-mixed"
 FTYPE = "Q4_K_M"

@@ -26,12 +26,12 @@ import numpy as np
 # run as a script, bench/ is on sys.path
 from _common import QUALITY_CTX, machine_parser, quality_files, work_dir
 
-from step_gguf import budget
-from step_gguf.imatrix import load_imatrix
-from step_gguf.quantize import QuantizeOptions, attach_imatrix, open_source, quantize
-from step_gguf.recipe import Recipe, Rule, load_recipe
-from step_gguf.runtime import propagation, tools
-from step_gguf.sensitivity import logit_errors
+from step_gguf.core.recipe import Recipe, Rule, load_recipe
+from step_gguf.files.imatrix import load_imatrix
+from step_gguf.native import propagation, tools
+from step_gguf.pipeline import budget
+from step_gguf.pipeline.quantize import QuantizeOptions, attach_imatrix, open_source, quantize
+from step_gguf.pipeline.sensitivity import logit_errors
 from gguf import GGMLQuantizationType as Q
 
 

@@ -23,10 +23,11 @@ from decode import this_machine
 from kernels import models
 
 from step_gguf import plan as planner
-from step_gguf.facts import read_facts
-from step_gguf.probe import read_bandwidth
-from step_gguf.runtime import build as b
-from step_gguf.runtime import installed, server
+from step_gguf.native import build as b
+from step_gguf.native import installed
+from step_gguf.native.machine_probe import read_bandwidth
+from step_gguf.pipeline.source_facts import read_facts
+from step_gguf.runtime import server
 
 CLIENTS = (1, 2, 4, 8)
 

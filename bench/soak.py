@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     work = work_dir(args.work, "step-gguf-soak-")
     model = work / "scripted.gguf"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from step_gguf.convert import convert
-from step_gguf.synth import synth
+from step_gguf.pipeline.convert import convert
+from step_gguf.synth.writer import synth
 
 # (preset, seed, fp8, step3p7, shape overrides): three different shapes for parity
 SHAPES = {
@@ -51,6 +51,37 @@ def gguf_file(workdir, checkpoint):
 
 
 @pytest.fixture(scope="session")
+def tiny_src(checkpoint) -> Path:
+    return checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(gguf_file) -> Path:
+    return gguf_file("tiny", "f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_src, workdir) -> list[Path]:
+    """`tiny_src` converted by the CLI (F32) into 4 shards of at most 50 tensors: `tiny_f32` split."""
+    from cli_checks import cli
+
+    out = workdir / "tiny-shards" / "m.gguf"
+    result = cli("convert", tiny_src, "-o", out, "--outtype", "f32", "--split-max-tensors", "50")
+    assert result.exit_code == 0, result.output
+    paths = sorted(out.parent.glob("m-*-of-*.gguf"))
+    assert [p.name for p in paths] == [f"m-{i:05d}-of-00004.gguf" for i in range(1, 5)]
+    assert sorted(p.name for p in out.parent.iterdir()) == [p.name for p in paths]  # nothing else
+    assert all(f"wrote {p}" in result.output for p in paths)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_src(checkpoint) -> Path:
+    """Tensors of up to 1 MiB (F16), 46 MiB in all: a SIGKILL lands mid-tensor."""
+    return checkpoint("small")
+
+
+@pytest.fixture(scope="session")
 def real_config() -> Path:
     """Step 3.5 Flash's published config.json (196B): priced and planned from shapes alone."""
     return Path(__file__).parent / "data" / "step3p5-flash-config.json"
@@ -62,9 +93,6 @@ MINI = dict(n_layer=3, n_dense=1, n_expert=8, top_k=2, vocab=1024)  # the quant 
 @pytest.fixture(scope="session")
 def mini(workdir):
     """The quant preset shrunk (3 layers, 8 experts): its checkpoint and BF16 GGUF."""
-    from step_gguf.convert import convert
-    from step_gguf.synth import synth
-
     src = synth(workdir / "quant-mini", "quant", seed=5, **MINI)
     bf16 = workdir / "quant-mini-bf16.gguf"
     convert(src, bf16, outtype="bf16")
@@ -74,7 +102,7 @@ def mini(workdir):
 @pytest.fixture(scope="session")
 def mini_imatrix(mini, workdir, runtime):
     """llama-imatrix's importance matrix of `mini`, 4 chunks of 128 tokens."""
-    from step_gguf.runtime import tools
+    from step_gguf.native import tools
 
     return tools.imatrix(mini[1], workdir / "quant-mini-imatrix.gguf", ctx=128, chunks=4)
 
@@ -82,7 +110,7 @@ def mini_imatrix(mini, workdir, runtime):
 @pytest.fixture(scope="session")
 def runtime():
     """The patched runtime; a missing one fails the test (CI must build it, not skip)."""
-    from step_gguf.runtime import installed
+    from step_gguf.native import installed
     return installed.check()
 
 

@@ -9,7 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from step_gguf.runtime import build as b
+from step_gguf.native import build as b
 
 NATIVE = Path(__file__).parent / "native"
 
@@ -39,6 +39,6 @@ def stock_build() -> b.RuntimeBuild:
     """Stock llama.cpp from the same sdist and for the same backend as the installed runtime
     (so the two share their unpatched objects in ccache), built once into the cache (minutes
     the first time). Where no GPU is visible it runs on the CPU, as the runtime does."""
-    from step_gguf.runtime import installed
+    from step_gguf.native import installed
 
     return b.build(b.BuildSpec(installed.check().backend, series=0))

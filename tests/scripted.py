@@ -17,8 +17,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def scripted_checkpoint(folder: Path) -> Path:
     """The checkpoint, made once. A 4096-token context: the template's tool prompt alone is
     ~700 tokens."""
-    from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
-    from step_gguf.synth import synth
+    from step_gguf.native.build import STEP35_TEMPLATE, sdist_text
+    from step_gguf.synth.writer import synth
 
     if not folder.exists():
         synth(folder, "tiny", script=REASONING + CALL, chat_template=sdist_text(STEP35_TEMPLATE),
@@ -32,8 +32,8 @@ GREETING = ["Bonjour", " from", " the", " page", "."]
 def greeting_checkpoint(folder: Path) -> Path:
     """A scripted checkpoint whose every answer is the plain text of GREETING (the template
     opens a reasoning block, which the script closes at once)."""
-    from step_gguf.runtime.build import STEP35_TEMPLATE, sdist_text
-    from step_gguf.synth import synth
+    from step_gguf.native.build import STEP35_TEMPLATE, sdist_text
+    from step_gguf.synth.writer import synth
 
     if not folder.exists():
         synth(folder, "tiny", script=["\n</think>\n", *GREETING], chat_template=sdist_text(STEP35_TEMPLATE),

@@ -116,7 +116,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def served(workdir, runtime):
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     model = workdir / "scripted.gguf"
     if not model.exists():

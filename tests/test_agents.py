@@ -22,7 +22,7 @@ REASONING_TEXT = "".join(REASONING)
 @pytest.fixture(scope="module")
 def served(workdir, runtime):
     """`step-gguf serve` with an API key, as a user starts it; its base URL (no /v1)."""
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     model = workdir / "agents-scripted.gguf"
     if not model.exists():

@@ -8,8 +8,8 @@ import gguf
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from step_gguf.quantize import QuantizeOptions, quantize
-from step_gguf.recipe import load_recipe
+from step_gguf.core.recipe import load_recipe
+from step_gguf.pipeline.quantize import QuantizeOptions, quantize
 
 
 @pytest.mark.runtime
@@ -20,10 +20,10 @@ def test_fp8_blocks_other_than_128_measure_as_their_dequantized_twins(workdir, r
     seen 6%). Measured with 128 x 128 blocks, as before, some tensor is off by more than 10%."""
     from dataclasses import replace
 
-    from step_gguf.budget import measure
-    from step_gguf.convert import convert
-    from step_gguf.quantize import open_source
-    from step_gguf.synth import synth
+    from step_gguf.pipeline.budget import measure
+    from step_gguf.pipeline.convert import convert
+    from step_gguf.pipeline.quantize import open_source
+    from step_gguf.synth.writer import synth
 
     recipe = load_recipe("int4-mixed")
     fp8 = open_source(synth(workdir / "fp8-64", "small", seed=7, fp8=True, fp8_block=64), recipe)
@@ -49,12 +49,12 @@ def test_fp8_blocks_other_than_128_measure_as_their_dequantized_twins(workdir, r
 def test_budget_mode_tries_every_type_stock_runs_as_ggml_allows(runtime):
     """Without importance data budget mode still weighs IQ4_XS and IQ4_NL (ggml quantizes them
     without one); the IQ2/IQ3 types only with it. Cheapest first."""
-    from step_gguf.budget import _candidates
-    from step_gguf.recipe import NEEDS_IMATRIX, tensor_bytes
-    from step_gguf.runtime import ggml
-    from step_gguf.tensor_plan import TensorPlan
+    from step_gguf.pipeline.budget import _candidates
+    from step_gguf.core.recipe import NEEDS_IMATRIX, tensor_bytes
+    from step_gguf.native import ggml
+    from step_gguf.pipeline.output_tensors import OutputTensor
 
-    experts = TensorPlan("", "blk.3.ffn_up_exps.weight", (8, 1280, 4096), Q.Q4_K)
+    experts = OutputTensor("", "blk.3.ffn_up_exps.weight", (8, 1280, 4096), Q.Q4_K)
     without, with_ = _candidates(experts, False), _candidates(experts, True)
     assert {Q.IQ4_XS, Q.IQ4_NL} <= set(without)
     assert not {Q.IQ2_XS, Q.IQ3_XXS, Q.IQ3_S} & set(without)
@@ -73,10 +73,10 @@ def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, 
     padding included. Targets between the cheapest and the dearest plan; on the tiny model the
     header (vocabulary, merges, template, the stored recipe) is 3% of the file, more than the
     2% the bound leaves: a budget of tensor data alone would overshoot."""
-    from step_gguf.budget import _candidates
-    from step_gguf.gguf_names import layer_of_gguf
-    from step_gguf.quantize import Target, open_source
-    from step_gguf.recipe import tensor_bytes
+    from step_gguf.pipeline.budget import _candidates
+    from step_gguf.core.gguf_names import layer_of_gguf
+    from step_gguf.pipeline.quantize import Target, open_source
+    from step_gguf.core.recipe import tensor_bytes
 
     src = mini[0] if model == "mini" else checkpoint("tiny")
     source = open_source(src, load_recipe("int4-mixed"))
@@ -103,7 +103,7 @@ def test_budget_mode_leaves_the_mtp_blocks_at_the_recipes_types(mini, tmp_path):
     """The MTP blocks only draft: their precision moves acceptance, never the output the budget's
     error measures, so they keep the base recipe's type (int4-mixed: Q4_K) at any target, and
     the trunk takes the budget."""
-    from step_gguf.quantize import KV_RECIPE_TOML, Target, open_source
+    from step_gguf.pipeline.quantize import KV_RECIPE_TOML, Target, open_source
 
     src = mini[0]
     n_layer = open_source(src, load_recipe("int4-mixed")).n_layer
@@ -124,7 +124,7 @@ def test_budget_mode_leaves_the_mtp_blocks_at_the_recipes_types(mini, tmp_path):
 def test_depth_gains_weigh_each_tensor_where_it_enters_the_stream():
     """A tensor's error counts at the point where it (or the matrix writing its output) enters
     the residual stream, times the gain measured there; tensors outside the trunk keep theirs."""
-    from step_gguf.sensitivity import GAIN_POWER, Measured, logit_errors, stream_point
+    from step_gguf.pipeline.sensitivity import GAIN_POWER, Measured, logit_errors, stream_point
 
     assert stream_point("token_embd.weight") == "embd" and stream_point("output.weight") == "output"
     assert stream_point("blk.3.attn_q.weight") == stream_point("blk.3.attn_output.weight") == "attn-3"

@@ -77,7 +77,7 @@ def test_build_progress_follows_ninja_past_its_globbed_folder_recheck(capsys):
     """A Vulkan build's ninja first prints `[0/2] Re-checking globbed directories...` (and
     reaches 2/2), then counts the real build: its tenths are shown, not swallowed as done."""
     from step_gguf.cli.progress import StepProgress
-    from step_gguf.runtime.build import _steps
+    from step_gguf.native.build import _steps
 
     progress = StepProgress()
     on_line = _steps(progress.step)
@@ -90,7 +90,7 @@ def test_build_progress_follows_ninja_past_its_globbed_folder_recheck(capsys):
 
 
 def test_run_without_ctx_takes_the_longest_context_and_says_so(runtime, gguf_file):
-    from step_gguf.facts import read_facts
+    from step_gguf.pipeline.source_facts import read_facts
 
     path = gguf_file("tiny", "bf16")
     result = CliRunner().invoke(main, ["run", str(path), "-p", "Hi", "-n", "2"])
@@ -101,7 +101,7 @@ def test_run_without_ctx_takes_the_longest_context_and_says_so(runtime, gguf_fil
 
 def test_help_loads_neither_numpy_nor_gguf():
     """`step-gguf --help` and each command's help list their choices from light modules
-    (step_gguf/choices.py, synth_presets.py): numpy and gguf alone took 0.12 s to import."""
+    (step_gguf/core/choices.py, step_gguf/synth/presets.py): numpy and gguf alone took 0.12 s to import."""
     probe = ("import sys\nfrom step_gguf.cli import main\n"
              "for args in (['--help'], ['convert', '--help'], ['quantize', '--help'], ['synth', '--help']):\n"
              "    try:\n        main(args)\n    except SystemExit:\n        pass\n"

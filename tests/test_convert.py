@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from step_gguf.checkpoint import Checkpoint
 from step_gguf.cli import main
-from step_gguf.convert import convert
-from step_gguf.errors import CheckpointError
-from step_gguf.model import Step35Config, gguf_name
-from step_gguf.synth import synth
+from step_gguf.core.errors import CheckpointError
+from step_gguf.core.model import Step35Config, gguf_name
+from step_gguf.files.checkpoint import Checkpoint
+from step_gguf.pipeline.convert import convert
+from step_gguf.synth.writer import synth
 
 
 def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
@@ -25,7 +25,7 @@ def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
 
 
 def _hub_f32(ref) -> np.ndarray:
-    """A hub tensor as float32, decoded here independently of step_gguf.checkpoint."""
+    """A hub tensor as float32, decoded here independently of step_gguf.files.checkpoint."""
     raw = ref.read()
     if ref.dtype == "BF16":
         return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(ref.shape)

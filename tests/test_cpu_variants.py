@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from step_gguf.errors import RuntimeMissingError
-from step_gguf.runtime import build as b
-from step_gguf.runtime import cpu, glslc_cache
+from step_gguf.core.errors import RuntimeMissingError
+from step_gguf.native import build as b
+from step_gguf.native import cpu, glslc_cache
 
 TAGS = [v.tag for v in cpu.CPU_VARIANTS]
 AVX2_ONLY = set(cpu.BY_TAG["haswell"].flags)

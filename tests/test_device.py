@@ -19,8 +19,8 @@ import pytest
 
 from scripted import ASK, REASONING, scripted_checkpoint
 from step_gguf import plan as P
-from step_gguf.errors import StepGGUFError
-from step_gguf.facts import read_facts
+from step_gguf.core.errors import StepGGUFError
+from step_gguf.pipeline.source_facts import read_facts
 from step_gguf.runtime.loadlog import COPY_STATS, MiB, READ_ERROR, SYSTEM_MEMORY, LoadLog
 
 pytestmark = pytest.mark.runtime
@@ -59,9 +59,9 @@ def _device(visible: bool):
 def models(llvmpipe, tmp_path_factory) -> dict[str, Path]:
     """The scripted MTP model (int4-mixed, heads embedded), the same model as a trunk and a
     separate draft (`--mtp split`), and as int8."""
-    from step_gguf.draft import draft_path
-    from step_gguf.quantize import QuantizeOptions, quantize
-    from step_gguf.recipe import load_recipe
+    from step_gguf.files.draft import draft_path
+    from step_gguf.pipeline.quantize import QuantizeOptions, quantize
+    from step_gguf.core.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("device")
     ckpt = scripted_checkpoint(root / "scripted")
@@ -308,15 +308,15 @@ def test_kl_on_the_device_is_stock_vulkans(models, gguf_file, tmp_path):
     sdist, both scored against the BF16 model on the same text: ours is no further from it
     than stock's + 1e-4 (mean KL), on the tiny model and on the scripted MTP model."""
     from native_build import stock_build
-    from step_gguf.quantize import QuantizeOptions, quantize
-    from step_gguf.recipe import load_recipe
-    from step_gguf.runtime import tools
+    from step_gguf.pipeline.quantize import QuantizeOptions, quantize
+    from step_gguf.core.recipe import load_recipe
+    from step_gguf.native import tools
 
     stock = stock_build().tool("llama-perplexity")
     pairs = {"tiny": (gguf_file("tiny", "bf16"), tmp_path / "tiny-int4.gguf")}
     quantize(pairs["tiny"][0], pairs["tiny"][1], load_recipe("int4-mixed"), QuantizeOptions(allow_requantize=True))
     scripted_bf16 = tmp_path / "scripted-bf16.gguf"
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     convert(scripted_checkpoint(tmp_path / "scripted"), scripted_bf16, outtype="bf16")
     pairs["scripted"] = (scripted_bf16, models["embedded"])

@@ -13,36 +13,22 @@ from pathlib import Path
 
 import gguf
 import pytest
-from click.testing import CliRunner
 
+from cli_checks import PLAN_ARGS, cli, one_line_error
 from scripted import REASONING, scripted_checkpoint
 from step_gguf import plan as P
-from step_gguf.facts import _with_draft, read_facts
-from step_gguf.cli import main
-from step_gguf.convert import convert
-from step_gguf.output import SplitLimits
-from step_gguf.draft import beside, draft_path, resolve
-from step_gguf.errors import StepGGUFError
-from step_gguf.model import Step35Config
+from step_gguf.core.errors import StepGGUFError
+from step_gguf.core.model import Step35Config
+from step_gguf.files.draft import beside, draft_path, resolve
+from step_gguf.pipeline.convert import convert
+from step_gguf.pipeline.output import SplitLimits
+from step_gguf.pipeline.source_facts import _with_draft, read_facts
 
-PLAN_ARGS = ["--profile", "custom", "--ram", "1", "--mem-bw", "10", "--vram", "0.5", "--gpu-bw",
-             "100", "-c", "256", "--json"]
 SHARED = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _names(path: Path) -> set[str]:
     return {t.name for t in gguf.GGUFReader(path).tensors}
-
-
-def _one_line_error(r, *words: str) -> None:
-    assert r.exit_code == 1, r.output
-    assert len(r.output.strip().splitlines()) == 1, r.output
-    for w in words:
-        assert w in r.output, r.output
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def pair(workdir, checkpoint):
     whole, trunk = workdir / "draft-whole.gguf", workdir / "draft-pair" / "trunk.gguf"
     if not whole.exists():
         convert(src, whole, outtype="bf16")
-    r = _cli("convert", src, "-o", trunk, "--outtype", "bf16", "--mtp", "split")
+    r = cli("convert", src, "-o", trunk, "--outtype", "bf16", "--mtp", "split")
     assert r.exit_code == 0, r.output
     return whole, trunk, trunk.with_name("trunk-mtp.gguf")
 
@@ -69,7 +55,7 @@ def test_the_draft_is_found_by_the_name_convert_gives_it(pair, checkpoint, tmp_p
                      split=SplitLimits(max_tensors=40)).outputs
     assert shards[-1] == tmp_path / "m-mtp.gguf" and len(shards) > 2
     assert beside(shards[1]) == tmp_path / "m-mtp.gguf" == resolve(shards[1], None)
-    got = json.loads(_cli("plan", shards[1], *PLAN_ARGS).output)
+    got = json.loads(cli("plan", shards[1], *PLAN_ARGS).output)
     assert got["draft"] == str(tmp_path / "m-mtp.gguf")
     assert got["server_args"][1] == str(shards[0])
 
@@ -85,11 +71,11 @@ def _heads(out: dict, n_layer: int) -> list:
 def test_plan_places_and_counts_a_separate_draft_as_the_embedded_heads(pair, checkpoint):
     whole, trunk, draft = pair
     n_layer = Step35Config.from_dir(checkpoint("tiny")).n_layer
-    embedded = json.loads(_cli("plan", whole, *PLAN_ARGS).output)
-    given = _cli("plan", trunk, "--draft", draft, *PLAN_ARGS)
+    embedded = json.loads(cli("plan", whole, *PLAN_ARGS).output)
+    given = cli("plan", trunk, "--draft", draft, *PLAN_ARGS)
     assert given.exit_code == 0, given.output
     got = json.loads(given.output)
-    assert got == json.loads(_cli("plan", trunk, *PLAN_ARGS).output)   # found beside it
+    assert got == json.loads(cli("plan", trunk, *PLAN_ARGS).output)   # found beside it
     assert got["mtp"] and got["draft"] == str(draft)
     heads = _heads(got, n_layer)
     assert heads == _heads(embedded, n_layer) and any(h[1] for h in heads)
@@ -110,7 +96,7 @@ def test_plan_places_and_counts_a_separate_draft_as_the_embedded_heads(pair, che
     assert args[args.index("-otd") + 1] == r"^output\.weight$=CPU"
     assert args[args.index("--spec-type") + 1] == "draft-mtp"
     # --no-mtp loads no draft
-    off = json.loads(_cli("plan", trunk, "--draft", draft, "--no-mtp", *PLAN_ARGS).output)
+    off = json.loads(cli("plan", trunk, "--draft", draft, "--no-mtp", *PLAN_ARGS).output)
     assert not off["mtp"] and off["draft"] is None and "--spec-draft-model" not in off["server_args"]
     assert not any(d["draft_tensors"] for d in off["devices"])
 
@@ -138,24 +124,24 @@ def test_a_separate_draft_of_the_real_model_is_planned_as_its_embedded_heads(rea
 
 def test_a_wrong_draft_is_one_line(pair, checkpoint, tmp_path, real_config):
     whole, trunk, draft = pair
-    _one_line_error(_cli("plan", trunk, "--draft", trunk, *PLAN_ARGS), "trunk, not a draft")
-    _one_line_error(_cli("plan", trunk, "--draft", whole, *PLAN_ARGS), "holds a whole model")
-    _one_line_error(_cli("plan", whole, "--draft", draft, *PLAN_ARGS), "already holds its MTP heads")
-    _one_line_error(_cli("plan", trunk, "--draft", tmp_path / "none.gguf", *PLAN_ARGS), "does not exist")
+    one_line_error(cli("plan", trunk, "--draft", trunk, *PLAN_ARGS), "trunk, not a draft")
+    one_line_error(cli("plan", trunk, "--draft", whole, *PLAN_ARGS), "holds a whole model")
+    one_line_error(cli("plan", whole, "--draft", draft, *PLAN_ARGS), "already holds its MTP heads")
+    one_line_error(cli("plan", trunk, "--draft", tmp_path / "none.gguf", *PLAN_ARGS), "does not exist")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
-    _one_line_error(_cli("plan", trunk, "--draft", tmp_path / "junk.gguf", *PLAN_ARGS), "junk.gguf")
-    _one_line_error(_cli("plan", real_config, "--draft", draft, *PLAN_ARGS), "--draft goes with a GGUF")
+    one_line_error(cli("plan", trunk, "--draft", tmp_path / "junk.gguf", *PLAN_ARGS), "junk.gguf")
+    one_line_error(cli("plan", real_config, "--draft", draft, *PLAN_ARGS), "--draft goes with a GGUF")
     # the draft of a model of another shape (hidden 96, 6 layers)
     other = tmp_path / "other.gguf"
     convert(checkpoint("tiny-fp8-3p7"), other, outtype="bf16", mtp="split", draft_out=draft_path(other))
-    _one_line_error(_cli("plan", trunk, "--draft", draft_path(other), *PLAN_ARGS),
+    one_line_error(cli("plan", trunk, "--draft", draft_path(other), *PLAN_ARGS),
                     "draft of another model", "6/96/")
     # a stale file found beside the model names itself; --no-mtp runs without it
     stray = tmp_path / "stray.gguf"
     stray.write_bytes(trunk.read_bytes())
     draft_path(stray).write_bytes(draft_path(other).read_bytes())
-    _one_line_error(_cli("plan", stray, *PLAN_ARGS), "found beside stray.gguf", "--no-mtp")
-    assert _cli("plan", stray, "--no-mtp", *PLAN_ARGS).exit_code == 0
+    one_line_error(cli("plan", stray, *PLAN_ARGS), "found beside stray.gguf", "--no-mtp")
+    assert cli("plan", stray, "--no-mtp", *PLAN_ARGS).exit_code == 0
     with pytest.raises(StepGGUFError, match="another model"):
         read_facts(trunk, draft=draft_path(other))
 
@@ -174,7 +160,7 @@ def scripted_pair(workdir, runtime):
 
 
 def _run(*args) -> dict:
-    r = _cli("run", *args, "-p", "weather?", "-n", "32", "--json")
+    r = cli("run", *args, "-p", "weather?", "-n", "32", "--json")
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -199,7 +185,8 @@ def test_run_drafts_with_a_separate_draft_as_with_embedded_heads(scripted_pair):
 @pytest.mark.runtime
 @pytest.mark.parametrize("given", [True, False], ids=["given", "found"])
 def test_serve_drafts_with_a_separate_draft(scripted_pair, given):
-    from step_gguf.runtime import process, server
+    from step_gguf.native import process
+    from step_gguf.runtime import server
 
     _, trunk, draft = scripted_pair
     port = process.free_port()

@@ -21,10 +21,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 
-from step_gguf.cli import main
+from cli_checks import cli, one_line_error
 
 SCRIPT = ["Hello", " from", " a", " foreign", " file."]
 # the quant preset shrunk (hidden 256: K-quants apply), with per-layer head counts
@@ -54,23 +53,9 @@ FOREIGN = [*STOCK, *MIXES, *SPLITS, *OTHERS]
 FLOAT_SOURCES = {"llama.cpp-bf16"}
 
 
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, *words: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
-
-
 def _files(path: Path) -> list[Path]:
     """Every file of the model at `path`: the one file, or all shards of its set."""
-    from step_gguf.gguf_source import parse_shard_name, shard_path
+    from step_gguf.files.gguf_source import parse_shard_name, shard_path
 
     parsed = parse_shard_name(path)
     if parsed is None:
@@ -127,8 +112,8 @@ def other_keys(kv: dict) -> dict:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """Our scripted checkpoints and BF16 conversions: the main one and the uniform-head one."""
-    from step_gguf.convert import convert
-    from step_gguf.synth import synth
+    from step_gguf.pipeline.convert import convert
+    from step_gguf.synth.writer import synth
 
     root = tmp_path_factory.mktemp("foreign")
     out = {"root": root}
@@ -145,7 +130,7 @@ def _llama_cpp_convert(made, out: Path, *flags: str) -> None:
     a Step 3.5 user must (config.json read directly: transformers drops partial_rotary_factors;
     the pre-tokenizer named: it refuses unregistered tokenizer hashes)."""
     pytest.importorskip("torch")
-    from step_gguf.runtime.build import fetch_sdist
+    from step_gguf.native.build import fetch_sdist
 
     tree = made["root"] / "llama.cpp"
     if not tree.exists():
@@ -191,7 +176,7 @@ def foreign(made, runtime):
 
     def imatrix() -> Path:
         if "imatrix" not in cache:
-            from step_gguf.runtime import tools
+            from step_gguf.native import tools
             cache["imatrix"] = tools.imatrix(made["main-bf16"], root / "imatrix.gguf", ctx=128, chunks=4)
         return cache["imatrix"]
 
@@ -246,7 +231,7 @@ def _check_plan(result, model: Path) -> dict:
 @pytest.mark.parametrize("name", FOREIGN)
 def test_plan_prices_every_tensor(name, foreign):
     path = foreign(name)
-    plan = _check_plan(_cli("plan", path, "--profile", "cpu", "--json"), path)
+    plan = _check_plan(cli("plan", path, "--profile", "cpu", "--json"), path)
     assert plan["mtp"] is True   # the heads are found whatever wrote the file
 
 
@@ -268,14 +253,14 @@ def test_plan_reads_metadata_in_every_form_llama_cpp_accepts(edit, made, tmp_pat
             return kv
         path = rewrite(made["main-bf16"], tmp_path / "m.gguf", arrays)
         ref = made["main-bf16"]
-    plan = _check_plan(_cli("plan", path, "--profile", "cpu", "--json"), path)
-    ours = json.loads(_cli("plan", ref, "--profile", "cpu", "--json").output)
+    plan = _check_plan(cli("plan", path, "--profile", "cpu", "--json"), path)
+    ours = json.loads(cli("plan", ref, "--profile", "cpu", "--json").output)
     for key in ("kv_bytes", "ctx", "devices", "predicted_decode_tps"):
         assert plan[key] == ours[key], key
-    dry = _cli("quantize", path, "--dry-run", "--json", "--scheme", "int4-mixed")
+    dry = cli("quantize", path, "--dry-run", "--json", "--scheme", "int4-mixed")
     assert dry.exit_code == 0, dry.output
     assert json.loads(dry.output)["total_bytes"] == \
-        json.loads(_cli("quantize", ref, "--dry-run", "--json", "--scheme", "int4-mixed").output)["total_bytes"]
+        json.loads(cli("quantize", ref, "--dry-run", "--json", "--scheme", "int4-mixed").output)["total_bytes"]
 
 
 # ---------------------------------------------------------------- quantize
@@ -283,15 +268,15 @@ def test_plan_reads_metadata_in_every_form_llama_cpp_accepts(edit, made, tmp_pat
 @pytest.mark.runtime
 @pytest.mark.parametrize("name", FOREIGN)
 def test_requantizing_a_foreign_file(name, foreign, tmp_path, runtime):
-    from step_gguf.quantize import KV_RECIPE
+    from step_gguf.pipeline.quantize import KV_RECIPE
     from step_gguf.runtime import llama
 
     src = foreign(name)
     out = tmp_path / "int4.gguf"
     if name not in FLOAT_SOURCES:
-        _one_line_error(_cli("quantize", src, "-o", out, "--scheme", "int4-mixed"), "--allow-requantize")
+        one_line_error(cli("quantize", src, "-o", out, "--scheme", "int4-mixed"), "--allow-requantize")
         assert not out.exists() and not list(tmp_path.iterdir())
-    result = _cli("quantize", src, "-o", out, "--scheme", "int4-mixed", "--allow-requantize")
+    result = cli("quantize", src, "-o", out, "--scheme", "int4-mixed", "--allow-requantize")
     assert result.exit_code == 0, result.output
     reader = gguf.GGUFReader(out)
     names = [f.name for f in reader.fields.values()]
@@ -311,7 +296,7 @@ def test_requantizing_a_foreign_file(name, foreign, tmp_path, runtime):
 @pytest.mark.runtime
 def test_requantizing_to_an_imatrix_type_asks_for_one(foreign, tmp_path):
     out = tmp_path / "iq2.gguf"
-    _one_line_error(_cli("quantize", foreign("IQ2_XXS"), "-o", out, "--scheme", "IQ2_XXS",
+    one_line_error(cli("quantize", foreign("IQ2_XXS"), "-o", out, "--scheme", "IQ2_XXS",
                          "--allow-requantize"), "importance data", "--imatrix")
     assert not out.exists()
 
@@ -329,8 +314,8 @@ def test_a_type_the_gguf_package_cannot_read_is_one_line(made, runtime, tmp_path
         pytest.skip("the installed gguf package reads Q2_0")
     except ValueError:
         pass
-    _one_line_error(_cli("plan", out, "--profile", "cpu"), "ggml type 42 (Q2_0)", "gguf")
-    _one_line_error(_cli("quantize", out, "-o", tmp_path / "x.gguf", "--allow-requantize"), "Q2_0")
+    one_line_error(cli("plan", out, "--profile", "cpu"), "ggml type 42 (Q2_0)", "gguf")
+    one_line_error(cli("quantize", out, "-o", tmp_path / "x.gguf", "--allow-requantize"), "Q2_0")
 
 
 # ---------------------------------------------------------------- run, eval, serve
@@ -339,7 +324,7 @@ def test_a_type_the_gguf_package_cannot_read_is_one_line(made, runtime, tmp_path
 @pytest.mark.parametrize("name", ["Q4_K_M", "IQ2_XXS", "split-empty-first", "llama.cpp-Q4_K_M",
                                   "keys-Q4_K_M"])
 def test_run_gives_the_script(name, foreign):
-    r = _cli("run", foreign(name), "-p", "hi", "-n", "16", "--json")
+    r = cli("run", foreign(name), "-p", "hi", "-n", "16", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["text"].strip() == "".join(SCRIPT)
@@ -352,7 +337,7 @@ def test_eval_against_our_bf16(name, foreign, made, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(Path(__file__).parent.parent.joinpath("quant", "calibration.txt")
                     .read_text(encoding="utf-8")[:3000], encoding="utf-8")
-    r = _cli("eval", foreign(name), "--reference", made["main-bf16"], "--text", text, "-c", "128", "--json")
+    r = cli("eval", foreign(name), "--reference", made["main-bf16"], "--text", text, "-c", "128", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert math.isfinite(out["kld_mean"]) and out["kld_mean"] >= -1e-6 and math.isfinite(out["kld_p99"])
@@ -363,18 +348,18 @@ def test_eval_against_our_bf16(name, foreign, made, tmp_path):
 @pytest.mark.runtime
 def test_llama_cpps_trunk_and_draft_files_plan_and_run_together(foreign, tmp_path):
     trunk, draft = foreign("llama.cpp-trunk-Q4_K_M"), foreign("llama.cpp-draft-Q8_0")
-    r = _cli("plan", trunk, "--profile", "cpu", "--draft", draft, "--json")
+    r = cli("plan", trunk, "--profile", "cpu", "--draft", draft, "--json")
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)
     assert plan["draft"] == str(draft) and plan["mtp"] is True
     want = sum(int(t.n_bytes) for f in (trunk, draft) for t in gguf.GGUFReader(f).tensors)
     assert sum(d["weights"] for d in plan["devices"]) == want
-    r = _cli("run", trunk, "--draft", draft, "-p", "hi", "-n", "16", "--json")
+    r = cli("run", trunk, "--draft", draft, "-p", "hi", "-n", "16", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["text"].strip() == "".join(SCRIPT) and out["mtp"]["drafted"] > 0
     for src in (trunk, draft):
-        result = _cli("quantize", src, "-o", tmp_path / src.name, "--allow-requantize")
+        result = cli("quantize", src, "-o", tmp_path / src.name, "--allow-requantize")
         assert result.exit_code == 0, result.output
 
 

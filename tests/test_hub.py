@@ -18,15 +18,15 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 
 from step_gguf.cli import main
-from step_gguf.convert import convert
-from step_gguf.output import write_shape_only
-from step_gguf.layout import hub_repo
-from step_gguf.model import Step35Config
-from step_gguf.model_card import QUANTIZED_BY, param_counts, size_label
-from step_gguf.quantize import open_source
-from step_gguf.recipe import Recipe
-from step_gguf.synth import synth
-from step_gguf.synth_tokenizer import BASE_MODEL
+from step_gguf.core.hub_layout import hub_repo
+from step_gguf.core.model import Step35Config
+from step_gguf.core.recipe import Recipe
+from step_gguf.files.model_card import QUANTIZED_BY, param_counts, size_label
+from step_gguf.pipeline.convert import convert
+from step_gguf.pipeline.output import write_shape_only
+from step_gguf.pipeline.quantize import open_source
+from step_gguf.synth.tokenizer import BASE_MODEL
+from step_gguf.synth.writer import synth
 
 ORG, NAME, REV = "stepfun-ai", "Step-3.5-Flash-Tiny", "0f3c9a1e5b7d2c4a6e8f0b1d3c5e7a9b2d4f6a8c"
 General = gguf.Keys.General

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from step_gguf.cli import main
-from step_gguf.errors import StepGGUFError
-from step_gguf.imatrix import PROPAGATION_GAINS, PROPAGATION_POINTS, ImatrixError, load_imatrix, model_shapes
-from step_gguf.model import Step35Config
-from step_gguf.runtime import build as b
+from step_gguf.core.errors import StepGGUFError
+from step_gguf.core.model import Step35Config
+from step_gguf.files.imatrix import (PROPAGATION_GAINS, PROPAGATION_POINTS, ImatrixError, load_imatrix, model_shapes)
+from step_gguf.native import build as b
 
 CTX, CHUNKS = 64, 4
 
@@ -143,7 +143,7 @@ def test_check_against_takes_gguf_order_shapes(tmp_path, gguf_file, checkpoint):
 @pytest.fixture(scope="module")
 def short_text(tmp_path_factory) -> Path:
     """The head of the bundled calibration text: enough for CHUNKS chunks of CTX tokens."""
-    from step_gguf.runtime.tools import default_text
+    from step_gguf.native.tools import default_text
 
     path = tmp_path_factory.mktemp("text") / "head.txt"
     path.write_text(default_text().read_text(encoding="utf-8")[:3000], encoding="utf-8")
@@ -152,7 +152,7 @@ def short_text(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_imatrix(runtime, gguf_file, tmp_path_factory, short_text):
-    from step_gguf.runtime import tools
+    from step_gguf.native import tools
 
     out = tmp_path_factory.mktemp("imatrix") / "tiny-imatrix.gguf"
     progress: list[tuple[int, int]] = []
@@ -194,7 +194,7 @@ def test_llama_quantize_reads_the_same_importance(tiny_imatrix, gguf_file, tmp_p
     """llama-quantize with this imatrix writes the bytes ggml makes from our importance rows."""
     import subprocess
 
-    from step_gguf.runtime import ggml
+    from step_gguf.native import ggml
 
     out, _ = tiny_imatrix
     model = gguf_file("tiny", "f32")
@@ -221,7 +221,7 @@ def test_imatrix_of_another_model_is_refused(tiny_imatrix, gguf_file):
 
 @pytest.mark.runtime
 def test_failed_imatrix_keeps_the_old_file(runtime, gguf_file, tmp_path):
-    from step_gguf.runtime import tools
+    from step_gguf.native import tools
 
     out = tmp_path / "im.gguf"
     out.write_bytes(b"previous")
@@ -257,7 +257,7 @@ def test_commands_explain_themselves(command):
 
 @pytest.mark.runtime
 def test_a_model_does_not_diverge_from_itself(runtime, gguf_file, short_text):
-    from step_gguf.runtime import tools
+    from step_gguf.native import tools
 
     f32 = gguf_file("tiny", "f32")
     stats = tools.kld(f32, f32, short_text, ctx=CTX)
@@ -270,7 +270,7 @@ def test_a_model_does_not_diverge_from_itself(runtime, gguf_file, short_text):
 
 @pytest.mark.runtime
 def test_q8_0_diverges_a_little_from_f32(runtime, gguf_file, short_text, workdir):
-    from step_gguf.runtime import tools
+    from step_gguf.native import tools
 
     stats = tools.kld(gguf_file("tiny", "q8_0"), gguf_file("tiny", "f32"), short_text, ctx=CTX)
     assert 0 < stats["kld_mean"] < 0.05 and stats["kld_p99"] > stats["kld_mean"]
@@ -280,7 +280,7 @@ def test_q8_0_diverges_a_little_from_f32(runtime, gguf_file, short_text, workdir
 
 @pytest.mark.runtime
 def test_eval_on_too_little_text_says_why(runtime, gguf_file, tmp_path):
-    from step_gguf.runtime import tools
+    from step_gguf.native import tools
 
     text = tmp_path / "short.txt"
     text.write_text("far too short to fill two chunks")
@@ -311,7 +311,7 @@ def test_imatrix_measures_how_each_depth_moves_the_output(tiny_imatrix, gguf_fil
     layer after attention and after its FFN, the final norm), the KL divergence per unit of
     relative noise added there: measured on the model, reproducible (seeded noise), finite and
     different from point to point, and llama-quantize still reads the file (test above)."""
-    from step_gguf.runtime import propagation
+    from step_gguf.native import propagation
 
     model = gguf_file("tiny", "f32")
     stored = load_imatrix(tiny_imatrix[0]).propagation

@@ -3,7 +3,7 @@ SIMD kernel against the portable C kernel of its layout, every repacked op again
 unpatched op, our build against stock llama.cpp from the same sdist on whole models, and the
 profile against the GGUF.
 
-Which builds: the installed runtime carries a CPU backend per x86 level (runtime/cpu.py); each
+Which builds: the installed runtime carries a CPU backend per x86 level (native/cpu.py); each
 test runs on every level this CPU can run, pinned with GGML_CPU_VARIANT, and stock's build is
 pinned to the same level, so that a machine with AVX-512 cannot hide a fault of the AVX2 path.
 A level this CPU cannot run is skipped with a reason (its code is compiled all the same).
@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 
 from native_build import compile_native, stock_build
-from step_gguf.runtime import build as b
-from step_gguf.runtime import cpu
+from step_gguf.native import build as b
+from step_gguf.native import cpu
 
 PROMPTS = (
     "The patch set must not change what the model says: it only changes how fast the experts are read.",
@@ -155,9 +155,9 @@ def test_plain_q6_K_rows_match_stocks_vec_dot(kernel_cases):
 
 
 def _reference_and_quants(src: Path, stem: Path, runtime) -> dict[str, Path]:
-    from step_gguf.convert import convert
-    from step_gguf.quantize import quantize
-    from step_gguf.recipe import load_recipe
+    from step_gguf.pipeline.convert import convert
+    from step_gguf.pipeline.quantize import quantize
+    from step_gguf.core.recipe import load_recipe
 
     out = {n: stem.with_name(f"{stem.name}-{n}.gguf") for n in ("bf16", "int4-mixed", "Q4_K_M")}
     quantize(src, out["int4-mixed"], load_recipe("int4-mixed"))
@@ -173,7 +173,7 @@ def models(workdir, runtime) -> dict[str, dict[str, Path]]:
     Q4_K_M: "small" (K-quant widths) and "wide" (one MoE layer of the real width, 4096 x 1280
     experts). Every token takes all 8 experts: with a choice of experts, a near-tie in the router
     flips on a last-bit difference and moves the logits by far more than activation rounding."""
-    from step_gguf.synth import synth
+    from step_gguf.synth.writer import synth
 
     small = synth(workdir / "kernels", "quant", seed=3, n_layer=4, n_dense=1, n_nextn=1, n_expert=8,
                   top_k=8, outliers=0, outlier_gain=1.0)

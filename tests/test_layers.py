@@ -12,24 +12,15 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "step_gguf"
 
-# bottom to top; a module may import its own layer and the ones below
-LAYERS: list[tuple[str, set[str]]] = [
-    ("facts", {"__init__", "errors", "layout", "model", "gguf_names", "model_facts", "recipe", "probe", "units",
-               "choices", "synth_presets"}),
-    ("files", {"source_path", "checkpoint", "gguf_source", "vocab", "imatrix", "resume", "model_card",
-               "draft", "synth", "synth_script", "synth_tokenizer"}),
-    ("native", {"runtime.process", "runtime.page", "runtime.cpu", "runtime.glslc_cache", "runtime.build",
-                "runtime.installed",
-                "runtime.ggml", "runtime.propagation", "runtime.tools"}),
-    ("pipeline", {"tensor_plan", "tensor_data", "output", "convert", "sensitivity", "equalize",
-                  "budget", "quantize_options", "quantize", "facts"}),
-    ("planner", {"plan.__init__", "plan.machines", "plan.memory", "plan.result", "plan.speed",
-                 "plan.placement"}),
-    ("runtime", {"runtime.devices", "runtime.rpc", "runtime.llama", "runtime.server", "runtime.loadlog"}),
-    ("cli", {"cli.__init__", "cli.__main__", "cli.progress", "cli.files", "cli.measure",
-             "cli.runtime", "cli.serving", "cli.foreground", "cli.demo"}),
-]
-LAYER_OF = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
+# the package's folders, bottom to top: a module imports only its own folder and those below
+LAYERS = ["core", "files", "synth", "native", "pipeline", "plan", "runtime", "cli"]
+
+
+def layer_of(module: str) -> int:
+    """A module's rank is its folder's; the package's own __init__ (the version) is the bottom."""
+    return LAYERS.index(module.split(".")[0]) if "." in module else 0
+
+
 # what the planner's modules, and everything they import, may not touch: files, processes,
 # sockets, native code, or readers of model files
 IMPURE = {"os", "pathlib", "io", "shutil", "tempfile", "glob", "mmap", "ctypes", "subprocess",
@@ -85,14 +76,14 @@ def graph() -> dict[str, tuple[set[str], set[str]]]:
     return out
 
 
-def test_every_module_has_a_layer(graph):
-    assert set(graph) - {"patches.__init__"} == set(LAYER_OF), "add new modules to LAYERS"
+def test_every_module_lives_in_a_layer_folder(graph):
+    """`ls step_gguf` shows the architecture: no module outside the layer folders."""
+    loose = [m for m in graph if m != "__init__" and m.split(".")[0] not in LAYERS]
+    assert not loose, f"{loose}: move them into a folder of LAYERS"
 
 
 def test_imports_point_down(graph):
-    upward = [f"{a} ({LAYERS[LAYER_OF[a]][0]}) imports {b} ({LAYERS[LAYER_OF[b]][0]})"
-              for a, (ours, _) in graph.items() if a in LAYER_OF
-              for b in ours if b in LAYER_OF and LAYER_OF[b] > LAYER_OF[a]]
+    upward = [f"{a} imports {b}" for a, (ours, _) in graph.items() for b in ours if layer_of(b) > layer_of(a)]
     assert not upward, upward
 
 
@@ -125,7 +116,7 @@ def test_the_planner_opens_no_file_and_loads_no_native_code(graph):
         if m not in reach:
             reach.add(m)
             todo += graph[m][0]
-    assert reach - planner <= {"errors", "model_facts", "gguf_names"}, reach - planner
+    assert reach - planner <= {"core.errors", "core.model_facts", "core.gguf_names"}, reach - planner
     for m in reach:
         assert not graph[m][1] & IMPURE, (m, graph[m][1] & IMPURE)
         tree = ast.parse((PACKAGE / (m.replace(".", "/") + ".py")).read_text())
@@ -154,23 +145,18 @@ def test_modules_and_functions_stay_small():
 
 
 def _readme_layers() -> dict[str, set[str]]:
-    """README's Layout table: layer -> the modules its row names (`runtime/x` is runtime.x; a row
-    `plan/` (`a`, `b`) names plan.a and plan.b)."""
+    """README's Layout table: folder -> the modules its row names."""
     text = (PACKAGE.parent / "README.md").read_text()
     rows: dict[str, set[str]] = {}
     for line in text[text.index("## Layout"):].splitlines():
-        m = re.match(r"\| (\w+) \| (.+?) \| ", line)
-        if not m or m.group(1) == "layer":
-            continue
-        folder = re.match(r"`(\w+)/` \((.+)\)", m.group(2))
-        rows[m.group(1)] = ({f"{folder.group(1)}.{n}" for n in re.findall(r"`(\w+)`", folder.group(2))} if folder
-                            else {n.replace("/", ".") for n in re.findall(r"`([\w/]+)`", m.group(2))})
+        if m := re.match(r"\| `(\w+)/` \| (.+?) \| ", line):
+            rows[m.group(1)] = set(re.findall(r"`(\w+)`", m.group(2)))
     return rows
 
 
-def test_readme_draws_the_layers_this_test_checks():
+def test_readme_draws_the_layer_folders():
     readme = _readme_layers()
-    assert list(readme) == [name for name, _ in LAYERS]
-    for name, mods in LAYERS:
-        assert readme[name] == {m for m in mods if not m.endswith(("__init__", "__main__"))}, name
-
+    assert list(readme) == LAYERS
+    for folder in LAYERS:
+        on_disk = {p.stem for p in (PACKAGE / folder).glob("*.py")} - {"__init__", "__main__"}
+        assert readme[folder] == on_disk, folder

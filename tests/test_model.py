@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from step_gguf.errors import CheckpointError
-from step_gguf.model import TENSOR_MAP, Step35Config, gguf_name
+from step_gguf.core.errors import CheckpointError
+from step_gguf.core.model import TENSOR_MAP, Step35Config, gguf_name
 
 # The published Step 3.5 Flash config (shared/STEP35.md §1)
 REAL = {

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from native_build import compile_native
 from step_gguf.cli import main
-from step_gguf.runtime import build as b
+from step_gguf.native import build as b
 
 ACCURACIES = (0.0, 0.3, 0.6, 0.9, 1.0)
 SCRIPT = [f" piece{i}" for i in range(40)]
@@ -72,9 +72,9 @@ def test_confidence_is_used_only_as_far_as_it_tells_right_from_wrong(simulated):
 def heads(runtime, tmp_path_factory) -> dict[float, Path]:
     """Per accuracy, a scripted tiny model whose trunk is deep (24 layers) against one layer a
     head, so that drafting pays when the heads are right."""
-    from step_gguf.quantize import quantize
-    from step_gguf.recipe import load_recipe
-    from step_gguf.synth import synth
+    from step_gguf.pipeline.quantize import quantize
+    from step_gguf.core.recipe import load_recipe
+    from step_gguf.synth.writer import synth
 
     root = tmp_path_factory.mktemp("heads")
     out = {}
@@ -89,8 +89,8 @@ def heads(runtime, tmp_path_factory) -> dict[float, Path]:
 def _plan(model: Path, mtp: bool = True, draft_max: int | None = None):
     """The plan `run` and `serve` make on this machine's CPU at 2048 tokens."""
     from step_gguf import plan as planner
-    from step_gguf.facts import read_facts
-    from step_gguf.probe import ram_bytes
+    from step_gguf.pipeline.source_facts import read_facts
+    from step_gguf.native.machine_probe import ram_bytes
 
     p = planner.plan(read_facts(model), planner.machine("cpu", ram_gb=ram_bytes() / planner.GiB), 2048, mtp=mtp)
     return replace(p, draft_max=draft_max)

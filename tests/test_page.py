@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scripted import GREETING, greeting_checkpoint, start_serve
-from step_gguf.runtime import page
+from step_gguf.native import page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -21,7 +21,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def served_page(workdir, runtime):
     """`step-gguf serve` on the greeting model: (the chat page's address it printed, its stderr)."""
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     model = workdir / "greeting.gguf"
     if not model.exists():

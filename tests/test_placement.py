@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from step_gguf import plan as P
-from step_gguf.facts import read_facts
+from step_gguf.pipeline.source_facts import read_facts
 
 
 def _half_the_experts_fit(m: P.ModelFacts, ctx: int) -> P.Plan:

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from step_gguf import plan as P
-from step_gguf.facts import read_facts
 from step_gguf.cli import main
-from step_gguf.errors import StepGGUFError
+from step_gguf.core.errors import StepGGUFError
+from step_gguf.pipeline.source_facts import read_facts
 
 GiB = 1 << 30
 # one cached position of one layer, f16: K and V, 8 KV heads x 128 dims x 2 bytes

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from native_build import compile_native, stock_build
-from step_gguf.runtime import build as b
-from step_gguf.synth_tokenizer import DEEPSEEK_V3_SPLITS
+from step_gguf.native import build as b
+from step_gguf.synth.tokenizer import DEEPSEEK_V3_SPLITS
 
 UNICODE_SOURCES = ("src/unicode.cpp", "src/unicode-data.cpp")
 

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from step_gguf.recipe import load_recipe
+from step_gguf.core.recipe import load_recipe
 
 pytestmark = pytest.mark.runtime
 
@@ -25,9 +25,9 @@ IMATRIX_CHUNKS = 24  # from the start of the calibration text; the eval text is 
 @pytest.fixture(scope="module")
 def lab(workdir, runtime):
     """The quant-preset model as F32 and BF16 GGUFs, its imatrix, and a held-out text."""
-    from step_gguf.convert import convert
-    from step_gguf.runtime import tools
-    from step_gguf.synth import synth
+    from step_gguf.pipeline.convert import convert
+    from step_gguf.native import tools
+    from step_gguf.synth.writer import synth
 
     src = synth(workdir / "quality", "quant", seed=11)
     f32, bf16 = workdir / "quality-f32.gguf", workdir / "quality-bf16.gguf"
@@ -43,7 +43,7 @@ def lab(workdir, runtime):
 
 @pytest.fixture(scope="module")
 def kld(lab):
-    from step_gguf.runtime import tools
+    from step_gguf.native import tools
 
     @functools.cache
     def measure(path) -> float:
@@ -57,7 +57,7 @@ def kld(lab):
 @pytest.fixture(scope="module")
 def made(lab, workdir, runtime):
     """stock Q4_K_M (with and without the imatrix) and our int4-mixed steps."""
-    from step_gguf.quantize import QuantizeOptions, Target, dry_run, quantize
+    from step_gguf.pipeline.quantize import QuantizeOptions, Target, dry_run, quantize
 
     out = {}
     for name, extra in (("stock", []), ("stock-imatrix", ["--imatrix", str(lab["imatrix"])])):

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 
 from step_gguf.cli import main
-from step_gguf.output import OutputJob
-from step_gguf.quantize import KV_RECIPE, KV_RECIPE_TOML, QuantizeOptions, dry_run, price_stock, quantize
-from step_gguf.recipe import Recipe, load_recipe
+from step_gguf.core.recipe import Recipe, load_recipe
+from step_gguf.pipeline.output import OutputJob
+from step_gguf.pipeline.quantize import (KV_RECIPE, KV_RECIPE_TOML, QuantizeOptions, dry_run, price_stock, quantize)
 
 def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
@@ -155,10 +155,10 @@ def test_gguf_source_gives_the_same_file_and_records_the_recipe(mini, tmp_path):
 def test_equalization_leaves_the_f32_function_unchanged(mini, mini_imatrix, tmp_path, runtime):
     """Scales folded into every norm and its consumers (alpha 0.5, F32 storage): the logits stay
     those of the plain F32 file, while the stored tensors really changed."""
-    from step_gguf.output import write_outputs
-    from step_gguf.equalize import fold
-    from step_gguf.imatrix import load_imatrix
-    from step_gguf.quantize import open_source
+    from step_gguf.pipeline.output import write_outputs
+    from step_gguf.pipeline.equalize import fold
+    from step_gguf.files.imatrix import load_imatrix
+    from step_gguf.pipeline.quantize import open_source
     from step_gguf.runtime import llama
 
     src, _ = mini
@@ -240,9 +240,9 @@ def test_bad_input_gives_one_line_and_no_output(mini, workdir, tmp_path):
     _fails_cleanly(["quantize", str(src), "-o", str(out), "--scheme", "int3-mixed"], out,
                    "needs an importance matrix")
     # an importance matrix of another model (other widths)
-    from step_gguf.convert import convert
-    from step_gguf.runtime import tools
-    from step_gguf.synth import synth
+    from step_gguf.pipeline.convert import convert
+    from step_gguf.native import tools
+    from step_gguf.synth.writer import synth
 
     other = synth(tmp_path / "other", "tiny", seed=9)
     other_gguf = tmp_path / "other.gguf"
@@ -257,7 +257,7 @@ def test_a_failure_mid_write_leaves_the_existing_output(checkpoint, tmp_path, ru
     """A NaN deep in the last tensor fails the run after most of the file is written."""
     import shutil
 
-    from step_gguf.checkpoint import Checkpoint
+    from step_gguf.files.checkpoint import Checkpoint
 
     src = tmp_path / "nan"
     shutil.copytree(checkpoint("tiny"), src)

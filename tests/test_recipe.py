@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from step_gguf.quantize import dry_run
-from step_gguf.recipe import Recipe, RecipeError, load_recipe
+from step_gguf.core.recipe import Recipe, RecipeError, load_recipe
+from step_gguf.pipeline.quantize import dry_run
 
 
 def test_builtin_recipes_resolve_and_round_trip():

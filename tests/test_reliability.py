@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import gguf
@@ -22,8 +18,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli_checks import cli_process, run_killed, uninterrupted
 from step_gguf.cli import main
-from step_gguf.synth import synth
+from step_gguf.synth.writer import synth
 
 FUZZ_EXAMPLES = 60
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
@@ -114,7 +111,7 @@ def test_fuzzed_json_files(pristine, tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def pristine_gguf(pristine, tmp_path_factory) -> Path:
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     out = tmp_path_factory.mktemp("fuzz-gguf") / "tiny.gguf"
     convert(pristine, out, outtype="f32")
@@ -146,7 +143,7 @@ def test_fuzzed_recipe_files(tmp_path_factory, real_config, text):
 @given(data=st.data())
 def test_fuzzed_imatrix_files(pristine, tmp_path_factory, data, runtime):
     """An imatrix file given to quantize: mutated bytes of a real one are one line or accepted."""
-    from step_gguf.imatrix import ImatrixError, load_imatrix
+    from step_gguf.files.imatrix import ImatrixError, load_imatrix
 
     real = _real_imatrix(pristine, tmp_path_factory)
     path = tmp_path_factory.mktemp("imatrix") / "m.gguf"
@@ -162,8 +159,8 @@ _IMATRIX: dict[str, Path] = {}
 
 def _real_imatrix(pristine: Path, factory) -> Path:
     if "m" not in _IMATRIX:
-        from step_gguf.convert import convert
-        from step_gguf.runtime import tools
+        from step_gguf.pipeline.convert import convert
+        from step_gguf.native import tools
 
         work = factory.mktemp("imatrix-src")
         convert(pristine, work / "m.gguf", outtype="f32")
@@ -201,80 +198,53 @@ def test_a_symlinked_shard_leaving_the_folder_is_refused(pristine, tmp_path):
 
 # ---------------------------------------------------------------- resume after SIGKILL
 
-def _run_killed(args: list[str], journal: Path, after_tensors: int, rng: random.Random) -> None:
-    """Start the command, wait until its journal shows `after_tensors` complete tensors, then
-    SIGKILL it a random moment later (mostly mid-tensor), whatever the machine's speed."""
-    proc = subprocess.Popen([sys.executable, "-m", "step_gguf.cli", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if json.loads(journal.read_text())["written"][0] >= after_tensors:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.002)
-    time.sleep(rng.uniform(0, 0.03))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory) -> Path:
-    """Tensors of several MiB so that a kill lands mid-tensor."""
-    return synth(tmp_path_factory.mktemp("resume") / "small", "small", seed=4)
-
-
 @pytest.mark.parametrize("command", [["convert", "--outtype", "f16"], ["quantize", "--scheme", "Q8_0"]],
                          ids=["convert", "quantize"])
-def test_killed_runs_resume_to_identical_bytes(big, tmp_path, command, runtime):
+def test_killed_runs_resume_to_identical_bytes(small_src, tmp_path, command, runtime):
     name = command[0]
-    (tmp_path / "whole").mkdir()
+    [whole] = uninterrupted(tmp_path / "whole", name, small_src, *command[1:])
     (tmp_path / "resumed").mkdir()
-    whole = tmp_path / "whole" / "m.gguf"  # same file name: it is part of the metadata
-    subprocess.run([sys.executable, "-m", "step_gguf.cli", name, str(big), "-o", str(whole), *command[1:]],
-                   check=True, capture_output=True)
     out = tmp_path / "resumed" / "m.gguf"
-    args = [name, str(big), "-o", str(out), *command[1:]]
+    args = [name, str(small_src), "-o", str(out), *command[1:]]
     journal = tmp_path / "resumed" / ".m.gguf.partial.json"
     rng = random.Random(name)
     n_tensors = len(gguf.GGUFReader(whole).tensors)
     points = sorted(rng.sample(range(1, n_tensors - 1), 3))
     seen = []
     for point in points:  # each run continues the last one's partial, and is killed further on
-        _run_killed(args, journal, point, rng)
+        run_killed(args, journal, point, rng)
         seen.append(json.loads(journal.read_text())["written"][0])
     assert seen == sorted(seen) and seen[0] >= points[0]  # every run resumed, none started over
-    result = subprocess.run([sys.executable, "-m", "step_gguf.cli", *args], capture_output=True, text=True)
+    result = cli_process(*args)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == whole.read_bytes()
     assert [p.name for p in out.parent.iterdir()] == ["m.gguf"]  # nothing stale beside it
 
 
-def test_a_partial_from_another_plan_is_replaced(big, tmp_path):
+def test_a_partial_from_another_plan_is_replaced(small_src, tmp_path):
     out = tmp_path / "m.gguf"
-    _run_killed(["convert", str(big), "-o", str(out), "--outtype", "f16"],
+    run_killed(["convert", str(small_src), "-o", str(out), "--outtype", "f16"],
                 tmp_path / ".m.gguf.partial.json", 5, random.Random(0))
     assert (tmp_path / ".m.gguf.partial").exists()
-    result = CliRunner().invoke(main, ["convert", str(big), "-o", str(out), "--outtype", "bf16"])
+    result = CliRunner().invoke(main, ["convert", str(small_src), "-o", str(out), "--outtype", "bf16"])
     assert result.exit_code == 0, result.output
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     ref = tmp_path / "ref.gguf"
-    convert(big, ref, outtype="bf16")
+    convert(small_src, ref, outtype="bf16")
     assert {t.name: bytes(t.data) for t in gguf.GGUFReader(out).tensors} == \
            {t.name: bytes(t.data) for t in gguf.GGUFReader(ref).tensors}
     assert not list(tmp_path.glob(".m.gguf*"))
 
 
-def test_a_second_run_cannot_write_the_same_partial(big, tmp_path):
-    from step_gguf.resume import Partial
+def test_a_second_run_cannot_write_the_same_partial(small_src, tmp_path):
+    from step_gguf.files.resume import Partial
 
     out = tmp_path / "m.gguf"
     holder = Partial(out)
     holder.lock()
     try:
-        result = CliRunner().invoke(main, ["convert", str(big), "-o", str(out)])
+        result = CliRunner().invoke(main, ["convert", str(small_src), "-o", str(out)])
         assert result.exit_code != 0 and "another step-gguf run is writing" in result.output
     finally:
         holder.unlock()

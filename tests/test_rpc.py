@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from step_gguf import plan as P
-from step_gguf.facts import read_facts
-from step_gguf.errors import StepGGUFError
+from step_gguf.core.errors import StepGGUFError
+from step_gguf.pipeline.source_facts import read_facts
 
 CTX, UBATCH = 256, 32
 # usable share of a small machine's memory: the margin and a reserve of an eighth
@@ -101,7 +101,8 @@ def test_llama_server_over_rpc_answers_as_the_single_host(runtime, hosts, gguf_f
 
 
 def test_unreachable_or_malformed_hosts_are_refused(runtime):
-    from step_gguf.runtime import process, rpc
+    from step_gguf.native import process
+    from step_gguf.runtime import rpc
 
     dead = f"127.0.0.1:{process.free_port()}"
     with pytest.raises(StepGGUFError, match="cannot reach the RPC host .*step-gguf rpc-server"):
@@ -115,7 +116,8 @@ def test_unreachable_or_malformed_hosts_are_refused(runtime):
 
 _AFTER_A_HOST_WENT_AWAY = """
 import sys
-from step_gguf.runtime import llama, propagation, rpc
+from step_gguf.native import propagation
+from step_gguf.runtime import llama, rpc
 
 with rpc.start(threads=1) as host:
     rpc.devices([host])  # registered in this process for good, as a split load leaves it

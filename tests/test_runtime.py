@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from step_gguf.errors import RuntimeMissingError, StepGGUFError
-from step_gguf.runtime import build as b
-from step_gguf.runtime import installed
+from step_gguf.core.errors import RuntimeMissingError, StepGGUFError
+from step_gguf.native import build as b
+from step_gguf.native import installed
 
 
 def test_every_patch_in_the_series_applies_cleanly(tmp_path):

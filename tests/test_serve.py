@@ -23,7 +23,7 @@ from step_gguf.cli import main
 
 @pytest.fixture(scope="module")
 def scripted(workdir, runtime):
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     out = workdir / "scripted.gguf"
     if not out.exists():
@@ -147,7 +147,7 @@ def test_serving_beyond_loopback_needs_a_key(scripted):
 
 
 def test_api_key_is_enforced(scripted):
-    from step_gguf.errors import StepGGUFError
+    from step_gguf.core.errors import StepGGUFError
     from step_gguf.runtime import server
 
     with server.serve(scripted, n_ctx=512, api_key="sesame") as url:
@@ -285,8 +285,8 @@ def test_run_reports_a_dead_server_in_one_line(scripted, monkeypatch):
 def test_a_server_that_keeps_dying_is_given_up_with_its_last_words(tmp_path):
     """The third death within the window: no more restarts, an error with the log's last lines;
     each death before it was told, with a restart after a doubling delay."""
-    from step_gguf.errors import StepGGUFError
-    from step_gguf.runtime.process import child
+    from step_gguf.core.errors import StepGGUFError
+    from step_gguf.native.process import child
 
     log = tmp_path / "server.log"
     dying = [sys.executable, "-c", "import sys, time; print('out of cheese', flush=True); time.sleep(0.2); sys.exit(3)"]

@@ -59,7 +59,7 @@ def test_health_and_model_listing(server):
 
 @pytest.fixture(scope="module")
 def split_gguf(checkpoint, workdir):
-    from step_gguf.convert import convert
+    from step_gguf.pipeline.convert import convert
 
     trunk, draft = workdir / "server-trunk.gguf", workdir / "server-mtp.gguf"
     if not trunk.exists():

@@ -10,10 +10,10 @@ import pytest
 
 from click.testing import CliRunner
 
-from step_gguf.checkpoint import Checkpoint
 from step_gguf.cli import main
-from step_gguf.model import Step35Config
-from step_gguf.synth import PRESETS, preset_config, synth
+from step_gguf.core.model import Step35Config
+from step_gguf.files.checkpoint import Checkpoint
+from step_gguf.synth.writer import PRESETS, preset_config, synth
 
 
 def _digest(folder) -> str:
@@ -79,7 +79,7 @@ def test_wide_has_real_expert_shapes_and_benchmark_size():
 
 @pytest.mark.parametrize("accuracy", [0.0, 0.3, 1.0])
 def test_each_mtp_head_errs_on_its_own_share_of_inputs(accuracy):
-    from step_gguf.synth_script import head_successors
+    from step_gguf.synth.script import head_successors
 
     chain = list(range(100, 141))  # 40 script tokens, then the end of turn
     successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from step_gguf import quantize as q
 from step_gguf.cli import main
-from step_gguf.errors import StepGGUFError
-from step_gguf.units import parse_size
+from step_gguf.core.errors import StepGGUFError
+from step_gguf.core.units import parse_size
+from step_gguf.pipeline import quantize as q
 
 
 @pytest.mark.parametrize("text, size", [("50G", 50 * 10**9), ("500M", 500 * 10**6), ("48GiB", 48 << 30),

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from step_gguf.errors import TokenizerError
-from step_gguf.vocab import CONTROL, NORMAL, UNUSED, detect_pre_tokenizer, load_vocab
+from step_gguf.core.errors import TokenizerError
+from step_gguf.files.vocab import CONTROL, NORMAL, UNUSED, detect_pre_tokenizer, load_vocab
 
 TEXTS = [
     "Hello world! Step 3.5 Flash routes each token to 8 of 288 experts.",

@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from ..errors import StepGGUFError
+from ..core.errors import StepGGUFError
 from . import demo, files, measure, runtime, serving
 
 

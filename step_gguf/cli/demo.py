@@ -16,11 +16,12 @@ from .progress import human_size
               help="Keep the checkpoint and GGUF in this new folder instead of a temporary one.")
 def demo(keep: Path | None) -> None:
     """The whole flow on the embedded tiny synthetic model: synth, convert, quantize, chat."""
-    from .. import quantize as q
-    from ..convert import convert as run_convert
-    from ..recipe import load_recipe
-    from ..runtime import installed, server
-    from ..synth import synth as run_synth
+    from ..pipeline import quantize as q
+    from ..pipeline.convert import convert as run_convert
+    from ..core.recipe import load_recipe
+    from ..native import installed
+    from ..runtime import server
+    from ..synth.writer import synth as run_synth
 
     installed.check()  # fail before doing work if the runtime is missing
     with tempfile.TemporaryDirectory() as tmp:

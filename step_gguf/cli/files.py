@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from ..choices import MTP_MODES, OUTTYPES, MtpMode, OutType
-from ..errors import StepGGUFError
-from ..synth_presets import PRESETS
-from ..units import SIZE_HELP, parse_size
+from ..core.choices import MTP_MODES, OUTTYPES, MtpMode, OutType
+from ..core.errors import StepGGUFError
+from ..core.units import SIZE_HELP, parse_size
+from ..synth.presets import PRESETS
 from .progress import ByteBar, human_size
 
 
@@ -30,7 +30,7 @@ def _card_options(f):
 
 
 def _card(name: str | None, basename: str | None, license_id: str | None):
-    from ..model_card import CardOverrides
+    from ..files.model_card import CardOverrides
 
     return CardOverrides(name, basename, license_id)
 
@@ -51,7 +51,7 @@ def _split_options(f):
 
 
 def _split(max_size: str | None, max_tensors: int | None):
-    from ..output import SplitLimits
+    from ..pipeline.output import SplitLimits
 
     if max_size is None and max_tensors is None:
         return None
@@ -90,8 +90,8 @@ def convert(src: Path, out: Path, outtype: OutType, mtp: MtpMode, draft_out: Pat
     Example:
       step-gguf convert ./Step-3.5-Flash -o step35-q8_0.gguf --outtype q8_0
     """
-    from ..convert import convert as run_convert
-    from ..draft import draft_path
+    from ..pipeline.convert import convert as run_convert
+    from ..files.draft import draft_path
 
     if mtp == "split" and draft_out is None:
         draft_out = draft_path(out)  # where run/serve/plan look for it
@@ -190,8 +190,8 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
       step-gguf quantize ./Step-3.5-Flash -o step35-int3.gguf --scheme int3-mixed --imatrix imatrix.gguf
       step-gguf quantize ./Step-3.5-Flash -o step35-100g.gguf --imatrix imatrix.gguf --target-size 100GiB
     """
-    from .. import quantize as q
-    from ..recipe import load_recipe
+    from ..pipeline import quantize as q
+    from ..core.recipe import load_recipe
 
     if scheme and recipe_file:
         raise click.UsageError("give --scheme or --recipe, not both")
@@ -206,7 +206,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
     if out is None:
         raise click.UsageError("give -o OUT.gguf (or --dry-run to price the plan)")
     if mtp == "split" and draft_out is None:
-        from ..draft import draft_path
+        from ..files.draft import draft_path
 
         draft_out = draft_path(out)  # where run/serve/plan look for it
     target = None
@@ -233,7 +233,7 @@ def _price(src: Path, recipe, mtp: MtpMode, compare_stock: str | None, as_json: 
     """--dry-run: the plan and its size, beside a stock mix when asked."""
     import json
 
-    from .. import quantize as q
+    from ..pipeline import quantize as q
 
     pricing = q.dry_run(src, recipe, mtp=mtp)
     stock = q.price_stock(src, compare_stock, mtp=mtp) if compare_stock else None
@@ -266,7 +266,7 @@ def _report(result, secs: float, budget: bool) -> None:
               "pass to --recipe.")
 def recipes(name: str | None, as_toml: bool) -> None:
     """List the built-in quantization recipes, or show one's rules (pattern, layers, type, why)."""
-    from ..recipe import builtin_names, load_recipe
+    from ..core.recipe import builtin_names, load_recipe
 
     if name is None:
         for n in builtin_names():
@@ -313,7 +313,7 @@ def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template:
     """Write a synthetic Step 3.5 checkpoint (hub layout, random weights) to the new folder OUT."""
     import json
 
-    from ..synth import synth as run_synth
+    from ..synth.writer import synth as run_synth
 
     script: list = []
     if script_file is not None:
@@ -325,7 +325,7 @@ def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template:
             raise StepGGUFError(f"{script_file} must hold a JSON list of strings")
     chat_template = None
     if template == "step35":
-        from ..runtime.build import STEP35_TEMPLATE, sdist_text
+        from ..native.build import STEP35_TEMPLATE, sdist_text
 
         chat_template = sdist_text(STEP35_TEMPLATE)
     bar = ByteBar(f"writing {preset} checkpoint")

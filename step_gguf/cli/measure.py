@@ -38,8 +38,8 @@ def imatrix(model: Path, out: Path, text_file: Path | None, ctx: int, chunks: in
       step-gguf imatrix step35-bf16.gguf -o imatrix.gguf
       step-gguf quantize ./Step-3.5-Flash -o step35-int3.gguf --scheme int3-mixed --imatrix imatrix.gguf
     """
-    from ..imatrix import load_imatrix
-    from ..runtime import tools
+    from ..files.imatrix import load_imatrix
+    from ..native import tools
 
     bars = {"chunks": ByteBar(f"imatrix of {model.name}"), "depths": ByteBar("depth gains")}
     done_before = dict.fromkeys(bars, 0)
@@ -91,7 +91,7 @@ def eval_(quant: Path, reference: Path, text_file: Path | None, ctx: int, thread
     """
     import json as _json
 
-    from ..runtime import tools
+    from ..native import tools
 
     stats = tools.kld(quant, reference, text_file, ctx=ctx, threads=threads)
     if as_json:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import StepGGUFError
-from ..runtime.build import BACKEND_FLAGS
+from ..core.errors import StepGGUFError
+from ..native.build import BACKEND_FLAGS
 from .progress import human_size, StepProgress
 
 
@@ -47,8 +47,8 @@ def runtime_build(backend: str, cuda_arch: str | None, cmake_args: tuple[str, ..
     ccache, are compiled once for every build that shares them. `--stock` builds the same tree
     without the patches, to measure against: `bench/kernels.py` does.
     """
-    from ..runtime import build as b
-    from ..runtime import installed
+    from ..native import build as b
+    from ..native import installed
 
     if cuda_arch and backend != "cuda":
         raise StepGGUFError("--cuda-arch applies to --backend cuda")
@@ -83,7 +83,8 @@ def runtime_status() -> None:
     """Say whether the installed runtime is ours and current, which ggml backends it carries,
     which CPU level it loads here (and how to pin another), the GPUs it sees, and where its
     tools are."""
-    from ..runtime import devices, installed
+    from ..runtime import devices
+    from ..native import installed
 
     info = installed.check()
     backends = ["cpu"] if info.backend == "cpu" else ["cpu", info.backend]
@@ -103,7 +104,7 @@ def runtime_status() -> None:
 
 
 def _cpu_line(variants: tuple[str, ...], backend_file: Path) -> str:
-    from ..runtime import cpu
+    from ..native import cpu
 
     level = cpu.loaded(backend_file)
     if level is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import StepGGUFError
+from ..core.errors import StepGGUFError
 from ..plan import MAX_SLOTS, SLOT_CTX
 from .foreground import hold_until_stopped, paused
 from .progress import human_size
@@ -52,7 +52,7 @@ def _with_draft_max(p, draft_max: int | None, no_mtp: bool):
 def _drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> Path | None:
     """The separate draft to load (given, or found beside the model); says on stderr which
     was found unless the output is JSON (which names it)."""
-    from ..draft import resolve
+    from ..files.draft import resolve
 
     found = resolve(model, draft, mtp)
     if say and draft is None and found is not None:
@@ -134,7 +134,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     import json
 
     from .. import plan as planner
-    from ..facts import read_facts
+    from ..pipeline.source_facts import read_facts
 
     machine = _machine(profile, figures)
     draft = _drafting(model, draft, not no_mtp, say=not as_json)
@@ -143,7 +143,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     p = _with_draft_max(p, draft_max, no_mtp)
     # a config or checkpoint is planned as the GGUF it would become; a split GGUF is loaded from
     # its first shard, whichever shard was named
-    from ..gguf_source import first_shard
+    from ..files.gguf_source import first_shard
 
     target = str(first_shard(model)) if model.is_file() and model.suffix == ".gguf" else "MODEL.gguf"
     if as_json:
@@ -180,8 +180,9 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
 def _this_machine():
     """This machine's memory and the GPU the runtime would offload to, if it sees one."""
     from .. import plan as planner
-    from ..probe import ram_bytes
-    from ..runtime import devices, installed
+    from ..native.machine_probe import ram_bytes
+    from ..runtime import devices
+    from ..native import installed
 
     gpus = devices.gpus() if installed.check().backend != "cpu" else []
     if not gpus:
@@ -200,7 +201,7 @@ def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: 
     round or as many as pay. Without `ctx`, the longest context the machine holds with the
     model; without `parallel`, as many slots as fit (planner.serving)."""
     from .. import plan as planner
-    from ..facts import read_facts
+    from ..pipeline.source_facts import read_facts
 
     if profile is None:
         if figures and any(v is not None for v in figures.values()):
@@ -332,7 +333,8 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
           api_key: str | None, parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
-    from ..runtime import page, server
+    from ..native import page
+    from ..runtime import server
 
     server.check_exposure(host, api_key)  # before planning: one line, nothing else said
 

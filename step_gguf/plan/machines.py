@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..errors import StepGGUFError
+from ..core.errors import StepGGUFError
 
 
 GiB = 1 << 30

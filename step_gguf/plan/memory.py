@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from ..model_facts import ModelFacts
+from ..core.model_facts import ModelFacts
 
 # the KV cache types llama.cpp takes (--cache-type-k/-v), and their bytes per value
 KvType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..errors import StepGGUFError
-from ..gguf_names import is_routed, mtp_required
-from ..model_facts import ModelFacts, Tensor
+from ..core.errors import StepGGUFError
+from ..core.gguf_names import is_routed, mtp_required
+from ..core.model_facts import ModelFacts, Tensor
 from .machines import GiB, Profile, RpcHost, usable
 from .memory import KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
 from .result import Device, Plan

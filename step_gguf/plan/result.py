@@ -7,9 +7,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from ..errors import StepGGUFError
-from ..gguf_names import layer_of_gguf
-from ..model_facts import ModelFacts, Tensor
+from ..core.errors import StepGGUFError
+from ..core.gguf_names import layer_of_gguf
+from ..core.model_facts import ModelFacts, Tensor
 from .machines import Profile
 from .memory import KvType, kv_bytes
 

@@ -4,8 +4,8 @@ doing it (plus the copies of system-memory experts to a GPU)."""
 
 from __future__ import annotations
 
-from ..gguf_names import is_routed
-from ..model_facts import ModelFacts
+from ..core.gguf_names import is_routed
+from ..core.model_facts import ModelFacts
 from .machines import Profile
 from .memory import KvType, kv_read
 from .result import Device

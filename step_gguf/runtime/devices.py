@@ -8,8 +8,8 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RuntimeMissingError, StepGGUFError
-from .installed import BUILD_HINT, check
+from ..core.errors import RuntimeMissingError, StepGGUFError
+from ..native.installed import BUILD_HINT, check
 
 
 _GGML_API = (("ggml_backend_dev_count", ctypes.c_size_t, []),
@@ -48,7 +48,7 @@ def libggml() -> ctypes.CDLL:
         getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
     from llama_cpp import _logger  # noqa: PLC0415
 
-    _logger.set_verbose(False)  # not a line per backend module loaded (runtime/cpu.py)
+    _logger.set_verbose(False)  # not a line per backend module loaded (native/cpu.py)
     llama_cpp.llama_backend_init()
     return lib
 

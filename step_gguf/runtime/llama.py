@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import StepGGUFError
-from ..gguf_source import first_shard
+from ..core.errors import StepGGUFError
+from ..files.gguf_source import first_shard
+from ..native.installed import check
 from .devices import buffer_type, local_gpus
-from .installed import check
 
 if TYPE_CHECKING:
     from ..plan import Plan

@@ -17,11 +17,11 @@ import subprocess
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import StepGGUFError
+from ..core.errors import StepGGUFError
+from ..native.installed import check
+from ..native.process import child, free_port
 from ..plan import GiB, RpcHost
 from .devices import rpc_device
-from .installed import check
-from .process import child, free_port
 
 log = logging.getLogger(__name__)
 

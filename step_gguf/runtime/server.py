@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from ..errors import StepGGUFError
-from ..gguf_source import first_shard
-from .installed import check
-from .process import Child, child, free_port
+from ..core.errors import StepGGUFError
+from ..files.gguf_source import first_shard
+from ..native.installed import check
+from ..native.process import Child, child, free_port
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -38,7 +38,7 @@ class Running:
 
 def log_path_for(port: int) -> Path:
     """Where a server on `port` writes its log unless told otherwise (kept after it ends)."""
-    from .build import cache_dir
+    from ..native.build import cache_dir
 
     folder = cache_dir() / "logs"
     folder.mkdir(parents=True, exist_ok=True)

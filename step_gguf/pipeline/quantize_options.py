@@ -1,0 +1,46 @@
+"""What `quantize` takes beside the source, the output and the recipe: a size target and the
+options the command line sets, as values the CLI builds once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..core.choices import MtpMode
+from ..files.model_card import CardOverrides
+from .output import SplitLimits
+
+
+@dataclass(frozen=True)
+class Target:
+    """A size budget: the bytes of the whole output (header, metadata, the plan stored in it
+    and alignment padding included: what the disk and the loader see), or bits per weight of
+    the tensor data."""
+
+    bytes: int | None = None
+    bpw: float | None = None
+
+    def resolve(self, n_params: int) -> int:
+        return self.bytes if self.bytes is not None else int(self.bpw * n_params / 8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+    """How `quantize` applies a recipe, beyond the recipe: built once by the CLI from its flags.
+    `imatrix` weights the input channels (and `equalization` derives per-channel scales from
+    it); `target` picks every type for the least measured error within a size; `card`
+    overrides the model card's name, basename or license (a GGUF source keeps its card
+    otherwise); with `split` limits the output is written as llama.cpp's gguf-split shards
+    OUT-00001-of-0000N.gguf ... (a draft GGUF of mtp="split", at `draft_out`, stays one file)."""
+
+    mtp: MtpMode = "keep"
+    draft_out: str | os.PathLike | None = None
+    imatrix: str | os.PathLike | None = None
+    equalization: bool = False
+    target: Target | None = None
+    allow_requantize: bool = False
+    tokenizer_pre: str | None = None
+    threads: int | None = None
+    resume: bool = True
+    card: CardOverrides | None = None
+    split: SplitLimits | None = None
