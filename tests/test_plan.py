@@ -54,7 +54,7 @@ def test_bytes_per_class_at_int4_mixed(real):
 
 
 def test_what_lands_on_a_24gb_card_at_64k(real):
-    p = P.plan(real, P.machine("gpu-24gb"), 65536)
+    p = P.plan(real, P.machine("gpu-24gb"), 65536, expert_cache="off")
     gpu, cpu = p.devices
     assert p.kv_type == "f16"   # 3.1 GiB is under a sixth of the card
     usable = int(24 * GiB * 0.95) - (512 << 20)
@@ -89,7 +89,7 @@ def test_what_lands_on_a_24gb_card_at_64k(real):
 
 
 def test_server_args_keep_exactly_the_planned_tensors_on_the_cpu(real):
-    p = P.plan(real, P.machine("gpu-24gb"), 65536)
+    p = P.plan(real, P.machine("gpu-24gb"), 65536, expert_cache="off")
     args = p.server_args("m.gguf")
     assert args.count("-ot") == 1  # comma-separated: llama.cpp warns on a repeated -ot
     pats = [re.compile(o.rsplit("=", 1)[0]) for o in args[args.index("-ot") + 1].split(",")]

@@ -9,103 +9,18 @@ from pathlib import Path
 
 import click
 
-from ..core.errors import StepGGUFError
 from ..plan import MAX_SLOTS, SLOT_CTX
 from .foreground import hold_until_stopped, paused
+from .planning import (draft_max_option, draft_option, drafting, expert_cache_option, machine_options,
+                       model_options, planned, profile_machine, profiles_help, rpc_hosts, rpc_option,
+                       with_draft_max)
 from .progress import human_size
-
-
-def _profiles_help() -> str:
-    from ..plan import CUSTOM, PROFILES
-
-    return "; ".join(f"{p.name}: {p.what}" for p in PROFILES.values()) + \
-        f"; {CUSTOM}: give --ram and --mem-bw (and --vram, --gpu-bw)"
-
-
-_rpc_option = click.option(
-    "--rpc", default=None, metavar="HOST:PORT[=GiB],...",
-    help="ggml RPC hosts (`step-gguf rpc-server` on each) that take whole layers this machine "
-         "cannot hold; each host's free memory is asked unless given as =GiB. Hosts are taken "
-         "to read memory as fast as this machine.")
-
-
-_draft_option = click.option(
-    "--draft", type=click.Path(path_type=Path), default=None, metavar="FILE",
-    help="Draft with the MTP heads of this separate GGUF (`--mtp split`'s output, or another "
-         "tool's step35 draft) [for a GGUF without heads of its own: NAME-mtp.gguf beside it, "
-         "if there].")
-
-
-_draft_max_option = click.option(
-    "--draft-max", type=click.IntRange(1), default=None, metavar="N",
-    help="Draft N tokens every round [chosen each round, up to every MTP head and down to none, "
-         "from the acceptance and cost measured as it runs, so drafting never slows decoding].")
-
-
-def _with_draft_max(p, draft_max: int | None, no_mtp: bool):
-    """`p` drafting a fixed `draft_max` tokens a round (one line when it cannot)."""
-    if draft_max is not None and no_mtp:
-        raise StepGGUFError("--draft-max and --no-mtp contradict each other; give one")
-    return p.drafting(draft_max)
-
-
-def _drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> Path | None:
-    """The separate draft to load (given, or found beside the model); says on stderr which
-    was found unless the output is JSON (which names it)."""
-    from ..files.draft import resolve
-
-    found = resolve(model, draft, mtp)
-    if say and draft is None and found is not None:
-        click.echo(f"drafting with {found}, found beside {model.name}", err=True)
-    return found
-
-
-_FIGURES = ("vram", "ram", "mem_bw", "gpu_bw", "unified")
-
-
-def _machine_options(f):
-    """--vram/--ram/--mem-bw/--gpu-bw/--unified, handed to the command as one `figures` dict
-    (what planner.machine takes besides the profile's name)."""
-    import functools
-
-    @functools.wraps(f)
-    def wrapper(**kw):
-        figures = {k: kw.pop(k) for k in _FIGURES}
-        return f(figures=figures, **kw)
-
-    for option in reversed([
-        click.option("--vram", type=float, default=None, help="GPU memory, GiB (overrides the profile)."),
-        click.option("--ram", type=float, default=None, help="System memory, GiB."),
-        click.option("--mem-bw", type=float, default=None, help="System memory read bandwidth, GB/s."),
-        click.option("--gpu-bw", type=float, default=None, help="GPU memory read bandwidth, GB/s."),
-        click.option("--unified/--discrete", default=None,
-                     help="The GPU's memory is part of system memory (one pool, as on DGX Spark "
-                          "and Strix Halo: read in, not memory-mapped) [as the profile says]."),
-    ]):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def _machine(profile: str, figures: dict):
-    from .. import plan as planner
-
-    return planner.machine(profile, vram_gb=figures["vram"], ram_gb=figures["ram"],
-                           mem_bw_gbs=figures["mem_bw"], gpu_bw_gbs=figures["gpu_bw"],
-                           unified=figures["unified"])
-
-
-def _rpc_hosts(spec: str | None, machine) -> tuple:
-    if not spec:
-        return ()
-    from ..runtime import rpc
-
-    return tuple(rpc.hosts(spec, machine.mem_bw))
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", required=True, metavar="NAME",
-              help="The machine. " + _profiles_help() + ".")
+              help="The machine. " + profiles_help() + ".")
 @click.option("-c", "--ctx", type=click.IntRange(1), default=32768, show_default=True,
               help="Context length in tokens.")
 @click.option("--scheme", default=None,
@@ -115,14 +30,15 @@ def _rpc_hosts(spec: str | None, machine) -> tuple:
 @click.option("--parallel", type=click.IntRange(1), default=1, show_default=True,
               help="Sequences llama-server decodes at once (its -np).")
 @click.option("--no-mtp", is_flag=True, help="Plan without the MTP draft heads.")
-@_draft_option
-@_draft_max_option
-@_machine_options
-@_rpc_option
+@draft_option
+@draft_max_option
+@machine_options
+@rpc_option
+@expert_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
          parallel: int, no_mtp: bool, draft: Path | None, draft_max: int | None, figures: dict,
-         rpc: str | None, as_json: bool) -> None:
+         rpc: str | None, expert_cache, as_json: bool) -> None:
     """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
     predicted prompt and decode speed, and the llama-server command that runs it so.
 
@@ -136,11 +52,12 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     from .. import plan as planner
     from ..pipeline.source_facts import read_facts
 
-    machine = _machine(profile, figures)
-    draft = _drafting(model, draft, not no_mtp, say=not as_json)
+    machine = profile_machine(profile, figures)
+    draft = drafting(model, draft, not no_mtp, say=not as_json)
     p = planner.plan(read_facts(model, scheme, draft), machine, ctx, kv_type=kv_type,
-                     mtp=not no_mtp, parallel=parallel, rpc=_rpc_hosts(rpc, machine))
-    p = _with_draft_max(p, draft_max, no_mtp)
+                     mtp=not no_mtp, parallel=parallel, rpc=rpc_hosts(rpc, machine),
+                     expert_cache=expert_cache)
+    p = with_draft_max(p, draft_max, no_mtp)
     # a config or checkpoint is planned as the GGUF it would become; a split GGUF is loaded from
     # its first shard, whichever shard was named
     from ..files.gguf_source import first_shard
@@ -174,52 +91,8 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     if machine.backend:
         click.echo(f"runtime: the {machine.backend} build (step-gguf runtime build --backend "
                    f"{machine.backend})")
-    click.echo("llama-server " + shlex.join(p.server_args(target)))
-
-
-def _this_machine():
-    """This machine's memory and the GPU the runtime would offload to, if it sees one."""
-    from .. import plan as planner
-    from ..native.machine_probe import ram_bytes
-    from ..runtime import devices
-    from ..native import installed
-
-    gpus = devices.gpus() if installed.check().backend != "cpu" else []
-    if not gpus:
-        return planner.this_machine(ram_bytes())
-    gpu = gpus[0]  # llama.cpp fills the first device first
-    return planner.this_machine(ram_bytes(), gpu.free, gpu.integrated, f"{gpu.name} ({gpu.description})")
-
-
-def _planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: str | None = None,
-             draft: Path | None = None, say: bool = True, parallel: int | None = 1,
-             draft_max: int | None = None, figures: dict | None = None):
-    """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile
-    (its figures replaced by `figures`), or without one this machine as the runtime sees it
-    (its memory, and the free memory of the GPU llama.cpp would use); drafting with `draft` or
-    the draft found beside the model, checked before any server starts, `draft_max` tokens a
-    round or as many as pay. Without `ctx`, the longest context the machine holds with the
-    model; without `parallel`, as many slots as fit (planner.serving)."""
-    from .. import plan as planner
-    from ..pipeline.source_facts import read_facts
-
-    if profile is None:
-        if figures and any(v is not None for v in figures.values()):
-            raise StepGGUFError("--vram, --ram, --mem-bw, --gpu-bw and --unified change a profile: "
-                                "give --profile too (custom for a machine of your own figures)")
-        machine = _this_machine()
-    else:
-        machine = _machine(profile, figures or dict.fromkeys(_FIGURES))
-    draft = _drafting(model, draft, mtp, say)
-    p = _with_draft_max(planner.serving(read_facts(model, draft=draft), machine, ctx, parallel, mtp=mtp,
-                                        rpc=_rpc_hosts(rpc, machine)), draft_max, not mtp)
-    if say and (ctx is None or parallel is None):
-        slots = f"{p.parallel} slots of " if p.parallel > 1 else ""
-        chosen = "" if ctx else f", the longest {machine.name} holds with this model"
-        choose = " and ".join(o for o, given in (("--ctx", ctx), ("--parallel", parallel)) if not given)
-        click.echo(f"context: {slots}{p.ctx} tokens{chosen} ({p.kv_type} cache; {choose} "
-                   f"choose{'s' if ' and ' not in choose else ''} otherwise)", err=True)
-    return p
+    env = "".join(f"{k}={v} " for k, v in p.server_env().items())
+    click.echo(env + "llama-server " + shlex.join(p.server_args(target)))
 
 
 def _stream(kind: str, text: str) -> None:
@@ -230,27 +103,8 @@ def _stream(kind: str, text: str) -> None:
         click.echo(text, nl=False)
 
 
-def _model_options(f):
-    for option in reversed([
-        click.option("-c", "--ctx", type=click.IntRange(1), default=None,
-                     help="Context length [the longest the machine holds with the model, up to "
-                          "the model's own: agents' prompts and tool lists alone take 10-20K]."),
-        click.option("--profile", default=None, metavar="NAME",
-                     help="Machine profile for the placement plan (see step-gguf plan) "
-                          "[this machine: its memory, and the GPU llama.cpp sees]."),
-        click.option("--no-mtp", is_flag=True,
-                     help="Do not draft with MTP heads, the GGUF's or a draft's (on by default "
-                          "when there are some)."),
-        _draft_option,
-        _draft_max_option,
-        _rpc_option,
-    ]):
-        f = option(f)
-    return click.argument("model", type=click.Path(path_type=Path))(_machine_options(f))
-
-
 @click.command()
-@_model_options
+@model_options
 @click.option("-p", "--prompt", default="Hello! Who are you?", show_default=True,
               help="User message, sent through the GGUF's chat template.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True,
@@ -260,7 +114,7 @@ def _model_options(f):
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
 def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-        draft_max: int | None, rpc: str | None, figures: dict, prompt: str, max_tokens: int,
+        draft_max: int | None, rpc: str | None, expert_cache, figures: dict, prompt: str, max_tokens: int,
         seed: int, as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
@@ -268,15 +122,16 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
 
     from ..runtime import server
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json, draft_max=draft_max,
-                 figures=figures)
-    with server.serve(model, plan=p) as url:
-        reply = server.chat(url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                           seed=seed, on_text=None if as_json else _stream)
+    p = planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json, draft_max=draft_max,
+                 figures=figures, expert_cache=expert_cache)
+    with server.running(model, plan=p) as r:
+        reply = server.chat(r.url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                            seed=seed, on_text=None if as_json else _stream)
+        cache = server.expert_cache_counters(r) if p.expert_cache else None
     if as_json:
         click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp,
                                                  "mtp_draft": p.model.draft if p.mtp else None,
-                                                 "mtp_draft_max": p.draft_length},
+                                                 "mtp_draft_max": p.draft_length, "expert_cache": cache},
                               indent=1))
         return
     click.echo("")
@@ -284,23 +139,27 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
     if p.mtp and reply.draft_rounds:
         accepted += ", rounds by draft length " + " ".join(
             f"{k}:{n}" for k, n in enumerate(reply.draft_rounds) if n)
+    if cache:
+        accepted += (f", expert cache {cache['hits']}/{cache['routed']} hits, "
+                     f"{human_size(cache['bytes_copied'])} copied in {cache['copy_seconds']:.2f} s")
     click.echo(f"[{reply.prompt_tokens} prompt tokens at {reply.prompt_tps:.1f} tok/s, "
                f"{reply.completion_tokens} generated at {reply.decode_tps:.1f} tok/s{accepted}]",
                err=True)
 
 
 @click.command()
-@_model_options
+@model_options
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
               help="Most tokens to generate per answer (reasoning included).")
 @click.option("--system", default=None, help="System message.")
 def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-         draft_max: int | None, rpc: str | None, figures: dict, max_tokens: int,
+         draft_max: int | None, rpc: str | None, expert_cache, figures: dict, max_tokens: int,
          system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from ..runtime import server
 
-    p = _planned(model, profile, ctx, not no_mtp, rpc, draft, draft_max=draft_max, figures=figures)
+    p = planned(model, profile, ctx, not no_mtp, rpc, draft, draft_max=draft_max, figures=figures,
+                 expert_cache=expert_cache)
     messages = [{"role": "system", "content": system}] if system else []
     with server.serve(model, plan=p) as url:
         while True:
@@ -319,7 +178,7 @@ def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft:
 
 
 @click.command()
-@_model_options
+@model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback needs --api-key.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
@@ -329,7 +188,7 @@ def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft:
               help="Slots: requests served at once, each with its own --ctx [as many as fit, up "
                    f"to {MAX_SLOTS}, while each keeps {SLOT_CTX // 1024}K tokens].")
 def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-          draft_max: int | None, rpc: str | None, figures: dict, host: str, port: int,
+          draft_max: int | None, rpc: str | None, expert_cache, figures: dict, host: str, port: int,
           api_key: str | None, parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
@@ -340,9 +199,9 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
 
     @contextlib.contextmanager
     def kept_up():
-        with server.running(model, plan=_planned(model, profile, ctx, not no_mtp, rpc, draft,
+        with server.running(model, plan=planned(model, profile, ctx, not no_mtp, rpc, draft,
                                                  parallel=parallel, draft_max=draft_max,
-                                                 figures=figures),
+                                                 figures=figures, expert_cache=expert_cache),
                             host=host, port=port, api_key=api_key) as r:
             click.echo(f"llama-server log: {r.process.log_path}", err=True)
             click.echo(f"chat page: {r.url}/" if server.has_page(r.url) else f"no chat page: {page.NO_PAGE}",

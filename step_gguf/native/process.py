@@ -112,6 +112,7 @@ class Child:
     ready: Callable[[], bool]
     startup_timeout: float
     log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)   # added to this process's environment
     proc: subprocess.Popen | None = field(default=None, repr=False)
     _sink: IO | None = field(default=None, repr=False)
 
@@ -127,7 +128,8 @@ class Child:
             if restart:
                 self._sink.write(f"\n--- step-gguf: {self.name} restarted ---\n")
         self.proc = subprocess.Popen(self.args, stdout=self._sink or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                     env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + self.startup_timeout
         while not self.ready():
             if self.proc.poll() is not None:
@@ -190,11 +192,11 @@ class Child:
 
 @contextlib.contextmanager
 def child(args: Sequence[str], what: str, ready: Callable[[], bool], startup_timeout: float,
-          log_path: Path | None = None) -> Iterator[Child]:
+          log_path: Path | None = None, env: dict[str, str] | None = None) -> Iterator[Child]:
     """Run a server process (from our build) for the block's duration, once `ready()` says
     it is up; it dies with this process, and is stopped at the end of the block. An error in
     the block while the process is dead becomes one line saying how it died."""
-    proc = Child([str(a) for a in args], what, ready, startup_timeout, log_path)
+    proc = Child([str(a) for a in args], what, ready, startup_timeout, log_path, env or {})
     proc.start()
     try:
         yield proc

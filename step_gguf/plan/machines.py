@@ -99,7 +99,7 @@ class RpcHost:
 
 def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: float | None = None,
             mem_bw_gbs: float | None = None, gpu_bw_gbs: float | None = None,
-            unified: bool | None = None) -> Profile:
+            unified: bool | None = None, link_bw_gbs: float | None = None) -> Profile:
     """A named profile, with any of its figures replaced (GB and GB/s are 10^9 units;
     capacities are taken as GiB, as vendors sell them). `unified`: the GPU's memory is part of
     the system memory (one pool, as on DGX Spark)."""
@@ -119,7 +119,8 @@ def machine(profile: str = CUSTOM, *, vram_gb: float | None = None, ram_gb: floa
                             f"{', '.join([*PROFILES, CUSTOM])}")
     changes: dict = {}
     for key, value, unit in (("vram", vram_gb, GiB), ("ram", ram_gb, GiB),
-                             ("mem_bw", mem_bw_gbs, GB), ("gpu_bw", gpu_bw_gbs, GB)):
+                             ("mem_bw", mem_bw_gbs, GB), ("gpu_bw", gpu_bw_gbs, GB),
+                             ("link_bw", link_bw_gbs, GB)):
         if value is not None:
             if not (value >= 0 and math.isfinite(value)):
                 raise StepGGUFError(f"--{key.replace('_', '-')} must be a non-negative number")

@@ -12,6 +12,7 @@ from ..core.gguf_names import is_routed, mtp_required
 from ..core.model_facts import ModelFacts, Tensor
 from .machines import GiB, Profile, RpcHost, usable
 from .memory import KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
+from .expert_cache import CacheRequest, Locality, with_cache
 from .result import Device, Plan
 from .speed import CPU_EFFICIENCY, decode_tps, prompt_tps
 
@@ -22,21 +23,29 @@ KV_SHARE = 1 / 6
 
 def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: KvType | None = None,
          mtp: bool = True, parallel: int = 1, n_ubatch: int = 512, checkpoints: int = 8,
-         rpc: tuple[RpcHost, ...] = ()) -> Plan:
+         rpc: tuple[RpcHost, ...] = (), expert_cache: CacheRequest = "auto",
+         locality: Locality = Locality()) -> Plan:
     """Place `m` on `profile` for a context of `ctx` tokens; raises when it cannot fit.
 
     Without `kv_type` the cache is f16, or q8_0 where f16 would take more than KV_SHARE of a
     discrete GPU or would not fit at all. `rpc` hosts take whole layers, only what this machine
-    cannot hold.
+    cannot hold. `expert_cache` ("off", "auto" or bytes) gives GPU memory to patch 0021's cache
+    of the routed experts left in system memory, predicted with `locality`.
     """
+    return with_cache(_plan(m, profile, ctx, kv_type=kv_type, mtp=mtp, parallel=parallel,
+                            n_ubatch=n_ubatch, checkpoints=checkpoints, rpc=rpc), expert_cache, locality)
+
+
+def _plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: KvType | None, mtp: bool,
+          parallel: int, n_ubatch: int, checkpoints: int, rpc: tuple[RpcHost, ...]) -> Plan:
     if ctx < 1 or parallel < 1 or n_ubatch < 1 or checkpoints < 0:
         raise StepGGUFError("--ctx, --parallel and the batch size must be at least 1")
     if kv_type is not None and kv_type not in KV_TYPES:
         raise StepGGUFError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
     mtp = mtp and any(m.kind(t) == "mtp" for t in m.tensors)
     if ctx > m.n_ctx_train:  # llama-server would cap it the same way
-        capped = plan(m, profile, m.n_ctx_train, kv_type=kv_type, mtp=mtp, parallel=parallel,
-                      n_ubatch=n_ubatch, checkpoints=checkpoints, rpc=rpc)
+        capped = _plan(m, profile, m.n_ctx_train, kv_type=kv_type, mtp=mtp, parallel=parallel,
+                       n_ubatch=n_ubatch, checkpoints=checkpoints, rpc=rpc)
         return replace(capped, notes=[f"context capped at the model's {m.n_ctx_train} tokens",
                                       *capped.notes])
     setup = _Setup(m, profile, ctx, "f16", mtp, parallel, n_ubatch, checkpoints, tuple(rpc))

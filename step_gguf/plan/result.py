@@ -49,6 +49,17 @@ class Device:
         return self.capacity - self.bytes
 
 
+@dataclass(frozen=True)
+class ExpertCache:
+    """Device memory for routed experts the plan keeps in system memory (patch 0021)."""
+
+    bytes: int          # given to the slots
+    share: float        # of the routed experts' bytes in system memory
+    hit_rate: float     # predicted
+    displaced: int      # expert tensors it took the place of on the GPU
+    speedup: float      # predicted decode speed over the same plan without it
+
+
 @dataclass
 class Plan:
     model: ModelFacts
@@ -72,6 +83,7 @@ class Plan:
     # tokens MTP drafts a round; None: each round chooses, up to every head, from the measured
     # acceptance and cost (patch 0013), so that drafting never makes decoding slower
     draft_max: int | None = None
+    expert_cache: ExpertCache | None = None
 
     @property
     def draft_length(self) -> int | str | None:
@@ -145,6 +157,8 @@ class Plan:
                      "--tensor-split", ",".join(map(str, self.tensor_split))]
         if self.gpu_layers and self.cpu_tensors:
             args += ["-ot", _to_cpu(self.override_patterns())]
+        if self.expert_cache:  # the cache copies experts as the file holds them
+            args.append("--no-repack")
         if self.profile.unified:
             # read in, not mapped: the page cache would hold a second copy in the pool (the
             # vendored llama-server has no --no-mmap: it refuses the flag and exits)
@@ -160,6 +174,16 @@ class Plan:
                 if self.gpu_layers and (patterns := self.draft_cpu_patterns()):
                     args += ["-otd", _to_cpu(patterns)]
         return args + ["--jinja", "--reasoning-format", "deepseek"]
+
+    def server_env(self) -> dict[str, str]:
+        """The environment llama-server (or an in-process load) runs the plan with: patch
+        0021's expert cache, its budget and the CPU's and the link's rates."""
+        if not self.expert_cache:
+            return {}
+        cpu = next(d for d in self.devices if d.name == "CPU")
+        return {"LLAMA_EXPERT_CACHE_MIB": f"{self.expert_cache.bytes / 2**20:.1f}",
+                "LLAMA_EXPERT_CACHE_CPU_BW": f"{cpu.bandwidth:.0f}",
+                "LLAMA_EXPERT_CACHE_LINK_BW": f"{self.profile.link_bw:.0f}"}
 
     def draft_cpu_patterns(self) -> list[str]:
         """`-otd` regexes for the draft model: its experts the plan keeps in system memory, and
@@ -192,5 +216,11 @@ class Plan:
             "predicted_decode_tps": round(self.predicted_decode_tps, 3),
             "predicted_decode_tps_full_ctx": round(self.predicted_decode_tps_full, 3),
             "predicted_prompt_tps": round(self.predicted_prompt_tps, 3),
-            "server_args": self.server_args(model_path), "notes": self.notes,
+            "expert_cache": None if not self.expert_cache else {
+                "bytes": self.expert_cache.bytes, "share": round(self.expert_cache.share, 4),
+                "predicted_hit_rate": round(self.expert_cache.hit_rate, 4),
+                "displaced_tensors": self.expert_cache.displaced,
+                "predicted_speedup": round(self.expert_cache.speedup, 3)},
+            "server_args": self.server_args(model_path), "server_env": self.server_env(),
+            "notes": self.notes,
         }

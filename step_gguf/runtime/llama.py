@@ -113,6 +113,22 @@ def _captured_log() -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` set while the block runs (llama.cpp reads the expert cache's settings as its
+    context is made), as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
          n_gpu_layers: int = 0, logits_all: bool = False, exact: bool = False,
          plan: "Plan | None" = None, swa_full: bool = False,
@@ -145,6 +161,8 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
         if plan.gpu_layers and plan.cpu_tensors:
             cpu = buffer_type("CPU")
             kwargs["tensor_buft_overrides"] = [(p, cpu) for p in plan.override_patterns()]
+        if plan.expert_cache:  # patch 0021 copies the experts as the file holds them
+            kwargs["use_extra_bufts"] = False
         if plan.rpc:  # llama.cpp's order: RPC hosts, then this machine's GPU
             from .rpc import devices  # noqa: PLC0415
 
@@ -153,7 +171,7 @@ def load(gguf_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | No
     if exact:
         kwargs |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     try:
-        with _captured_log() as lines:
+        with _captured_log() as lines, _environment(plan.server_env() if plan is not None else {}):
             llm = Llama(str(path), n_threads=n_threads, logits_all=logits_all, verbose=verbose,
                         swa_full=swa_full, **kwargs)
     except ValueError as exc:

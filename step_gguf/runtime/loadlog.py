@@ -19,6 +19,8 @@ _COMPUTE = re.compile(r"sched_reserve: +(\S+) compute buffer size = +([\d.]+) Mi
 _OVERRIDE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 _LAYER = re.compile(r"layer +(\d+) assigned to device (\S+),")
 _COPIES = re.compile(r"(\d+) splits, bytes copied into (.*)$")
+_EXPERT_CACHE = re.compile(r"expert cache = (\d+) hits, (\d+) misses of (\d+) routed; (\d+) copies, "
+                           r"(\d+) bytes in ([\d.]+) s")
 COPY_STATS = "GGML_SCHED_COPY_STATS"  # the environment variable that has the scheduler log them
 # llama.cpp's buffer types in system memory: mapped from the file, read in, a GPU backend's
 # pinned host buffer, our repacked layouts
@@ -64,3 +66,14 @@ class LoadLog:
                   for m in map(_COPIES.search, text.splitlines()) if m]
         return cls(model, [kv[i] for i in real], [compute[i] for i in real],
                    dict(_OVERRIDE.findall(text)), {int(i): d for i, d in _LAYER.findall(text)}, copies)
+
+
+def expert_cache_counters(text: str) -> dict[str, float] | None:
+    """The expert cache's counters since the model loaded (patch 0021 logs them with each
+    request's timings), as of the last request in `text`; None without a cache."""
+    found = _EXPERT_CACHE.findall(text)
+    if not found:
+        return None
+    hits, misses, routed, copies, nbytes, seconds = found[-1]
+    return {"hits": int(hits), "misses": int(misses), "routed": int(routed), "copies": int(copies),
+            "bytes_copied": int(nbytes), "copy_seconds": float(seconds)}

@@ -8,6 +8,7 @@ import http.client
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from ..core.errors import StepGGUFError
 from ..files.gguf_source import first_shard
 from ..native.installed import check
 from ..native.process import Child, child, free_port
+from .loadlog import expert_cache_counters as expert_cache_counters_in
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -72,8 +74,8 @@ def running(gguf_path: str | os.PathLike, *, plan: "Plan | None" = None, port: i
     if api_key:
         args += ["--api-key", api_key]
     url = base_url(host, port)
-    with child(args, f"llama-server loading {gguf_path}", lambda: _healthy(url),
-               startup_timeout, log_path or log_path_for(port)) as process:
+    with child(args, f"llama-server loading {gguf_path}", lambda: _healthy(url), startup_timeout,
+               log_path or log_path_for(port), plan.server_env() if plan is not None else None) as process:
         yield Running(url, process)
 
 
@@ -82,6 +84,17 @@ def serve(gguf_path: str | os.PathLike, **options) -> Iterator[str]:
     """`running(...)`, yielding only the server's base URL."""
     with running(gguf_path, **options) as r:
         yield r.url
+
+
+def expert_cache_counters(r: Running, wait: float = 5.0) -> dict[str, float] | None:
+    """The expert cache's counters after the request just answered: llama-server logs them as
+    the slot finishes, which may come a moment after the reply."""
+    deadline = time.monotonic() + wait
+    while True:
+        text = Path(r.process.log_path).read_text(errors="replace") if r.process.log_path else ""
+        if (found := expert_cache_counters_in(text)) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def check_exposure(host: str, api_key: str | None) -> None:
