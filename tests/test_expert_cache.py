@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from native_build import compile_native
+from scripted import scripted_checkpoint
 from step_gguf.core.recipe import load_recipe
 from step_gguf.native import build as b
 from step_gguf.pipeline.quantize import quantize
@@ -137,3 +138,32 @@ def test_prompt_batches_take_the_plain_path(program, model, tmp_path):
     assert on.tokens == off.tokens
     assert np.array_equal(on.logits[:n_prompt], off.logits[:n_prompt])
     assert on.counters["rows"] == N_PREDICT * top_k * len(expert_bytes)
+
+
+def test_a_server_with_the_plans_cache_answers_as_without_it(runtime, workdir, monkeypatch):
+    """The plan hands llama-server the cache (its environment and --no-repack) on a machine
+    whose GPU holds the rest of the model and most experts: the answer is the uncached one, MTP
+    drafting included, and the counters the server logs (what `run --json` reports) add up.
+    Flash attention off: with experts in system memory it corrupts the heap on llvmpipe, in
+    stock llama.cpp too (test_device.FA_CRASH)."""
+    from step_gguf import plan as P
+    from step_gguf.pipeline.source_facts import read_facts
+    from step_gguf.runtime import server
+
+    monkeypatch.setenv("GGML_VK_VISIBLE_DEVICES", "0")
+    model = workdir / "scripted-int8.gguf"
+    if not model.exists():
+        quantize(scripted_checkpoint(workdir / "scripted"), model, load_recipe("int8"))
+    facts = read_facts(model)
+    machine = P.machine("custom", ram_gb=8, mem_bw_gbs=20, vram_gb=0.008, gpu_bw_gbs=50)
+    replies, counters = {}, {}
+    for cache in ("off", 240_000):
+        p = P.plan(facts, machine, 4096, n_ubatch=64, kv_type="f16", checkpoints=0, expert_cache=cache)
+        assert p.cpu_tensors and p.mtp
+        with server.running(model, plan=p, extra_args=["-fa", "off"]) as r:
+            replies[cache] = server.chat(r.url, [{"role": "user", "content": "Hello"}], max_tokens=12)
+            counters[cache] = server.expert_cache_counters(r) if p.expert_cache else None
+    assert replies[240_000].text == replies["off"].text and replies["off"].draft_tokens > 0
+    c = counters[240_000]
+    assert counters["off"] is None and c["routed"] > 0 and c["hits"] + c["misses"] == c["routed"]
+    assert c["copies"] > 0 and c["bytes_copied"] == c["copies"] * _facts(model)[2][0]

@@ -86,7 +86,7 @@ def test_the_plan_command_takes_the_cache_size(real_config):
     assert r.exit_code == 0, r.output
     got = json.loads(r.output)
     assert got["expert_cache"]["bytes"] == 3 * GiB and "--no-repack" in got["server_args"]
-    assert got["server_env"]["LLAMA_EXPERT_CACHE_MIB"] == "3072.0"
+    assert float(got["server_env"]["LLAMA_EXPERT_CACHE_MIB"]) == 3072
     off = json.loads(cli("plan", real_config, "--profile", "gpu-24gb", "--expert-cache", "off", "--json").output)
     assert off["expert_cache"] is None and off["server_env"] == {}
     one_line_error(cli("plan", real_config, *PLAN_ARGS, "--expert-cache", "lots"), "--expert-cache")

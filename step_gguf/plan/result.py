@@ -181,7 +181,7 @@ class Plan:
         if not self.expert_cache:
             return {}
         cpu = next(d for d in self.devices if d.name == "CPU")
-        return {"LLAMA_EXPERT_CACHE_MIB": f"{self.expert_cache.bytes / 2**20:.1f}",
+        return {"LLAMA_EXPERT_CACHE_MIB": f"{self.expert_cache.bytes / 2**20:.6f}",  # to the byte
                 "LLAMA_EXPERT_CACHE_CPU_BW": f"{cpu.bandwidth:.0f}",
                 "LLAMA_EXPERT_CACHE_LINK_BW": f"{self.profile.link_bw:.0f}"}
 

@@ -49,18 +49,6 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "cannot load %s\n", argv[1]);
         return 1;
     }
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = 512;
-    cp.n_batch         = 512;
-    cp.n_ubatch        = 512;
-    cp.type_k          = GGML_TYPE_F32;
-    cp.type_v          = GGML_TYPE_F32;
-    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    llama_context * ctx = llama_init_from_model(model, cp);
-    if (!ctx) {
-        fprintf(stderr, "cannot create a context\n");
-        return 1;
-    }
     const llama_vocab * vocab   = llama_model_get_vocab(model);
     const int           n_vocab = llama_vocab_n_tokens(vocab);
 
@@ -69,6 +57,18 @@ int main(int argc, char ** argv) {
     const int n_prompt = llama_tokenize(vocab, prompt.c_str(), (int) prompt.size(), tokens.data(), (int) tokens.size(), true, true);
     if (n_prompt <= 0) {
         fprintf(stderr, "cannot tokenize the prompt\n");
+        return 1;
+    }
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = std::max(512, n_prompt + n_predict + 16);   // a long prompt read a token a step
+    cp.n_batch         = 512;
+    cp.n_ubatch        = 512;
+    cp.type_k          = GGML_TYPE_F32;
+    cp.type_v          = GGML_TYPE_F32;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        fprintf(stderr, "cannot create a context\n");
         return 1;
     }
     FILE * f = fopen(argv[5], "wb");
