@@ -4,7 +4,8 @@ share a fixed hot set serves, LRU's hit rate), so that it is measured, not assum
 planner's predicted decode speed-up for a profile on the real config at the hit rate measured.
 
 The trace is the routing of a synthetic model with the real expert count (the `small` preset
-with 288 experts, 8 a token) reading calibration text one token a step on llama.cpp's Vulkan
+with 288 experts, 8 a token, and routing locality: `synth --routing-locality`) reading
+calibration text one token a step on llama.cpp's Vulkan
 backend over Mesa's llvmpipe, its experts in system memory and the cache on
 (LLAMA_EXPERT_CACHE_TRACE). The patch's counters at that size stand beside the replay of its
 policy, which must agree. llvmpipe's speed means nothing: bytes and hit rates only; decode
@@ -43,12 +44,13 @@ TRACE_SHARE = 1 / 8                               # the size the traced run cach
 DECAY = 0.9                                       # patch 0021's score decay a step
 
 
-def trace(work: Path, tokens: int, profile: P.Profile) -> tuple[list[list[list[int]]], dict, int]:
+def trace(work: Path, tokens: int, profile: P.Profile, local: bool) -> tuple[list[list[list[int]]], dict, int]:
     """(per layer, per step, the routed experts), the patch's counters, one expert's bytes."""
-    src = work / "locality-ckpt"
+    name = "locality" if local else "random-routing"
+    src = work / f"{name}-ckpt"
     if not src.exists():
-        synth(src, "small", seed=0, n_expert=N_EXPERT, top_k=TOP_K)
-    model = work / "locality-int8.gguf"
+        synth(src, "small", seed=0, routing_locality=local, n_expert=N_EXPERT, top_k=TOP_K)
+    model = work / f"{name}-int8.gguf"
     if not model.exists():
         quantize(src, model, load_recipe("int8"))
     facts = read_facts(model)
@@ -169,11 +171,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--tokens", type=int, default=256, help="calibration words read, one token a step")
     ap.add_argument("--profile", default="gpu-24gb", help="the machine the policy and the prediction are for")
+    ap.add_argument("--random-routing", action="store_true",
+                    help="trace a model routed by random weights (a fixed hot set) instead of one with locality")
     args = ap.parse_args()
     work = work_dir(args.work, "expert-cache")
     profile = P.machine(args.profile)
     worth = profile.mem_bw * P.CPU_EFFICIENCY / profile.link_bw
-    seqs, counters, expert_bytes = trace(work, args.tokens, profile)
+    seqs, counters, expert_bytes = trace(work, args.tokens, profile, not args.random_routing)
     n_tokens, routed = len(seqs[0]), sum(len(step) for seq in seqs for step in seq)
     hot, recent = locality(seqs)
     print(f"trace: {n_tokens} tokens x {len(seqs)} layers, {N_EXPERT} experts, {TOP_K} a token")

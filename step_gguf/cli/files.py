@@ -308,8 +308,12 @@ def recipes(name: str | None, as_toml: bool) -> None:
               help="With --script: the share of inputs on which each MTP head predicts right; "
                    "on the rest it predicts a token verification rejects, so draft acceptance "
                    "is set while the output stays the script.")
+@click.option("--routing-locality", is_flag=True,
+              help="Route consecutive tokens to the experts recent tokens used, with no fixed hot "
+                   "set, as trained MoE models do (random weights route by a fixed bias): for "
+                   "expert-cache benchmarks (bench/expert_cache.py prints the locality).")
 def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template: str,
-          script_file: Path | None, head_accuracy: float) -> None:
+          script_file: Path | None, head_accuracy: float, routing_locality: bool) -> None:
     """Write a synthetic Step 3.5 checkpoint (hub layout, random weights) to the new folder OUT."""
     import json
 
@@ -332,7 +336,7 @@ def synth(out: Path, preset: str, seed: int, fp8: bool, step3p7: bool, template:
     try:
         run_synth(out, preset, seed=seed, fp8=fp8, step3p7=step3p7, on_start=bar.start,
                   on_bytes=bar.advance, script=script, chat_template=chat_template,
-                  head_accuracy=head_accuracy)
+                  head_accuracy=head_accuracy, routing_locality=routing_locality)
     finally:
         bar.close()
     click.echo(f"wrote {out}")

@@ -25,6 +25,7 @@ import numpy as np
 from ..core.errors import StepGGUFError
 from ..core.model import Step35Config
 from ..files.checkpoint import FP8_E4M3_VALUES, INDEX, fp8_scale_shape
+from . import locality
 from .presets import PRESETS, Preset
 from .script import head_successors, scripted_weights
 from .tokenizer import model_card, tokenizer_files
@@ -139,19 +140,21 @@ class _Spec:
 
 
 def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: str,
-                  script: dict[int, int] | None = None, head_accuracy: float = 1.0) -> list[_Spec]:
+                  script: dict[int, int] | None = None, head_accuracy: float = 1.0,
+                  routing_locality: bool = False) -> list[_Spec]:
     specs = []
     for idx, (name, shape) in enumerate(cfg.expected_shapes().items()):
         stored = name.replace("model.", prefix, 1) if name.startswith("model.") else name
         std = _std(name, shape, p.hidden)
         rng_seed = (seed, idx)
+        change = locality.transform(name, shape, cfg) if routing_locality else None
         follows = script
         if script is not None and name.endswith("shared_head.output.weight"):
             follows = head_successors(script, head_accuracy, (seed, idx))
         if follows is not None and (fixed := scripted_weights(name, shape, follows)) is not None:
             specs.append(_Spec(stored, "BF16", shape, fixed))
         elif name.endswith("router_bias"):
-            specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32")))
+            specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32", change)))
         elif p.outliers and name.endswith(_OUTLIER_NORMS):
             specs.append(_Spec(stored, "BF16", shape, _outlier_norm(rng_seed, shape, std, p, seed)))
         elif fp8 and _fp8_candidate(name, shape):
@@ -161,20 +164,23 @@ def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: st
             specs.append(_Spec(stored + "_scale_inv", "F32", fp8_scale_shape(shape, (p.fp8_block,) * 2),
                                lambda q=quantise: iter([q()[1].tobytes()])))
         else:
-            specs.append(_Spec(stored, "BF16", shape, _gen(rng_seed, shape, std, "BF16")))
+            specs.append(_Spec(stored, "BF16", shape, _gen(rng_seed, shape, std, "BF16", change)))
     return specs
 
 
 _ELEMS_PER_CHUNK = 2**22  # generated at a time: bounded memory on `wide`
 
 
-def _gen(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, dtype: str):
+def _gen(rng_seed: tuple[int, int], shape: tuple[int, ...], std: float, dtype: str,
+         change: locality.Transform | None = None):
     def chunks() -> Iterator[bytes]:
         rng = np.random.default_rng(list(rng_seed))
         total, cols = math.prod(shape), shape[-1]
         step = max(cols, _ELEMS_PER_CHUNK // cols * cols)
         for start in range(0, total, step):
             x = rng.standard_normal(min(step, total - start), dtype=np.float32) * np.float32(std)
+            if change:
+                x = change(x.reshape(-1, cols), start // cols).reshape(-1)
             yield x.tobytes() if dtype == "F32" else gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).tobytes()
     return chunks
 
@@ -241,14 +247,16 @@ def _write_safetensors(path: Path, specs: list[_Spec], on_bytes: Callable[[int],
 def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool = False,
           step3p7: bool = False, on_start: Callable[[int], None] = lambda total: None,
           on_bytes: Callable[[int], None] = lambda n: None, script: Sequence[str] = (),
-          chat_template: str | None = None, head_accuracy: float = 1.0, **overrides) -> Path:
+          chat_template: str | None = None, head_accuracy: float = 1.0, routing_locality: bool = False,
+          **overrides) -> Path:
     """Write a synthetic checkpoint folder at `out` (built aside, renamed when complete).
 
     `script`: pieces of text, each made one token, that greedy decoding emits in order after
     any prompt, then end of turn; the MTP heads predict the same, except that each head
     predicts a wrong token for a share 1 - `head_accuracy` of its inputs (the draft acceptance
     the tests and benches set; the output never changes). `chat_template` replaces the
-    simple built-in one (e.g. the model's own, from the llama.cpp sources). `overrides` replace
+    simple built-in one (e.g. the model's own, from the llama.cpp sources). `routing_locality`:
+    consecutive tokens favour the experts recent tokens used (synth.locality). `overrides` replace
     preset fields (e.g. n_layer=4) for tests that need other shapes.
     """
     if preset not in PRESETS:
@@ -278,7 +286,7 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
         ids = {t["content"]: t["id"] for t in tokenizer["tokenizer.json"]["added_tokens"]}
         chain = [ids[piece] for piece in script] + [ids["<|im_end|>"]]
         successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}
-    specs = _tensor_specs(cfg, p, seed, fp8, prefix, successor, head_accuracy)
+    specs = _tensor_specs(cfg, p, seed, fp8, prefix, successor, head_accuracy, routing_locality)
     if step3p7:  # a token vision tower: present in 3.7 checkpoints, ignored by the converter
         specs.append(_Spec("model.vision_tower.patch_embed.weight", "BF16", (16, 3 * 4 * 4),
                            _gen((seed, 1 << 20), (16, 48), 0.02, "BF16")))
