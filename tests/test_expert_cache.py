@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,8 +157,9 @@ def test_prompt_batches_take_the_plain_path(program, model, tmp_path):
 
 def test_a_server_with_the_plans_cache_answers_as_without_it(runtime, workdir, monkeypatch):
     """The plan hands llama-server the cache (its environment and --no-repack) on a machine
-    whose GPU holds the rest of the model and most experts: the answer is the uncached one, MTP
-    drafting included, and the counters the server logs (what `run --json` reports) add up.
+    whose GPU holds the rest of the model and most experts: two slots' answers are the uncached
+    ones, MTP drafting included, and the counters the server logs (what `run --json` reports)
+    add up.
     Flash attention off: with experts in system memory it corrupts the heap on llvmpipe, in
     stock llama.cpp too (test_device.FA_CRASH)."""
     from step_gguf import plan as P
@@ -169,15 +171,19 @@ def test_a_server_with_the_plans_cache_answers_as_without_it(runtime, workdir, m
     if not model.exists():
         quantize(scripted_checkpoint(workdir / "scripted"), model, load_recipe("int8"))
     facts = read_facts(model)
-    machine = P.machine("custom", ram_gb=8, mem_bw_gbs=20, vram_gb=0.008, gpu_bw_gbs=50)
+    machine = P.machine("custom", ram_gb=8, mem_bw_gbs=20, vram_gb=0.012, gpu_bw_gbs=50)
     replies, counters = {}, {}
     for cache in ("off", 240_000):
-        p = P.plan(facts, machine, 4096, n_ubatch=64, kv_type="f16", checkpoints=0, expert_cache=cache)
+        p = P.plan(facts, machine, 4096, n_ubatch=64, kv_type="f16", checkpoints=0, parallel=2,
+                   expert_cache=cache)
         assert p.cpu_tensors and p.mtp
-        with server.running(model, plan=p, extra_args=["-fa", "off"]) as r:
-            replies[cache] = server.chat(r.url, [{"role": "user", "content": "Hello"}], max_tokens=12)
+        with server.running(model, plan=p, extra_args=["-fa", "off"]) as r, ThreadPoolExecutor(2) as pool:
+            asks = ["Hello", "What is the weather?"]   # two slots at once: batches of both
+            replies[cache] = list(pool.map(
+                lambda ask: server.chat(r.url, [{"role": "user", "content": ask}], max_tokens=12), asks))
             counters[cache] = server.expert_cache_counters(r) if p.expert_cache else None
-    assert replies[240_000].text == replies["off"].text and replies["off"].draft_tokens > 0
+    assert [a.text for a in replies[240_000]] == [a.text for a in replies["off"]]
+    assert replies["off"][0].draft_tokens > 0
     c = counters[240_000]
     assert counters["off"] is None and c["routed"] > 0 and c["hits"] + c["misses"] == c["routed"]
     assert c["copies"] > 0 and c["bytes_copied"] == c["copies"] * _facts(model)[2][0]
