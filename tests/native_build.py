@@ -17,11 +17,12 @@ NATIVE = Path(__file__).parent / "native"
 def compile_native(name: str, build: b.RuntimeBuild, sources: tuple[str, ...] = ()) -> Path:
     """tests/native/NAME.cpp built against the llama.cpp tree and the libraries of `build`, with
     the tree's `sources` (paths in it, their folders on the include path) compiled in. Kept in
-    the build's cache entry under a digest of the program's source, so a later run (or test)
-    with the same build and source reuses it."""
+    the build's cache entry under a digest of the program's source and the headers beside it,
+    so a later run (or test) with the same build and source reuses it."""
     tree, lib = build.src, build.bin_dir
     program = NATIVE / f"{name}.cpp"
-    digest = hashlib.sha256(program.read_bytes() + "\0".join(sources).encode()).hexdigest()[:12]
+    text = program.read_bytes() + b"".join(h.read_bytes() for h in sorted(NATIVE.glob("*.h")))
+    digest = hashlib.sha256(text + "\0".join(sources).encode()).hexdigest()[:12]
     exe = build.root / "tests-native" / f"{name}-{digest}"
     if not exe.exists():
         exe.parent.mkdir(exist_ok=True)

@@ -181,7 +181,7 @@ def test_a_server_with_the_plans_cache_answers_as_without_it(runtime, workdir, m
             asks = ["Hello", "What is the weather?"]   # two slots at once: batches of both
             replies[cache] = list(pool.map(
                 lambda ask: server.chat(r.url, [{"role": "user", "content": ask}], max_tokens=12), asks))
-            counters[cache] = server.expert_cache_counters(r) if p.expert_cache else None
+            counters[cache] = r.expert_cache() if p.expert_cache else None
     assert [a.text for a in replies[240_000]] == [a.text for a in replies["off"]]
     assert replies["off"][0].draft_tokens > 0
     c = counters[240_000]

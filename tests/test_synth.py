@@ -120,7 +120,7 @@ def test_routing_locality_routes_by_the_window_alone_writes(tmp_path):
         return w.reshape(ref.shape)
 
     H = cfg.hidden_size
-    ctx = np.arange(H - H // locality.CONTEXT_SHARE, H)
+    ctx = locality.context_channels(H)
     own = locality.context_layer(cfg)
     assert not weights(f"model.layers.{own}.self_attn.q_proj.weight").any()
     assert not weights(f"model.layers.{own}.self_attn.g_proj.weight").any()

@@ -127,7 +127,7 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
     with server.running(model, plan=p) as r:
         reply = server.chat(r.url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
                             seed=seed, on_text=None if as_json else _stream)
-        cache = server.expert_cache_counters(r) if p.expert_cache else None
+        cache = r.expert_cache() if p.expert_cache else None
     if as_json:
         click.echo(json.dumps(reply.to_json() | {"mtp_enabled": p.mtp,
                                                  "mtp_draft": p.model.draft if p.mtp else None,

@@ -17,7 +17,7 @@ from typing import Iterable, Literal, Union
 from ..core.errors import StepGGUFError
 from ..core.gguf_names import is_routed
 from ..core.model_facts import Tensor
-from .result import ExpertCache, Plan
+from .result import Device, ExpertCache, Plan
 from .speed import decode_tps
 
 # hit rate = share ** LOCALITY, share = cache bytes over the experts in system memory
@@ -68,11 +68,11 @@ def with_cache(p: Plan, request: CacheRequest = "auto", locality: Locality = Loc
     if not options:
         raise StepGGUFError(f"--expert-cache {request}: more than the GPU can free for it by "
                             "giving its experts back to system memory; give less")
-    best = max(o[0] for o in options)
-    tps, cached = min((o for o in options if o[0] >= best * 0.99), key=lambda o: o[1].expert_cache.bytes)
+    best = max(tps for tps, _, _ in options)
+    tps, moved, size = min((o for o in options if o[0] >= best * 0.99), key=lambda o: o[2])
     if request == "auto" and tps < MIN_GAIN * p.predicted_decode_tps:
         return p
-    return cached
+    return _cached(p, moved, size, locality)
 
 
 def _why_no_cache(p: Plan) -> str | None:
@@ -87,46 +87,62 @@ def _why_no_cache(p: Plan) -> str | None:
 
 
 def _options(p: Plan, request: CacheRequest, locality: Locality):
-    """(predicted decode tok/s, plan) for each mix tried: the last k expert tensors placed on
-    the GPU given back to system memory, and a cache in the room that makes."""
-    gpu, cpu = (next(d for d in p.devices if d.name == n) for n in ("GPU", "CPU"))
+    """(predicted decode tok/s, tensors moved, cache bytes) for each mix tried: the last k
+    expert tensors placed on the GPU given back to system memory, and a cache in the room that
+    makes. The placement's own time is computed once a mix, the cache's a size."""
+    gpu, cpu = _gpu_cpu(p.devices)
     placed = [t for t in gpu.tensors if is_routed(t.name)]
     for k in sorted({round(i * len(placed) / STEPS) for i in range(STEPS + 1)}):
         moved = placed[len(placed) - k:] if k else []
         if sum(t.bytes for t in moved) > cpu.free:
             break
         room = gpu.free + sum(t.bytes for t in moved)
+        devices = _moved(p.devices, moved)
+        seconds = 1 / decode_tps(p.model, devices, p.kv_type, 0)
         # whole MiB: what patch 0021 is given, and the same for plans a few bytes apart
         sizes = [room * i // STEPS >> 20 << 20 for i in range(1, STEPS + 1)] if request == "auto" else [request]
         for size in sizes:
             if 0 < size <= room:
-                yield _cached(p, moved, size, locality)
+                yield 1 / (seconds - _saved(p, devices, size, locality)[0]), moved, size
 
 
-def _cached(p: Plan, moved: list[Tensor], size: int, locality: Locality) -> tuple[float, Plan]:
+def _gpu_cpu(devices: list[Device]) -> tuple[Device, Device]:
+    return next(d for d in devices if d.name == "GPU"), next(d for d in devices if d.name == "CPU")
+
+
+def _moved(devices: list[Device], moved: list[Tensor]) -> list[Device]:
+    """`devices` with `moved` taken from the GPU to system memory (copies: the plan's stay)."""
     gone = {id(t) for t in moved}
-    devices = [replace(d, tensors=[t for t in d.tensors if id(t) not in gone], extra=dict(d.extra))
-               for d in p.devices]
-    gpu, cpu = (next(d for d in devices if d.name == n) for n in ("GPU", "CPU"))
-    cpu.tensors += moved
-    gpu.extra["expert_cache"] = size
+    out = [replace(d, tensors=[t for t in d.tensors if id(t) not in gone], extra=dict(d.extra))
+           for d in devices]
+    _gpu_cpu(out)[1].tensors += moved
+    return out
+
+
+def _saved(p: Plan, devices: list[Device], size: int, locality: Locality) -> tuple[float, float, float]:
+    """(seconds a token saves, share of the system-memory experts cached, hit rate) with a
+    cache of `size` bytes beside `devices`: hits read the GPU instead of system memory, a share
+    ADMITTED of the misses is copied over the link."""
+    gpu, cpu = _gpu_cpu(devices)
     m = p.model
     in_ram = [t for t in cpu.tensors if is_routed(t.name)]
     share = size / sum(t.bytes for t in in_ram)
     hit = locality.hit_rate(share)
     read = sum(m.read_per_token(t) for t in in_ram if m.in_trunk(t))   # a token's expert bytes there
     saved = hit * read * (1 / cpu.bandwidth - 1 / gpu.bandwidth)
-    copies = (1 - hit) * read * ADMITTED / p.profile.link_bw
+    return saved - (1 - hit) * read * ADMITTED / p.profile.link_bw, min(1.0, share), hit
 
-    def tps(pos: int) -> float:
-        return 1 / (1 / decode_tps(m, devices, p.kv_type, pos) - saved + copies)
 
-    fast, full = tps(0), tps(p.ctx)
-    cache = ExpertCache(size, min(1.0, share), hit, len(moved), fast / p.predicted_decode_tps)
+def _cached(p: Plan, moved: list[Tensor], size: int, locality: Locality) -> Plan:
+    devices = _moved(p.devices, moved)
+    _gpu_cpu(devices)[0].extra["expert_cache"] = size
+    saved, share, hit = _saved(p, devices, size, locality)
+    fast, full = (1 / (1 / decode_tps(p.model, devices, p.kv_type, pos) - saved) for pos in (0, p.ctx))
+    cache = ExpertCache(size, share, hit, len(moved), fast / p.predicted_decode_tps)
     note = (f"expert cache: {size / 2**30:.2f} GiB on the GPU for the experts in system memory "
-            f"({cache.share:.0%} of them; predicted hit rate {hit:.0%}"
+            f"({share:.0%} of them; predicted hit rate {hit:.0%}"
             + (f", in place of {len(moved)} expert tensor(s)" if moved else "")
             + f"): decode {cache.speedup:.2f}x")
-    return fast, replace(p, devices=devices, cpu_tensors=p.cpu_tensors + [t.name for t in moved],
-                         predicted_decode_tps=fast, predicted_decode_tps_full=full,
-                         notes=[*p.notes, note], expert_cache=cache)
+    return replace(p, devices=devices, cpu_tensors=p.cpu_tensors + [t.name for t in moved],
+                   predicted_decode_tps=fast, predicted_decode_tps_full=full,
+                   notes=[*p.notes, note], expert_cache=cache)

@@ -19,7 +19,7 @@ from ..core.errors import StepGGUFError
 from ..files.gguf_source import first_shard
 from ..native.installed import check
 from ..native.process import Child, child, free_port
-from .loadlog import expert_cache_counters as expert_cache_counters_in
+from .loadlog import expert_cache_counters
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -36,6 +36,16 @@ class Running:
 
     url: str
     process: Child
+
+    def expert_cache(self, wait: float = 5.0) -> dict[str, float] | None:
+        """The expert cache's counters after the request just answered (None without a
+        cache): llama-server logs them as the slot finishes, a moment after the reply."""
+        deadline = time.monotonic() + wait
+        while True:
+            text = Path(self.process.log_path).read_text(errors="replace") if self.process.log_path else ""
+            if (found := expert_cache_counters(text)) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
 
 def log_path_for(port: int) -> Path:
@@ -84,17 +94,6 @@ def serve(gguf_path: str | os.PathLike, **options) -> Iterator[str]:
     """`running(...)`, yielding only the server's base URL."""
     with running(gguf_path, **options) as r:
         yield r.url
-
-
-def expert_cache_counters(r: Running, wait: float = 5.0) -> dict[str, float] | None:
-    """The expert cache's counters after the request just answered: llama-server logs them as
-    the slot finishes, which may come a moment after the reply."""
-    deadline = time.monotonic() + wait
-    while True:
-        text = Path(r.process.log_path).read_text(errors="replace") if r.process.log_path else ""
-        if (found := expert_cache_counters_in(text)) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
 
 
 def check_exposure(host: str, api_key: str | None) -> None:

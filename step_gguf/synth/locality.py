@@ -18,13 +18,18 @@ import numpy as np
 
 from ..core.model import Step35Config
 
-# hidden channels that carry the window's mean: the last 1/CONTEXT_SHARE of them
+# the hidden channels that carry the window's mean: the last 1/CONTEXT_SHARE of them
 CONTEXT_SHARE = 16
 # router logit spread from the window's mean, and from the current token
 FROM_CONTEXT, FROM_TOKEN = 2.5, 1.5   # bench/expert_cache.py: LRU over 64 of 288 experts hits 92%
 ROUTER_BIAS_STD = 0.05
 
 Transform = Callable[[np.ndarray, int], np.ndarray]   # (rows of a chunk, index of its first row)
+
+
+def context_channels(hidden: int) -> np.ndarray:
+    """The hidden channels that carry the window's mean."""
+    return np.arange(hidden - max(1, hidden // CONTEXT_SHARE), hidden)
 
 
 def context_layer(cfg: Step35Config) -> int:
@@ -35,8 +40,7 @@ def context_layer(cfg: Step35Config) -> int:
 def transform(name: str, shape: tuple[int, ...], cfg: Step35Config) -> Transform | None:
     """How locality changes the random weights of tensor `name` (None: not at all)."""
     hidden = cfg.hidden_size
-    ctx = set(range(hidden - max(1, hidden // CONTEXT_SHARE), hidden))
-    cols = np.array(sorted(ctx))
+    cols = context_channels(hidden)
     own = context_layer(cfg)
     m = re.search(r"layers\.(\d+)\.(.+)$", name)
     layer, tail = (int(m.group(1)), m.group(2)) if m else (None, name)
@@ -61,11 +65,9 @@ def transform(name: str, shape: tuple[int, ...], cfg: Step35Config) -> Transform
             return block
         return no_context
     if tail == "moe.gate.weight":
-        def router(block: np.ndarray, row0: int) -> np.ndarray:
-            scale = np.full(hidden, FROM_TOKEN * math.sqrt(hidden / (hidden - len(cols))), np.float32)
-            scale[cols] = FROM_CONTEXT * math.sqrt(hidden / len(cols))
-            return block * scale
-        return router
+        scale = np.full(hidden, FROM_TOKEN * math.sqrt(hidden / (hidden - len(cols))), np.float32)
+        scale[cols] = FROM_CONTEXT * math.sqrt(hidden / len(cols))
+        return lambda block, row0: block * scale
     if tail == "moe.router_bias":
         return lambda block, row0: block * np.float32(ROUTER_BIAS_STD)
     return None

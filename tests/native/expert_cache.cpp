@@ -12,6 +12,7 @@
 // to LOGITS_OUT; prints the greedy tokens as one line of ids, then the cache's counters as
 // `rows hits misses copies bytes n_layers n_slots` (`none` without a cache).
 
+#include "exact.h"
 #include "ggml-backend.h"
 #include "llama.h"
 
@@ -52,21 +53,10 @@ int main(int argc, char ** argv) {
     const llama_vocab * vocab   = llama_model_get_vocab(model);
     const int           n_vocab = llama_vocab_n_tokens(vocab);
 
-    const std::string prompt = argv[2];
-    std::vector<llama_token> tokens(prompt.size() + 8);
-    const int n_prompt = llama_tokenize(vocab, prompt.c_str(), (int) prompt.size(), tokens.data(), (int) tokens.size(), true, true);
-    if (n_prompt <= 0) {
-        fprintf(stderr, "cannot tokenize the prompt\n");
-        return 1;
-    }
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = std::max(512, n_prompt + n_predict + 16);   // a long prompt read a token a step
-    cp.n_batch         = 512;
-    cp.n_ubatch        = 512;
-    cp.type_k          = GGML_TYPE_F32;
-    cp.type_v          = GGML_TYPE_F32;
-    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    llama_context * ctx = llama_init_from_model(model, cp);
+    const std::vector<llama_token> tokens = prompt_tokens(vocab, argv[2]);
+    const int n_prompt = (int) tokens.size();
+    // a long prompt read a token a step needs its whole length
+    llama_context * ctx = llama_init_from_model(model, exact_context_params(std::max(512, n_prompt + n_predict + 16), 512, 512));
     if (!ctx) {
         fprintf(stderr, "cannot create a context\n");
         return 1;

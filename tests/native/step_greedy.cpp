@@ -6,6 +6,7 @@
 // Writes the logits of every prompt position (float32, n_prompt x n_vocab) to LOGITS_OUT and
 // prints the N_PREDICT greedy tokens as one line of ids.
 
+#include "exact.h"
 #include "llama.h"
 
 #include <cstdio>
@@ -38,18 +39,9 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "cannot load %s\n", argv[1]);
         return 1;
     }
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = 1024;
-    cp.n_batch         = 1024;
-    cp.n_ubatch        = n_ubatch;
+    llama_context_params cp = exact_context_params(1024, 1024, n_ubatch);
     cp.n_threads       = n_threads;
     cp.n_threads_batch = n_threads;
-    // exact attention: the CPU's flash attention rounds K, V and Q to f16, and an f16 cache
-    // rounds K and V, so a last-bit difference upstream could flip a rounding and move the
-    // logits by far more than the matrix products under test differ
-    cp.type_k          = GGML_TYPE_F32;
-    cp.type_v          = GGML_TYPE_F32;
-    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) {
         fprintf(stderr, "cannot create a context\n");
@@ -58,14 +50,8 @@ int main(int argc, char ** argv) {
     const llama_vocab * vocab   = llama_model_get_vocab(model);
     const int           n_vocab = llama_vocab_n_tokens(vocab);
 
-    const std::string prompt = argv[2];
-    std::vector<llama_token> tokens(prompt.size() + 8);
-    const int n_prompt = llama_tokenize(vocab, prompt.c_str(), (int) prompt.size(), tokens.data(), (int) tokens.size(), true, true);
-    if (n_prompt <= 0) {
-        fprintf(stderr, "cannot tokenize the prompt\n");
-        return 1;
-    }
-    tokens.resize(n_prompt);
+    const std::vector<llama_token> tokens = prompt_tokens(vocab, argv[2]);
+    const int n_prompt = (int) tokens.size();
 
     llama_batch batch = llama_batch_init(n_prompt, 0, 1);
     for (int i = 0; i < n_prompt; i++) {
