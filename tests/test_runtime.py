@@ -112,6 +112,9 @@ def test_cli_reports_missing_runtime_in_one_line(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     from step_gguf.cli import main
+    # imported now, not under the patch: they bind `check` when first imported, and a later
+    # test in this process must get the real one
+    from step_gguf.runtime import llama, server  # noqa: F401
 
     def missing():
         raise RuntimeMissingError("llama-cpp-python is not installed; run `step-gguf runtime build`")
