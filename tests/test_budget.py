@@ -49,13 +49,13 @@ def test_fp8_blocks_other_than_128_measure_as_their_dequantized_twins(workdir, r
 def test_budget_mode_tries_every_type_stock_runs_as_ggml_allows(runtime):
     """Without importance data budget mode still weighs IQ4_XS and IQ4_NL (ggml quantizes them
     without one); the IQ2/IQ3 types only with it. Cheapest first."""
-    from step_gguf.pipeline.budget import _candidates
+    from step_gguf.pipeline.budget import candidates
     from step_gguf.core.recipe import NEEDS_IMATRIX, tensor_bytes
     from step_gguf.native import ggml
     from step_gguf.pipeline.output_tensors import OutputTensor
 
     experts = OutputTensor("", "blk.3.ffn_up_exps.weight", (8, 1280, 4096), Q.Q4_K)
-    without, with_ = _candidates(experts, False), _candidates(experts, True)
+    without, with_ = candidates(experts, False), candidates(experts, True)
     assert {Q.IQ4_XS, Q.IQ4_NL} <= set(without)
     assert not {Q.IQ2_XS, Q.IQ3_XXS, Q.IQ3_S} & set(without)
     assert {Q.IQ2_XS, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS, Q.IQ4_NL} <= set(with_)
@@ -73,7 +73,7 @@ def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, 
     padding included. Targets between the cheapest and the dearest plan; on the tiny model the
     header (vocabulary, merges, template, the stored recipe) is 3% of the file, more than the
     2% the bound leaves: a budget of tensor data alone would overshoot."""
-    from step_gguf.pipeline.budget import _candidates
+    from step_gguf.pipeline.budget import candidates
     from step_gguf.core.gguf_names import layer_of_gguf
     from step_gguf.pipeline.quantize import Target, open_source
     from step_gguf.core.recipe import tensor_bytes
@@ -83,7 +83,7 @@ def test_budget_output_fits_its_target_whole(mini, checkpoint, tmp_path, model, 
     plans = source.plans
     # the MTP blocks keep the recipe's types; the trunk's range is what the budget moves in
     fixed = [len(p.shape) < 2 or (layer_of_gguf(p.name) or 0) >= source.n_layer for p in plans]
-    cheapest = sum(p.nbytes if f else min((tensor_bytes(p.shape, t) for t in _candidates(p, False)), default=p.nbytes)
+    cheapest = sum(p.nbytes if f else min((tensor_bytes(p.shape, t) for t in candidates(p, False)), default=p.nbytes)
                    for p, f in zip(plans, fixed))
     dearest = sum(p.nbytes if f else tensor_bytes(p.shape, Q.Q8_0) for p, f in zip(plans, fixed))
     out = tmp_path / "budget.gguf"

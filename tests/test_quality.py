@@ -99,3 +99,45 @@ def test_equalization_switches_on_and_lowers_kld(made, kld):
 def test_budget_mode_beats_the_fixed_mix_of_the_same_size(made, kld):
     assert made["budget"].stat().st_size <= made["int4-imatrix"].stat().st_size + 65536  # + its plan
     assert kld(made["budget"]) < kld(made["int4-imatrix"])
+
+
+def test_a_file_for_a_machine_beats_stock_mixes_of_its_size_and_runs_where_q4_k_m_does_not(
+        lab, made, kld, workdir, runtime):
+    """`quantize --for` on a CPU machine with 3% less memory than stock Q4_K_M needs at ctx 256:
+    the planner refuses Q4_K_M there and places our file, which runs (llama-perplexity loads
+    it). By KLD from F32 it beats every stock mix (imatrix given to both) no larger than it, and
+    is no worse than budget mode asked for its size directly (within 2%)."""
+    from step_gguf import plan as P
+    from step_gguf.pipeline.quantize import QuantizeOptions, Target, quantize
+    from step_gguf.pipeline.source_facts import read_facts
+    from step_gguf.plan.sizing import Demand, verdict
+
+    from cli_checks import cli
+
+    def fits(model, ram_gb: float) -> bool:
+        return isinstance(verdict(read_facts(model), Demand(P.machine("custom", ram_gb=ram_gb, mem_bw_gbs=10), CTX)),
+                          P.Plan)
+
+    lo, hi = 0.01, 64.0   # GiB: the least memory that holds Q4_K_M, to 0.1%
+    while hi - lo > hi / 1000:
+        lo, hi = (lo, (lo + hi) / 2) if fits(made["stock"], (lo + hi) / 2) else ((lo + hi) / 2, hi)
+    ram = 0.97 * hi
+    out = workdir / "quality-for.gguf"
+    result = cli("quantize", lab["src"], "-o", out, "--imatrix", lab["imatrix"], "--for", "custom",
+                 "--ram", f"{ram:.6f}", "--mem-bw", "10", "--ctx", CTX)
+    assert result.exit_code == 0, result.output
+    assert fits(out, ram) and not fits(made["stock"], ram)
+    ours = kld(out)  # loads and runs it
+    same_size = workdir / "quality-budget-same-size.gguf"
+    quantize(lab["src"], same_size, load_recipe("int4-mixed"),
+             QuantizeOptions(imatrix=lab["imatrix"], equalization=True, target=Target(bytes=out.stat().st_size)))
+    assert ours <= kld(same_size) * 1.02
+    smaller = []
+    for ftype in ("Q3_K_L", "IQ4_XS", "Q4_K_S"):
+        mix = workdir / f"quality-stock-{ftype}.gguf"
+        subprocess.run([str(runtime.tool("llama-quantize")), "--imatrix", str(lab["imatrix"]), str(lab["bf16"]),
+                        str(mix), ftype], check=True, capture_output=True)
+        if mix.stat().st_size <= out.stat().st_size:
+            smaller.append(kld(mix))
+    assert smaller, "no stock mix is as small as the file made for the machine"
+    assert ours < min(smaller)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .progress import human_size
+from ..core.units import human_size
 
 
 @click.command()

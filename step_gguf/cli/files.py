@@ -10,9 +10,12 @@ import click
 
 from ..core.choices import MTP_MODES, OUTTYPES, MtpMode, OutType
 from ..core.errors import StepGGUFError
-from ..core.units import SIZE_HELP, parse_size
+from ..core.units import SIZE_HELP, human_size, parse_size
 from ..synth.presets import PRESETS
-from .progress import ByteBar, human_size
+from . import sizing
+from .planning import machine_options
+from .progress import ByteBar
+from .sizing import for_options
 
 
 def _card_options(f):
@@ -170,13 +173,16 @@ def _print_plan(pricing, stock=None) -> None:
               "output an interrupted run of the same command left.")
 @_card_options
 @_split_options
+@for_options
+@machine_options
 def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
              dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
              equalization: bool | None, target_size: str | None, target_bpw: float | None,
              allow_requantize: bool, mtp: MtpMode, draft_out: Path | None, threads: int | None,
              no_resume: bool, card_name: str | None, card_basename: str | None,
              card_license: str | None, split_max_size: str | None,
-             split_max_tensors: int | None) -> None:
+             split_max_tensors: int | None, for_profile: str | None, ctx: int | None,
+             parallel: int, min_decode: float | None, figures: dict) -> None:
     """Quantize SRC (a checkpoint folder or a GGUF) to a mixed-precision GGUF in one pass.
 
     A recipe picks each tensor's ggml type by name and layer; ggml's own quantizers encode
@@ -189,18 +195,20 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
       step-gguf quantize config.json --dry-run --compare-stock Q4_K_M
       step-gguf quantize ./Step-3.5-Flash -o step35-int3.gguf --scheme int3-mixed --imatrix imatrix.gguf
       step-gguf quantize ./Step-3.5-Flash -o step35-100g.gguf --imatrix imatrix.gguf --target-size 100GiB
+      step-gguf quantize ./Step-3.5-Flash -o step35-4090.gguf --imatrix imatrix.gguf --for gpu-24gb --ctx 65536
+      step-gguf quantize config.json --dry-run --for all
     """
     from ..pipeline import quantize as q
     from ..core.recipe import load_recipe
 
     if scheme and recipe_file:
         raise click.UsageError("give --scheme or --recipe, not both")
-    if target_size and target_bpw:
-        raise click.UsageError("give --target-size or --target-bpw, not both")
-    if dry_run and (target_size or target_bpw):
-        raise click.UsageError("budget mode measures the weights, so it cannot be a --dry-run; "
-                               "its plan is printed when it runs")
+    _check_budget(dry_run, target_size, target_bpw)
+    _check_for(for_profile, dry_run, target_size or target_bpw, ctx, parallel, min_decode, figures)
     recipe = load_recipe(scheme, recipe_file)
+    if dry_run and for_profile:
+        return sizing.dry_run_table(src, recipe, mtp, for_profile, figures, ctx, parallel, min_decode,
+                                    imatrix_file is not None)
     if dry_run:
         return _price(src, recipe, mtp, compare_stock, as_json)
     if out is None:
@@ -209,24 +217,56 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         from ..files.draft import draft_path
 
         draft_out = draft_path(out)  # where run/serve/plan look for it
-    target = None
-    if target_size or target_bpw:
-        target = q.Target(parse_size(target_size, "--target-size") if target_size else None, target_bpw)
-        if imatrix_file is None:
-            click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
+    target = _target(target_size, target_bpw, imatrix_file)
     options = q.QuantizeOptions(mtp=mtp, draft_out=draft_out if mtp == "split" else None,
                                 allow_requantize=allow_requantize, imatrix=imatrix_file,
                                 equalization=imatrix_file is not None if equalization is None else equalization,
                                 target=target, threads=threads, resume=not no_resume,
                                 card=_card(card_name, card_basename, card_license),
                                 split=_split(split_max_size, split_max_tensors))
+    if for_profile:
+        options = sizing.sized(src, recipe, options, for_profile, figures, ctx, parallel, min_decode, _stage)
     bar = ByteBar(f"quantizing {src.name} ({recipe.name})")
     start = time.perf_counter()
     try:
         result = q.quantize(src, out, recipe, options, on_stage=_stage, on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()
-    _report(result, time.perf_counter() - start, budget=target is not None)
+    _report(result, time.perf_counter() - start, budget=options.target is not None)
+
+
+def _target(target_size: str | None, target_bpw: float | None, imatrix_file: Path | None):
+    """Budget mode's size target (None: the recipe's own types)."""
+    from ..pipeline.quantize_options import Target
+
+    if not (target_size or target_bpw):
+        return None
+    if imatrix_file is None:
+        click.echo("note: without --imatrix, budget mode weighs every input channel alike", err=True)
+    return Target(parse_size(target_size, "--target-size") if target_size else None, target_bpw)
+
+
+def _check_budget(dry_run: bool, target_size: str | None, target_bpw: float | None) -> None:
+    if target_size and target_bpw:
+        raise click.UsageError("give --target-size or --target-bpw, not both")
+    if dry_run and (target_size or target_bpw):
+        raise click.UsageError("budget mode measures the weights, so it cannot be a --dry-run; "
+                               "its plan is printed when it runs")
+
+
+def _check_for(for_profile: str | None, dry_run: bool, target: str | float | None, ctx: int | None,
+               parallel: int, min_decode: float | None, figures: dict) -> None:
+    """--for and the options that go with it, or contradict it."""
+    if not for_profile:
+        given = [o for o, v in (("--ctx", ctx), ("--parallel", parallel != 1), ("--min-decode", min_decode))
+                 if v] + ["--" + k.replace("_", "-") for k, v in figures.items() if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} describe the machine of --for PROFILE; give --for too")
+        return
+    if target:
+        raise click.UsageError("--for chooses the size: leave out --target-size and --target-bpw")
+    if for_profile == sizing.ALL and not dry_run:
+        raise click.UsageError("--for all prices every named profile: it goes with --dry-run")
 
 
 def _price(src: Path, recipe, mtp: MtpMode, compare_stock: str | None, as_json: bool) -> None:

@@ -138,8 +138,9 @@ def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: s
     (its figures replaced by `figures`), or without one this machine as the runtime sees it
     (its memory, and the free memory of the GPU llama.cpp would use); drafting with `draft` or
     the draft found beside the model, checked before any server starts, `draft_max` tokens a
-    round or as many as pay. Without `ctx`, the longest context the machine holds with the
-    model; without `parallel`, as many slots as fit (planner.serving)."""
+    round or as many as pay. Without `ctx`, what a file made with `quantize --for` was sized for
+    on this machine, or the longest context the machine holds with the model; without
+    `parallel`, as many slots as fit (planner.serving)."""
     from .. import plan as planner
     from ..pipeline.source_facts import read_facts
 
@@ -151,12 +152,16 @@ def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: s
     else:
         machine = profile_machine(profile, figures or dict.fromkeys(FIGURES))
     draft = drafting(model, draft, mtp, say)
-    p = with_draft_max(planner.serving(read_facts(model, draft=draft), machine, ctx, parallel, mtp=mtp,
+    facts = read_facts(model, draft=draft)
+    p = with_draft_max(planner.serving(facts, machine, ctx, parallel, mtp=mtp,
                                         rpc=rpc_hosts(rpc, machine), expert_cache=expert_cache),
                         draft_max, not mtp)
     if say and (ctx is None or parallel is None):
         slots = f"{p.parallel} slots of " if p.parallel > 1 else ""
-        chosen = "" if ctx else f", the longest {machine.name} holds with this model"
+        made = planner.sized_for(facts.made_for, machine)
+        chosen = "" if ctx else (f", what {model.name} was sized for on {machine.name}"
+                                 if made is not None and (made.ctx, made.parallel) == (p.ctx, p.parallel)
+                                 else f", the longest {machine.name} holds with this model")
         choose = " and ".join(o for o, given in (("--ctx", ctx), ("--parallel", parallel)) if not given)
         click.echo(f"context: {slots}{p.ctx} tokens{chosen} ({p.kv_type} cache; {choose} "
                    f"choose{'s' if ' and ' not in choose else ''} otherwise)", err=True)
@@ -166,7 +171,8 @@ def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: s
 def model_options(f):
     for option in reversed([
         click.option("-c", "--ctx", type=click.IntRange(1), default=None,
-                     help="Context length [the longest the machine holds with the model, up to "
+                     help="Context length [what a file made with quantize --for was sized for on "
+                          "this machine, else the longest the machine holds with the model, up to "
                           "the model's own: agents' prompts and tool lists alone take 10-20K]."),
         click.option("--profile", default=None, metavar="NAME",
                      help="Machine profile for the placement plan (see step-gguf plan) "

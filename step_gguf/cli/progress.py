@@ -9,16 +9,6 @@ import time
 import click
 
 
-def human_size(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
-
-
 class ByteBar:
     """A progress bar on stderr that counts bytes, shown only when stderr is a terminal."""
 

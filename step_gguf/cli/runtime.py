@@ -8,7 +8,8 @@ import click
 
 from ..core.errors import StepGGUFError
 from ..native.build import BACKEND_FLAGS
-from .progress import human_size, StepProgress
+from ..core.units import human_size
+from .progress import StepProgress
 
 
 @click.group()

@@ -14,15 +14,18 @@ from .foreground import hold_until_stopped, paused
 from .planning import (draft_max_option, draft_option, drafting, expert_cache_option, machine_options,
                        model_options, planned, profile_machine, profiles_help, rpc_hosts, rpc_option,
                        with_draft_max)
-from .progress import human_size
+from ..core.units import human_size
+
+PLAN_CTX = 32768  # what `plan` prices without --ctx
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", required=True, metavar="NAME",
               help="The machine. " + profiles_help() + ".")
-@click.option("-c", "--ctx", type=click.IntRange(1), default=32768, show_default=True,
-              help="Context length in tokens.")
+@click.option("-c", "--ctx", type=click.IntRange(1), default=None,
+              help=f"Context length in tokens [{PLAN_CTX}, or what a file made with quantize --for "
+                   "was sized for on this profile].")
 @click.option("--scheme", default=None,
               help="For a checkpoint or config.json: the quantization scheme to price "
                    "[int4-mixed]. A GGUF is planned as it is.")
@@ -54,7 +57,9 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
 
     machine = profile_machine(profile, figures)
     draft = drafting(model, draft, not no_mtp, say=not as_json)
-    p = planner.plan(read_facts(model, scheme, draft), machine, ctx, kv_type=kv_type,
+    facts = read_facts(model, scheme, draft)
+    made = planner.sized_for(facts.made_for, machine)
+    p = planner.plan(facts, machine, ctx or (made.ctx if made is not None else PLAN_CTX), kv_type=kv_type,
                      mtp=not no_mtp, parallel=parallel, rpc=rpc_hosts(rpc, machine),
                      expert_cache=expert_cache)
     p = with_draft_max(p, draft_max, no_mtp)
@@ -66,7 +71,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     if as_json:
         click.echo(json.dumps(p.to_json(target), indent=1))
         return
-    click.echo(f"{p.model.name} on {machine.name} ({machine.what}), ctx {ctx}, KV {p.kv_type}, "
+    click.echo(f"{p.model.name} on {machine.name} ({machine.what}), ctx {p.ctx}, KV {p.kv_type}, "
                f"batch {p.n_batch}/{p.n_ubatch}, MTP {'off' if not p.mtp else f'on, drafting {p.draft_max} a round' if p.draft_max else 'on, adaptive draft length'}"
                + (f" (heads from {Path(p.model.draft).name})" if p.mtp and p.model.draft else ""))
     classes = p.classes()

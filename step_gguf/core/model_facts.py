@@ -22,6 +22,24 @@ class Tensor:
         return layer_of_gguf(self.name)
 
 
+@dataclass(frozen=True)
+class MadeFor:
+    """The machine and context a file was sized for (`quantize --for`), stored in it so that
+    `run` and `serve` on that machine take that context by default."""
+
+    profile: str            # the profile's name (custom, this, or a named one)
+    ram: int                # its bytes of system memory and of GPU memory, as planned
+    vram: int
+    ctx: int
+    parallel: int
+
+    KEYS = ("step_gguf.for.profile", "step_gguf.for.ram", "step_gguf.for.vram", "step_gguf.for.ctx",
+            "step_gguf.for.parallel")
+
+    def values(self) -> tuple:
+        return self.profile, self.ram, self.vram, self.ctx, self.parallel
+
+
 # the class a tensor is reported and placed under (ModelFacts.kind)
 TensorKind = Literal["mtp", "draft_shared", "experts", "embeddings", "output", "shared", "attention", "router",
                      "norms", "dense"]
@@ -47,6 +65,7 @@ class ModelFacts:
     n_ctx_train: int
     tensors: tuple[Tensor, ...]
     draft: str | None = None        # the separate draft GGUF whose tensors are among `tensors`
+    made_for: MadeFor | None = None
 
     def kind(self, t: Tensor) -> TensorKind:
         """The class a tensor is reported and placed under."""

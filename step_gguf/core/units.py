@@ -25,3 +25,14 @@ def parse_size(text: str, option: str) -> int:
     if value <= 0:
         raise StepGGUFError(f"{option} {text!r} is not a size such as {SIZE_HELP}")
     return value
+
+
+def human_size(n: float) -> str:
+    """Bytes in binary units, as people read sizes: 512 B, 1.5 KiB, 22.8 MiB, 135.9 GiB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"

@@ -45,7 +45,7 @@ class BudgetError(StepGGUFError):
     """A size target that no plan can meet."""
 
 
-def _candidates(plan: OutputTensor, has_imatrix: bool) -> list[Q]:
+def candidates(plan: OutputTensor, has_imatrix: bool) -> list[Q]:
     ladder = LADDER + (LADDER_IMATRIX if has_imatrix else ())
     types = {fallback(t, plan.shape[-1]) for t in ladder}
     return sorted((t for t in types if has_imatrix or t not in NEEDS_IMATRIX),
@@ -95,7 +95,7 @@ def measure_tensors(plans: list[OutputTensor], imat: Imatrix | None, top_k: int,
     for p in plans:
         if p.rule in (PINNED_1D, PINNED_ROUTER) or p.src is None:
             continue
-        types = _candidates(p, p.imatrix is not None)
+        types = candidates(p, p.imatrix is not None)
         got = raw.get(p.name)
         if got is None or set(got["relative_error"]) != {t.name for t in types}:
             todo.append((p, types))
@@ -128,13 +128,25 @@ def measure(plans: list[OutputTensor], imat: Imatrix | None, top_k: int, cache: 
                         routing_weight)
 
 
+def _hulls(plans: list[OutputTensor], errors: dict[str, dict[str, float]]) -> tuple[int, dict[str, list]]:
+    """(bytes of the tensors the budget does not move, each moved tensor's hull)"""
+    fixed = sum(p.nbytes for p in plans if p.name not in errors)
+    return fixed, {p.name: _hull([(tensor_bytes(p.shape, Q[t]), e, Q[t]) for t, e in errors[p.name].items()])
+                   for p in plans if p.name in errors}
+
+
+def span(plans: list[OutputTensor], errors: dict[str, dict[str, float]]) -> tuple[int, int]:
+    """Bytes of tensor data of the smallest and of the largest allocation: every measured tensor
+    at its cheapest type, and at the type past which more bytes remove no error."""
+    fixed, hulls = _hulls(plans, errors)
+    return fixed + sum(h[0][0] for h in hulls.values()), fixed + sum(h[-1][0] for h in hulls.values())
+
+
 def allocate(plans: list[OutputTensor], errors: dict[str, dict[str, float]], target: int,
              base: str, n_layer: int) -> Recipe:
     """The least-error recipe whose file holds at most `target` bytes of tensor data; the MTP
     blocks (layers from `n_layer` on) keep their planned types."""
-    fixed = sum(p.nbytes for p in plans if p.name not in errors)
-    hulls = {p.name: _hull([(tensor_bytes(p.shape, Q[t]), e, Q[t]) for t, e in errors[p.name].items()])
-             for p in plans if p.name in errors}
+    fixed, hulls = _hulls(plans, errors)
     step = {name: 0 for name in hulls}
     total = fixed + sum(h[0][0] for h in hulls.values())
     if total > target:
@@ -169,11 +181,20 @@ def allocate(plans: list[OutputTensor], errors: dict[str, dict[str, float]], tar
                   "error", tuple(rules) + (Rule(".", Q.F32, "not quantized"),))
 
 
+def measured(plans: list[OutputTensor], imat: Imatrix | None, top_k: int, cache: Path | None,
+             n_layer: int, routing_weight: float = 1.0,
+             on_tensor: Callable[[str], None] = lambda name: None
+             ) -> tuple[list[OutputTensor], dict[str, dict[str, float]]]:
+    """(`plans` with their importance data, every trunk tensor's error per type): measured, or
+    reused from `cache`; what allocate() takes."""
+    ready = [replace(p, imatrix=imat[p.name]) if imat is not None and p.name in imat and p.imatrix is None
+             and p.qtype not in FLOAT_TYPES else p for p in plans]
+    return ready, measure(trunk(ready, n_layer), imat, top_k, cache, on_tensor, routing_weight=routing_weight)
+
+
 def budget_recipe(plans: list[OutputTensor], imat: Imatrix | None, top_k: int, target: int,
                     base: str, cache: Path | None, n_layer: int, routing_weight: float = 1.0,
                     on_tensor: Callable[[str], None] = lambda name: None) -> Recipe:
     """Measure (or reuse) every trunk tensor's error per type, then allocate `target` bytes."""
-    ready = [replace(p, imatrix=imat[p.name]) if imat is not None and p.name in imat and p.imatrix is None
-             and p.qtype not in FLOAT_TYPES else p for p in plans]
-    errors = measure(trunk(ready, n_layer), imat, top_k, cache, on_tensor, routing_weight=routing_weight)
+    ready, errors = measured(plans, imat, top_k, cache, n_layer, routing_weight, on_tensor)
     return allocate(ready, errors, target, base, n_layer)

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as Q
 from ..core.choices import MtpMode
 from ..core.errors import SourceError, StepGGUFError, describe, malformed
 from ..core.model import Step35Config, routing_weight
+from ..core.model_facts import MadeFor
 from ..core.recipe import NEEDS_IMATRIX, Recipe, tensor_bytes
 from ..files.gguf_source import add_kv_fields, kv_fields, open_gguf
 from ..files.imatrix import Imatrix, load_imatrix
@@ -320,7 +321,7 @@ def _fit(source: Source, plans: list[OutputTensor], imat: Imatrix | None, base: 
                                  source.n_layer, source.routing_weight,
                                  on_tensor=lambda name: on_stage(f"measuring {name}"))
         source.plans = attach_imatrix(retype(plans, recipe, source.n_layer), imat, recipe)
-        if target.bytes is None:
+        if target.bytes is None:  # a share of the tensor data, or its bytes
             return recipe
         size = file_bytes(jobs_for(recipe))
         if size <= budget:
@@ -328,6 +329,31 @@ def _fit(source: Source, plans: list[OutputTensor], imat: Imatrix | None, base: 
         # what the file holds beyond the tensor data the allocation counted comes off its budget
         limit = min(limit - 1, budget - (size - sum(p.nbytes for p in source.plans)))
     raise BudgetError(f"the output does not fit {budget} bytes with its header; raise --target-size")
+
+
+def prepare(src: str | os.PathLike, recipe: Recipe, options: QuantizeOptions = QuantizeOptions(),
+            on_stage: Callable[[str], None] = lambda what: None
+            ) -> tuple[Source, Imatrix | None, tuple[Equalized, ...]]:
+    """The source `quantize` writes from, its importance data attached and its equalization
+    applied: (source, importance data, what equalization did)."""
+    o = options
+    source = open_source(src, recipe, mtp=o.mtp, tokenizer_pre=o.tokenizer_pre, card=o.card)
+    if not source.readable:
+        raise SourceError(f"{source.path} is a config without weights: it can be priced "
+                          "(--dry-run), not quantized")
+    if source.kind == "gguf" and o.mtp != "keep":
+        raise SourceError("--mtp drop/split applies to checkpoint sources; this GGUF is quantized as it is")
+    if o.equalization and o.imatrix is None:
+        raise StepGGUFError("equalization derives its scales from activations: pass --imatrix too")
+    _requantize_check(source, o.allow_requantize)
+    imat = load_imatrix(o.imatrix) if o.imatrix is not None else None
+    plans = attach_imatrix(source.plans, imat, recipe)
+    report: list[Equalized] = []
+    if o.equalization:
+        on_stage("equalizing")
+        plans, report = equalize(plans, imat, source.top_k)
+    source.plans = plans
+    return source, imat, tuple(report)
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
@@ -340,27 +366,13 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     (measuring can take a while on a large model); `on_start` and `on_bytes` count source
     bytes for a progress bar."""
     o = options
-    mtp, imatrix, card = o.mtp, o.imatrix, o.card
-    source = open_source(src, recipe, mtp=mtp, tokenizer_pre=o.tokenizer_pre, card=card)
-    if not source.readable:
-        raise SourceError(f"{source.path} is a config without weights: it can be priced "
-                          "(--dry-run), not quantized")
-    if source.kind == "gguf" and mtp != "keep":
-        raise SourceError("--mtp drop/split applies to checkpoint sources; this GGUF is quantized as it is")
-    if o.equalization and imatrix is None:
-        raise StepGGUFError("equalization derives its scales from activations: pass --imatrix too")
-    _requantize_check(source, o.allow_requantize)
-    imat = load_imatrix(imatrix) if imatrix is not None else None
-    plans = attach_imatrix(source.plans, imat, recipe)
-    report: list[Equalized] = []
-    if o.equalization:
-        on_stage("equalizing")
-        plans, report = equalize(plans, imat, source.top_k)
-    source.plans = plans
+    source, imat, report = prepare(src, recipe, o, on_stage)
+    plans = source.plans
+    extra = [made_for_kv(o.made_for)] if o.made_for is not None else []
 
     def jobs_for(r: Recipe) -> list[OutputJob]:
-        made = _jobs(source, Path(out), mtp, Path(o.draft_out) if o.draft_out is not None else None, card,
-                     [recipe_kv(r)] + ([imatrix_kv(imat)] if imat is not None else []))
+        made = _jobs(source, Path(out), o.mtp, Path(o.draft_out) if o.draft_out is not None else None, o.card,
+                     [recipe_kv(r)] + ([imatrix_kv(imat)] if imat is not None else []) + extra)
         return [replace(made[0], split=o.split), *made[1:]]
 
     if o.target is not None:
@@ -369,5 +381,14 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     jobs = jobs_for(recipe)
     on_stage("writing")
     written = write_outputs(jobs, on_start, on_bytes, threads=o.threads, resume=o.resume)
-    return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe,
-                          tuple(report))
+    return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe, report)
+
+
+def made_for_kv(made: MadeFor) -> Callable[[gguf.GGUFWriter], None]:
+    def write(w: gguf.GGUFWriter) -> None:
+        for key, value in zip(MadeFor.KEYS, made.values()):
+            if isinstance(value, str):
+                w.add_string(key, value)
+            else:
+                w.add_uint64(key, value)
+    return write

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..core.choices import MtpMode
+from ..core.model_facts import MadeFor
 from ..files.model_card import CardOverrides
 from .output import SplitLimits
 
@@ -14,13 +15,16 @@ from .output import SplitLimits
 @dataclass(frozen=True)
 class Target:
     """A size budget: the bytes of the whole output (header, metadata, the plan stored in it
-    and alignment padding included: what the disk and the loader see), or bits per weight of
-    the tensor data."""
+    and alignment padding included: what the disk and the loader see), bits per weight of the
+    tensor data, or bytes of the tensor data."""
 
     bytes: int | None = None
     bpw: float | None = None
+    data: int | None = None     # bytes of tensor data alone (a size the planner chose)
 
     def resolve(self, n_params: int) -> int:
+        if self.data is not None:
+            return self.data
         return self.bytes if self.bytes is not None else int(self.bpw * n_params / 8)
 
 
@@ -31,7 +35,8 @@ class QuantizeOptions:
     it); `target` picks every type for the least measured error within a size; `card`
     overrides the model card's name, basename or license (a GGUF source keeps its card
     otherwise); with `split` limits the output is written as llama.cpp's gguf-split shards
-    OUT-00001-of-0000N.gguf ... (a draft GGUF of mtp="split", at `draft_out`, stays one file)."""
+    OUT-00001-of-0000N.gguf ... (a draft GGUF of mtp="split", at `draft_out`, stays one file);
+    `made_for` is stored in the file (`quantize --for`)."""
 
     mtp: MtpMode = "keep"
     draft_out: str | os.PathLike | None = None
@@ -44,3 +49,4 @@ class QuantizeOptions:
     resume: bool = True
     card: CardOverrides | None = None
     split: SplitLimits | None = None
+    made_for: MadeFor | None = None     # the machine and context the size was chosen for

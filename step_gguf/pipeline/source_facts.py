@@ -11,11 +11,13 @@ from pathlib import Path
 from gguf import Keys
 
 from ..core.errors import SourceError, StepGGUFError, malformed
-from ..core.model_facts import ModelFacts, Tensor
+from ..core.model import Step35Config
+from ..core.model_facts import MadeFor, ModelFacts, Tensor
 from ..core.recipe import load_recipe
 from ..files.draft import check
 from ..files.gguf_source import first_shard, open_gguf
 from ..files.source_path import locate
+from .output_tensors import OutputTensor
 from .quantize import open_source
 
 
@@ -39,9 +41,13 @@ def read_facts(src: str | os.PathLike, scheme: str | None = None,
         raise StepGGUFError(f"--draft goes with a GGUF model; {src} is a checkpoint or config, "
                             "planned with its own MTP heads")
     source = open_source(src, load_recipe(scheme or "int4-mixed"))
-    cfg = source.cfg
-    tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in source.plans)
-    return ModelFacts(name=src.name, n_layer=cfg.n_layer, n_nextn=cfg.n_nextn, is_swa=cfg.is_swa,
+    return planned_facts(src.name, source.cfg, source.plans)
+
+
+def planned_facts(name: str, cfg: Step35Config, plans: list[OutputTensor]) -> ModelFacts:
+    """The facts of the file `plans` would write for a model of `cfg`."""
+    tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in plans)
+    return ModelFacts(name=name, n_layer=cfg.n_layer, n_nextn=cfg.n_nextn, is_swa=cfg.is_swa,
                       n_head_kv=cfg.n_head_kv, head_dim=cfg.head_dim, window=cfg.sliding_window,
                       n_vocab=cfg.vocab_size, n_embd=cfg.hidden_size, n_expert=cfg.n_expert,
                       n_expert_used=cfg.n_expert_used, expert_ff=cfg.expert_ff, max_heads=max(cfg.n_head),
@@ -83,7 +89,16 @@ def _gguf_facts(path: Path) -> ModelFacts:
         n_vocab=int(embd.shape[1]), n_embd=n_embd, n_expert=int(kv(Keys.LLM.EXPERT_COUNT, 1)),
         n_expert_used=reader.experts_used,
         expert_ff=largest(kv(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0)),
-        max_heads=max(n_head), n_ctx_train=int(kv(Keys.LLM.CONTEXT_LENGTH)), tensors=tensors)
+        max_heads=max(n_head), n_ctx_train=int(kv(Keys.LLM.CONTEXT_LENGTH)), tensors=tensors,
+        made_for=_made_for(kv))
+
+
+def _made_for(kv) -> MadeFor | None:
+    values = [kv(key, None) for key in MadeFor.KEYS]
+    if any(v is None for v in values):
+        return None
+    profile, *numbers = values
+    return MadeFor(str(profile), *(int(n) for n in numbers))
 
 
 def _with_draft(m: ModelFacts, d: ModelFacts, path: str | os.PathLike) -> ModelFacts:

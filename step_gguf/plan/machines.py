@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..core.errors import StepGGUFError
+from ..core.model_facts import MadeFor
 
 
 GiB = 1 << 30
@@ -162,3 +163,14 @@ def usable(profile: Profile) -> tuple[int, int]:
 
 def _usable_memory(total: int, margin: float, reserve: int) -> int:
     return max(int(total * (1 - margin)) - min(reserve, total // 8), 0)
+
+
+def sized_for(made: MadeFor | None, profile: Profile) -> MadeFor | None:
+    """`made` when `profile` is the machine a file was sized for (`quantize --for`): the same
+    name and, for a custom machine, the same memory; this machine by its system memory (its
+    free GPU memory moves)."""
+    if made is None or made.profile != profile.name:
+        return None
+    if profile.name == THIS:
+        return made if made.ram == profile.ram else None
+    return made if profile.name != CUSTOM or (made.ram, made.vram) == (profile.ram, profile.vram) else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from ..core.errors import StepGGUFError
 from ..core.gguf_names import is_routed, mtp_required
 from ..core.model_facts import ModelFacts, Tensor
-from .machines import GiB, Profile, RpcHost, usable
+from .machines import GiB, Profile, RpcHost, sized_for, usable
 from .memory import KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
 from .expert_cache import CacheRequest, Locality, with_cache
 from .result import Device, Plan
@@ -98,9 +98,19 @@ def serving(m: ModelFacts, profile: Profile, ctx: int | None = None, parallel: i
     """The plan a server runs: `parallel` slots of `ctx` tokens each. Without `ctx`, the longest
     context that fits; without `parallel`, the most slots, up to MAX_SLOTS, that fit and (when
     the context is chosen) still leave every slot SLOT_CTX, or the model's own when shorter;
-    one slot when two do not. `kw` as for plan()."""
+    one slot when two do not; on the machine the file was sized for (`quantize --for`), the
+    context and slots it was sized for. `kw` as for plan()."""
     def at(n: int) -> Plan:
         return plan(m, profile, ctx, parallel=n, **kw) if ctx else longest(m, profile, parallel=n, **kw)
+
+    made = sized_for(m.made_for, profile)
+    if ctx is None and made is not None and parallel in (None, made.parallel):
+        try:
+            p = plan(m, profile, made.ctx, parallel=made.parallel, **kw)
+            return replace(p, notes=[f"context: the {made.ctx} tokens this file was sized for "
+                                     "(quantize --for)", *p.notes])
+        except StepGGUFError:
+            pass  # the machine has less free memory than when it was sized: the longest that fits
 
     if parallel is not None:
         return at(parallel)
