@@ -20,7 +20,7 @@ import argparse
 import os
 import subprocess
 import sys
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from step_gguf.native import build as b  # noqa: E402
 from step_gguf.native import installed, tools  # noqa: E402
 from step_gguf.pipeline.quantize import quantize  # noqa: E402
 from step_gguf.pipeline.source_facts import read_facts  # noqa: E402
+from step_gguf.synth.locality import lru, statistics  # noqa: E402
 from step_gguf.synth.writer import synth  # noqa: E402
 
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "step3p5-flash-config.json"
@@ -81,23 +82,6 @@ def trace(work: Path, tokens: int, profile: P.Profile, local: bool) -> tuple[lis
         steps.setdefault(int(il), []).extend(row.tolist() for row in ids)
         i += 3 + n_tok * k
     return [steps[il] for il in sorted(steps)], counters, expert_bytes
-
-
-def lru(seq: list[list[int]], slots: int) -> tuple[int, int]:
-    """(hits, copies): every miss copied in, the least recently used evicted."""
-    cache: OrderedDict[int, None] = OrderedDict()
-    hits = copies = 0
-    for step in seq:
-        for e in step:
-            if e in cache:
-                hits += 1
-                cache.move_to_end(e)
-            else:
-                copies += 1
-                cache[e] = None
-                if len(cache) > slots:
-                    cache.popitem(last=False)
-    return hits, copies
 
 
 def lfu(seq: list[list[int]], slots: int) -> tuple[int, int]:
@@ -152,20 +136,6 @@ def ours(seq: list[list[int]], slots: int, worth: float) -> tuple[int, int]:
     return hits, copies
 
 
-def locality(seqs: list[list[list[int]]]) -> tuple[float, float]:
-    """(share of the second half's routing the first half's 32 most used experts serve, LRU
-    over 64 experts' hit rate): #27861's two figures, averaged over layers."""
-    hot, recent = [], []
-    for seq in seqs:
-        half = len(seq) // 2
-        top = {e for e, _ in Counter(e for step in seq[:half] for e in step).most_common(32)}
-        later = [e for step in seq[half:] for e in step]
-        hot.append(sum(e in top for e in later) / len(later))
-        hits, _ = lru(seq, 64)
-        recent.append(hits / sum(len(s) for s in seq))
-    return float(np.mean(hot)), float(np.mean(recent))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--work", type=Path, default=None)
@@ -179,7 +149,7 @@ def main() -> None:
     worth = profile.mem_bw * P.CPU_EFFICIENCY / profile.link_bw
     seqs, counters, expert_bytes = trace(work, args.tokens, profile, not args.random_routing)
     n_tokens, routed = len(seqs[0]), sum(len(step) for seq in seqs for step in seq)
-    hot, recent = locality(seqs)
+    hot, recent = statistics(seqs)
     print(f"trace: {n_tokens} tokens x {len(seqs)} layers, {N_EXPERT} experts, {TOP_K} a token")
     print(f"locality: the first half's 32 most used experts serve {hot:.0%} of the second half "
           f"(#27861: 10%); LRU over 64 experts hits {recent:.0%} (#27861: 67%); "

@@ -174,3 +174,16 @@ def test_for_contradictions_are_usage_errors(small_src, tmp_path):
         result = cli("quantize", small_src, "-o", out, *args)
         assert result.exit_code == 2, (args, result.output)
         assert not out.exists()
+
+
+@pytest.mark.runtime
+def test_for_this_machine_sizes_for_the_memory_the_runtime_sees(small_src, runtime):
+    """`--for this` in a child process (it asks ggml for the GPUs): one row for this machine,
+    which holds the small model at its best types; machine figures beside it are refused."""
+    from cli_checks import cli_process
+
+    done = cli_process("quantize", small_src, "--dry-run", "--for", "this", "--ctx", CTX)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^this\s+1024\s+[\d.]+ MiB .* nothing;", done.stdout, re.M), done.stdout
+    refused = cli_process("quantize", small_src, "--dry-run", "--for", "this", "--ram", "8")
+    assert refused.returncode == 2 and "--for this measures this machine" in refused.stderr

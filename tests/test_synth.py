@@ -162,43 +162,36 @@ def test_routing_locality_routes_by_the_drift_of_the_window_mean(tmp_path):
     assert np.abs(w(f"model.layers.{moe}.moe.router_bias")).max() < 6 * locality.ROUTER_BIAS_STD
 
 
+def test_locality_statistics_on_traces_with_known_answers():
+    """A layer routing every step to the same 8 experts: all hot, LRU misses only the first 8.
+    One sweeping through the 288 without repeats: nothing hot, no LRU hit."""
+    from step_gguf.synth import locality
+
+    same = [list(range(8))] * 100
+    sweep = [[8 * i + j for j in range(8)] for i in range(36)]
+    assert locality.statistics([same]) == (1.0, pytest.approx(792 / 800))
+    assert locality.statistics([sweep]) == (0.0, 0.0)
+    assert locality.statistics([same, sweep]) == (0.5, pytest.approx(792 / 1600))
+    assert locality.lru(same, 4) == (0, 800)   # 8 experts cycling through 4 slots: LRU's worst case
+
+
 def test_routing_locality_has_recency_and_no_hot_set(tmp_path):
     """Traced by the transformers oracle over the calibration text's first 256 words (~1700
     tokens), with the real expert count: LRU over 64 of 288 experts hits 50-80% (#27861: 67%;
     uniform routing: 22%) and the first half's 32 most used experts serve under 25% of the
-    second half (#27861: 10%; uniform: 11%). Random routing, for contrast, has a hot set."""
-    from collections import Counter, OrderedDict
-
+    second half (#27861: 10%; uniform: 11%)."""
     from oracle import Oracle
     from transformers import PreTrainedTokenizerFast
 
     from step_gguf.native.tools import default_text
+    from step_gguf.synth import locality
 
-    def stats(local: bool) -> tuple[float, float]:
-        src = synth(tmp_path / str(local), "small", seed=0, routing_locality=local, n_expert=288, top_k=8)
-        oracle, picks = Oracle(src), []
-        for layer in oracle.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.register_forward_hook(lambda m, a, r: picks.append(r[2].tolist()))
-        text = " ".join(default_text().read_text().split()[:256])
-        oracle.logits(PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))(text)["input_ids"])
-        hot, recent = [], []
-        for seq in picks:
-            half = len(seq) // 2
-            top = {e for e, _ in Counter(e for step in seq[:half] for e in step).most_common(32)}
-            later = [e for step in seq[half:] for e in step]
-            hot.append(sum(e in top for e in later) / len(later))
-            cache: OrderedDict[int, None] = OrderedDict()
-            hits = 0
-            for e in (e for step in seq for e in step):
-                hits += e in cache
-                cache[e] = None
-                cache.move_to_end(e)
-                if len(cache) > 64:
-                    cache.popitem(last=False)
-            recent.append(hits / sum(map(len, seq)))
-        return sum(hot) / len(hot), sum(recent) / len(recent)
-
-    hot, recent = stats(True)
+    src = synth(tmp_path / "local", "small", seed=0, routing_locality=True, n_expert=288, top_k=8)
+    oracle, picks = Oracle(src), []
+    for layer in oracle.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(lambda m, a, r: picks.append(r[2].tolist()))
+    text = " ".join(default_text().read_text().split()[:256])
+    oracle.logits(PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))(text)["input_ids"])
+    hot, recent = locality.statistics(picks)
     assert hot < 0.25 and 0.5 < recent < 0.8, (hot, recent)
-    assert stats(False)[0] > 0.5

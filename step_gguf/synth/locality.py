@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter, OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -132,3 +133,35 @@ def _router(cfg: Step35Config) -> Transform:
         block[:, context] *= math.sqrt(len(context)) * block.std() / np.maximum(norms, 1e-30)
         return block * scale
     return route
+
+
+def lru(steps: list[list[int]], slots: int) -> tuple[int, int]:
+    """(hits, copies) of an LRU cache of `slots` experts over one layer's routing, a list of
+    each step's experts: every miss copied in, the least recently used evicted."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = copies = 0
+    for step in steps:
+        for e in step:
+            if e in cache:
+                hits += 1
+                cache.move_to_end(e)
+            else:
+                copies += 1
+                cache[e] = None
+                if len(cache) > slots:
+                    cache.popitem(last=False)
+    return hits, copies
+
+
+def statistics(trace: list[list[list[int]]], hot: int = 32, recent: int = 64) -> tuple[float, float]:
+    """#27861's two figures of a routing trace (per layer, per step, the experts), averaged over
+    layers: the share of the second half's routing that the first half's `hot` most used
+    experts serve, and the hit rate of LRU over `recent` experts."""
+    shares, rates = [], []
+    for steps in trace:
+        half = len(steps) // 2
+        top = {e for e, _ in Counter(e for step in steps[:half] for e in step).most_common(hot)}
+        later = [e for step in steps[half:] for e in step]
+        shares.append(sum(e in top for e in later) / len(later))
+        rates.append(lru(steps, recent)[0] / sum(map(len, steps)))
+    return sum(shares) / len(shares), sum(rates) / len(rates)
