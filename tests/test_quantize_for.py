@@ -169,6 +169,8 @@ def test_for_contradictions_are_usage_errors(small_src, tmp_path):
     out = tmp_path / "x.gguf"
     for args in (["--for", "custom", "--ram", "1", "--mem-bw", "10", "--target-size", "10M"],
                  ["--for", "all"],
+                 ["--for", "gpu-24gb", "--dry-run", "--json"],
+                 ["--for", "gpu-24gb", "--mtp", "split"],
                  ["--ctx", "4096"],
                  ["--ram", "4"]):
         result = cli("quantize", small_src, "-o", out, *args)

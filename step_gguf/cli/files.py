@@ -204,7 +204,7 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
     if scheme and recipe_file:
         raise click.UsageError("give --scheme or --recipe, not both")
     _check_budget(dry_run, target_size, target_bpw)
-    _check_for(for_profile, dry_run, target_size or target_bpw, ctx, parallel, min_decode, figures)
+    _check_for(for_profile, mtp, dry_run, as_json, target_size or target_bpw, ctx, parallel, min_decode, figures)
     recipe = load_recipe(scheme, recipe_file)
     if dry_run and for_profile:
         return sizing.dry_run_table(src, recipe, mtp, for_profile, figures, ctx, parallel, min_decode,
@@ -254,8 +254,8 @@ def _check_budget(dry_run: bool, target_size: str | None, target_bpw: float | No
                                "its plan is printed when it runs")
 
 
-def _check_for(for_profile: str | None, dry_run: bool, target: str | float | None, ctx: int | None,
-               parallel: int, min_decode: float | None, figures: dict) -> None:
+def _check_for(for_profile: str | None, mtp: MtpMode, dry_run: bool, as_json: bool, target: str | float | None,
+               ctx: int | None, parallel: int, min_decode: float | None, figures: dict) -> None:
     """--for and the options that go with it, or contradict it."""
     if not for_profile:
         given = [o for o, v in (("--ctx", ctx), ("--parallel", parallel != 1), ("--min-decode", min_decode))
@@ -267,6 +267,11 @@ def _check_for(for_profile: str | None, dry_run: bool, target: str | float | Non
         raise click.UsageError("--for chooses the size: leave out --target-size and --target-bpw")
     if for_profile == sizing.ALL and not dry_run:
         raise click.UsageError("--for all prices every named profile: it goes with --dry-run")
+    if as_json:
+        raise click.UsageError("--json prints --dry-run's per-tensor plan; --for prints its own table")
+    if mtp == "split":
+        raise click.UsageError("--for sizes one file with its MTP heads; a split draft loads its own copy "
+                               "of the embeddings and output beside it: give --mtp keep or drop")
 
 
 def _price(src: Path, recipe, mtp: MtpMode, compare_stock: str | None, as_json: bool) -> None:
