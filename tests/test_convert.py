@@ -230,15 +230,23 @@ def test_buffered_copy_fallback_is_bit_exact(checkpoint, gguf_file, tmp_path, mo
         assert np.asarray(got[name].data).tobytes() == np.asarray(want[name].data).tobytes(), name
 
 
-def test_dropping_mtp_needs_no_mtp_tensors(tmp_path):
+def test_declared_heads_without_weights_convert_without_heads(tmp_path):
+    """A config naming MTP heads whose weights are all absent (transformers' save_pretrained
+    writes such checkpoints) converts without heads, as --mtp drop does, and says so; split has
+    nothing to split off."""
     src = synth(tmp_path / "ckpt", "tiny", seed=6, n_nextn=0)
     cfg = json.loads((src / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 3  # declared, but the weights were left out
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="tensor model.layers.8.eh_proj.weight is missing"):
-        convert(src, tmp_path / "keep.gguf", mtp="keep")
+    kept = convert(src, tmp_path / "keep.gguf", mtp="keep")
+    assert len(kept.notes) == 1 and "no weights for the 3 MTP heads" in kept.notes[0]
     convert(src, tmp_path / "drop.gguf", mtp="drop")
-    assert gguf.GGUFReader(tmp_path / "drop.gguf").fields["step35.block_count"].contents() == 8
+    for name in ("keep", "drop"):
+        fields = gguf.GGUFReader(tmp_path / f"{name}.gguf").fields
+        assert fields["step35.block_count"].contents() == 8
+        assert "step35.nextn_predict_layers" not in fields or fields["step35.nextn_predict_layers"].contents() == 0
+    with pytest.raises(CheckpointError, match="no draft to split off"):
+        convert(src, tmp_path / "split.gguf", mtp="split", draft_out=tmp_path / "split-mtp.gguf")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

@@ -110,6 +110,8 @@ def convert(src: Path, out: Path, outtype: OutType, mtp: MtpMode, draft_out: Pat
     finally:
         bar.close()
     secs = time.perf_counter() - start
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     for path in result.outputs:
         click.echo(f"wrote {path} ({human_size(path.stat().st_size)})")
     click.echo(f"{result.n_tensors} tensors, {human_size(result.source_bytes)} read in {secs:.1f} s "
@@ -294,6 +296,8 @@ def _stage(what: str) -> None:
 
 
 def _report(result, secs: float, budget: bool) -> None:
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     for e in result.equalized:
         click.echo(f"equalized {e.norm}: alpha {e.alpha:.2f}, measured error "
                    f"{e.error_before:.4g} -> {e.error_after:.4g}")

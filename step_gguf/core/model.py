@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config_schema import hub_schema
 from .errors import CheckpointError, describe, malformed
 from .hub_layout import checkpoint_file
 
@@ -166,7 +167,7 @@ class Step35Config:
             )
         text = raw.get("text_config", raw) if ARCHITECTURES[known[0]] == "step3p7" else raw
         try:
-            return cls._parse(text, raw.get("quantization_config") or text.get("quantization_config"))
+            return cls._parse(hub_schema(text), raw.get("quantization_config") or text.get("quantization_config"))
         except KeyError as exc:
             raise CheckpointError(f"config.json lacks required field {exc.args[0]!r}") from None
 
@@ -181,8 +182,12 @@ class Step35Config:
         other = c.get("attention_other_setting") or {}
         n_head = int(c["num_attention_heads"])
         n_kv = int(c.get("num_attention_groups", c.get("num_key_value_heads", n_head)))
-        n_head_swa = int(other.get("num_attention_heads", n_head))
+        n_head_swa = int(other.get("num_attention_heads", c.get("num_sliding_attention_heads") or n_head))
         n_kv_swa = int(other.get("num_attention_groups", n_kv))
+        per_layer = c.get("per_layer_config") or {}   # transformers' per-layer overrides
+
+        def heads(key: str, full: int, swa: int) -> tuple[int, ...]:
+            return tuple(int(per_layer.get(str(i), {}).get(key, swa if s else full)) for i, s in enumerate(is_swa))
 
         def limits(key):
             return tuple(0.0 if v is None else float(v)
@@ -196,8 +201,8 @@ class Step35Config:
             n_nextn=n_nextn,
             vocab_size=int(c["vocab_size"]),
             head_dim=int(c.get("head_dim", int(c["hidden_size"]) // n_head)),
-            n_head=tuple(n_head_swa if s else n_head for s in is_swa),
-            n_head_kv=tuple(n_kv_swa if s else n_kv for s in is_swa),
+            n_head=heads("num_attention_heads", n_head, n_head_swa),
+            n_head_kv=heads("num_key_value_heads", n_kv, n_kv_swa),
             is_swa=is_swa,
             sliding_window=int(c.get("sliding_window") or 0),
             rope_theta=theta_full,

@@ -131,6 +131,7 @@ class Checkpoint:
         self.path = Path(path)
         self.tensors: dict[str, TensorRef] = {}
         self.scales: dict[str, TensorRef] = {}
+        self.outside: list[str] = []    # names outside the text decoder (vision tower, projector)
         for shard in self._shards():
             self._index_shard(shard)
 
@@ -157,6 +158,7 @@ class Checkpoint:
                 continue
             name = normalise_name(raw_name)
             if name is None:  # vision tower, projector: not part of the text decoder
+                self.outside.append(raw_name)
                 continue
             ref = _tensor_ref(shard, raw_name, name, info, data_start)
             if ref.offset + ref.nbytes > size:

@@ -17,7 +17,7 @@ from gguf.metadata import Metadata
 
 from ..core.choices import MTP_MODES, OUTTYPES, MtpMode, OutType
 from ..core.errors import CheckpointError, StepGGUFError
-from ..core.model import Step35Config
+from ..core.model import Step35Config, layer_of
 from ..core.recipe import Recipe
 from ..files.checkpoint import Checkpoint
 from ..files.model_card import CardOverrides, load_card
@@ -84,6 +84,7 @@ class ConvertResult:
     outputs: tuple[Path, ...]
     n_tensors: int
     source_bytes: int
+    notes: tuple[str, ...] = ()     # what of the source was left out, and why
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class OpenedCheckpoint:
     plans: list[OutputTensor]
     vocab: Vocab
     card: Metadata
+    heads: bool = True              # the MTP heads are among the plans
+    notes: tuple[str, ...] = ()     # what of the source was left out, and why
 
 
 def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep",
@@ -104,9 +107,22 @@ def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "k
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; point to the checkpoint directory")
     cfg = Step35Config.from_dir(src)
-    plans = output_tensors(cfg, Checkpoint(src), recipe, with_mtp=mtp != "drop")
+    ckpt = Checkpoint(src)
+    notes = []
+    if cfg.n_nextn and not any((layer_of(n) or 0) >= cfg.n_layer for n in ckpt.tensors):
+        if mtp == "split":
+            raise CheckpointError(f"{src} has no weights for the {cfg.n_nextn} MTP heads its config.json names, "
+                                  "so there is no draft to split off; leave out --mtp split")
+        notes.append(f"{src.name} has no weights for the {cfg.n_nextn} MTP heads its config.json names "
+                     "(transformers' save_pretrained leaves them out): converted without heads, so "
+                     "there is no MTP drafting")
+        mtp = "drop"
+    if ckpt.outside:
+        notes.append(f"left out {len(ckpt.outside)} tensors outside the text decoder ({ckpt.outside[0]} ...): "
+                     "the vision tower and projector of Step 3.7, which step-gguf does not convert yet")
+    plans = output_tensors(cfg, ckpt, recipe, with_mtp=mtp != "drop")
     return OpenedCheckpoint(cfg, plans, load_vocab(src, cfg.vocab_size, tokenizer_pre),
-                            load_card(src, cfg, card))
+                            load_card(src, cfg, card), heads=mtp != "drop", notes=tuple(notes))
 
 
 def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: MtpMode = "keep",
@@ -123,10 +139,10 @@ def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: MtpMode = "keep
             extra_kv(w)
         return OutputJob(path, ps, write_kv)
 
+    if not opened.heads:
+        return [job(out, plans, False)]
     if mtp == "keep" or not cfg.n_nextn:
         return [job(out, plans, True)]
-    if mtp == "drop":
-        return [job(out, plans, False)]
     trunk, draft = split_mtp(plans, cfg)
     return [job(out, trunk, True), job(Path(draft_out), draft, True)]
 
@@ -155,4 +171,4 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: OutType 
                            draft_out=Path(draft_out) if draft_out is not None else None)
     jobs[0] = replace(jobs[0], split=split)
     written = write_outputs(jobs, on_start, on_bytes, threads=threads, resume=resume)
-    return ConvertResult(written.paths, sum(len(j.plans) for j in jobs), written.source_bytes)
+    return ConvertResult(written.paths, sum(len(j.plans) for j in jobs), written.source_bytes, opened.notes)

@@ -77,7 +77,7 @@ def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep"
     if kind == "checkpoint":
         opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
         return Source(kind="checkpoint", path=src, n_layer=opened.cfg.n_layer, plans=opened.plans,
-                      write_kv=lambda w: write_metadata(w, opened.cfg, opened.vocab, mtp != "drop", opened.card),
+                      write_kv=lambda w: write_metadata(w, opened.cfg, opened.vocab, opened.heads, opened.card),
                       top_k=opened.cfg.n_expert_used, opened=opened, cfg=opened.cfg,
                       routing_weight=opened.cfg.routing_weight)
     if kind == "config":
@@ -288,6 +288,7 @@ class QuantizeResult:
     source_bytes: int
     recipe: Recipe
     equalized: tuple[Equalized, ...] = ()
+    notes: tuple[str, ...] = ()     # what of the source was left out, and why
 
 
 def _jobs(source: Source, out: Path, mtp: MtpMode, draft_out: Path | None, card: CardOverrides | None,
@@ -381,7 +382,8 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     jobs = jobs_for(recipe)
     on_stage("writing")
     written = write_outputs(jobs, on_start, on_bytes, threads=o.threads, resume=o.resume)
-    return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe, report)
+    return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe, report,
+                          source.opened.notes if source.opened is not None else ())
 
 
 def made_for_kv(made: MadeFor) -> Callable[[gguf.GGUFWriter], None]:
