@@ -23,8 +23,9 @@ def _hub_state(src: Path) -> tuple[dict, dict]:
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(index.values())):
         state |= load_file(src / shard)
+    # the text decoder alone: Step 3.7's vision tower (vision_model.*, vit_large_projector) is not
     state = {k.replace("model.language_model.", "model.", 1): v for k, v in state.items()
-             if not k.startswith(("model.vision", "model.multi_modal"))}
+             if k.startswith(("model.", "lm_head.")) and not k.startswith(("model.vision", "model.multi_modal"))}
     if quant:
         block = quant["weight_block_size"]
         for name in [k for k in state if k.endswith("_scale_inv")]:

@@ -99,7 +99,7 @@ def test_fp8_and_step3p7_dequantise_to_the_block_scaled_weights(checkpoint, gguf
     src = checkpoint("tiny-fp8-3p7")
     out = _tensors(gguf_file("tiny-fp8-3p7", "f32"))
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-    name = "model.language_model.layers.2.moe.down_proj.weight"
+    name = "model.layers.2.moe.down_proj.weight"
     w = load_file(src / index[name])[name]
     s = load_file(src / index[name + "_scale_inv"])[name + "_scale_inv"]
     assert w.dtype == torch.float8_e4m3fn

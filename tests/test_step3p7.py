@@ -89,3 +89,34 @@ def test_f32_text_logits_match_the_model_transformers_saved(saved, tmp_path, run
     print(f"max rel err {rel:.2e}, logit spread {want.std():.3g}, distinct top-1 {len(set(want.argmax(-1)))}")
     assert rel <= 1e-3, rel
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_synth_writes_step3p7_as_transformers_saves_it(saved, tmp_path):
+    """`synth --step3p7`: every tensor transformers' own save_pretrained writes, by name and
+    shape (its MTP blocks on top, which transformers leaves out), the same vision config and
+    projector keys; transformers' from_pretrained loads it with nothing missing."""
+    from safetensors import safe_open
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7ForConditionalGeneration
+
+    from step_gguf.synth.writer import synth
+
+    def tensors(folder) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                shapes |= {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        return shapes
+
+    folder, _ = saved
+    ours = synth(tmp_path / "syn", "tiny", step3p7=True)
+    theirs, mine = tensors(folder), tensors(ours)
+    heads = {k for k in mine if k.startswith("model.layers.") and int(k.split(".")[2]) >= 8}
+    assert heads and set(mine) - heads == set(theirs)
+    assert {k: mine[k] for k in theirs} == theirs
+    raw, ref = (json.loads((f / "config.json").read_text()) for f in (ours, folder))
+    assert raw["vision_config"] == ref["vision_config"]
+    assert {k: raw[k] for k in ("projector_bias", "image_token_id")} == {k: ref[k] for k in ("projector_bias", "image_token_id")}
+    loaded, info = Step3p7ForConditionalGeneration.from_pretrained(ours, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert all(".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= 8 for k in info["unexpected_keys"])
+    assert loaded.config.vision_config.num_hidden_layers == raw["vision_config"]["num_hidden_layers"]

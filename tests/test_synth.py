@@ -56,7 +56,7 @@ def test_three_to_one_attention_pattern_over_the_trunk():
 def test_fp8_stores_e4m3_with_block_scales(checkpoint):
     ckpt = Checkpoint(checkpoint("tiny-fp8-3p7"))
     ref = ckpt.tensors["model.layers.2.moe.gate_proj.weight"]
-    assert ref.raw_name.startswith("model.language_model.") and ref.dtype == "F8_E4M3"
+    assert ref.raw_name == "model.layers.2.moe.gate_proj.weight" and ref.dtype == "F8_E4M3"  # as transformers saves 3.7
     scale = ckpt.scales["model.layers.2.moe.gate_proj.weight"]
     E, R, C = ref.shape
     assert scale.shape == (E, -(-R // 32), -(-C // 32))

@@ -343,8 +343,9 @@ def recipes(name: str | None, as_toml: bool) -> None:
               "function of the seed.")
 @click.option("--fp8", is_flag=True, help="Store projections as float8-e4m3 with block scales, "
               "as the FP8 releases do.")
-@click.option("--step3p7", is_flag=True, help="Wrap the decoder the Step 3.7 way "
-              "(text_config, model.language_model. prefixes, a vision tower to ignore).")
+@click.option("--step3p7", is_flag=True, help="Step 3.7 as transformers' save_pretrained writes "
+              "it (Step3p7ForConditionalGeneration: text_config, the decoder at model.layers.*) with a "
+              "small vision tower and projector at vision_model.* and vit_large_projector.")
 @click.option("--chat-template", "template", type=click.Choice(["simple", "step35"]),
               default="simple", show_default=True,
               help="step35: Step 3.5 Flash's own template (reasoning block, XML tool calls), "

@@ -28,6 +28,7 @@ from ..files.checkpoint import FP8_E4M3_VALUES, INDEX, fp8_scale_shape
 from . import locality
 from .presets import PRESETS, Preset
 from .script import head_successors, scripted_weights
+from .vision import PROJECTOR, VISION_CONFIG, vision_tensors
 from .tokenizer import model_card, tokenizer_files
 
 
@@ -279,7 +280,7 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
                                          "activation_scheme": "dynamic",
                                          "weight_block_size": [p.fp8_block, p.fp8_block]}
     cfg = Step35Config.from_dict(config)
-    prefix = "model.language_model." if step3p7 else "model."
+    prefix = "model."  # Step 3.7 as transformers saves it too: the text decoder at model.layers.*
     tokenizer = tokenizer_files(p.vocab, script, chat_template)
     successor = None
     if script:
@@ -287,13 +288,12 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
         chain = [ids[piece] for piece in script] + [ids["<|im_end|>"]]
         successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}
     specs = _tensor_specs(cfg, p, seed, fp8, prefix, successor, head_accuracy, routing_locality)
-    if step3p7:  # a token vision tower: present in 3.7 checkpoints, ignored by the converter
-        specs.append(_Spec("model.vision_tower.patch_embed.weight", "BF16", (16, 3 * 4 * 4),
-                           _gen((seed, 1 << 20), (16, 48), 0.02, "BF16")))
+    if step3p7:
+        specs += _vision_specs(p.hidden, seed)
         quant = config.pop("quantization_config", None)
         config = {"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
                   "text_config": {k: v for k, v in config.items() if k != "architectures"},
-                  "vision_config": {"width": 16, "layers": 1, "heads": 2}}
+                  "vision_config": dict(VISION_CONFIG), **PROJECTOR}
         if quant:
             config["quantization_config"] = quant
 
@@ -302,6 +302,16 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
     files |= {name: json.dumps(content, ensure_ascii=False, indent=1) for name, content in tokenizer.items()}
     _write_folder(out, _shards(specs, p.shard_bytes), files, on_bytes)
     return out
+
+
+def _vision_specs(text_hidden: int, seed: int) -> list[_Spec]:
+    """Step 3.7's vision tower and projector, in BF16 as the releases keep them."""
+    def centred(centre: float) -> locality.Transform:
+        return lambda block, row0: block + np.float32(centre)
+
+    return [_Spec(name, "BF16", shape, _gen((seed, (1 << 20) + i), shape, spread, "BF16",
+                                            centred(centre) if centre else None))
+            for i, (name, (shape, spread, centre)) in enumerate(vision_tensors(VISION_CONFIG, text_hidden).items())]
 
 
 def _write_folder(out: Path, shards: list[list[_Spec]], files: dict[str, str],
