@@ -226,12 +226,14 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
                                 target=target, threads=threads, resume=not no_resume,
                                 card=_card(card_name, card_basename, card_license),
                                 split=_split(split_max_size, split_max_tensors))
+    prepared = None
     if for_profile:
-        options = sizing.sized(src, recipe, options, for_profile, figures, ctx, parallel, min_decode, _stage)
+        options, prepared = sizing.sized(src, recipe, options, for_profile, figures, ctx, parallel, min_decode, _stage)
     bar = ByteBar(f"quantizing {src.name} ({recipe.name})")
     start = time.perf_counter()
     try:
-        result = q.quantize(src, out, recipe, options, on_stage=_stage, on_start=bar.start, on_bytes=bar.advance)
+        result = q.quantize(src, out, recipe, options, on_stage=_stage, on_start=bar.start, on_bytes=bar.advance,
+                            prepared=prepared)
     finally:
         bar.close()
     _report(result, time.perf_counter() - start, budget=options.target is not None)

@@ -57,8 +57,8 @@ def default_ctx(src: Path, ctx: int | None) -> int:
 
 def sized(src: Path, recipe, options, profile: str, figures: dict, ctx: int | None, parallel: int,
           min_decode: float | None, on_stage):
-    """`options` sized for the machine: budget mode at the tensor budget the planner chose, the
-    file marked with its machine; says which size and why."""
+    """(`options` sized for the machine: budget mode at the tensor budget the planner chose, the
+    file marked with its machine; the source as prepared for it); says which size and why."""
     from dataclasses import replace
 
     from ..pipeline.machine_fit import budget_sizes
@@ -72,7 +72,7 @@ def sized(src: Path, recipe, options, profile: str, figures: dict, ctx: int | No
     click.echo(f"sized for {demand.profile.name} ({demand.profile.what}): "
                f"{human_size(sum(t.bytes for t in p.model.tensors))} of tensor data; {choice.why}; "
                f"predicted decode {p.predicted_decode_tps:.1f} tok/s")
-    return replace(options, target=Target(data=choice.budget), made_for=choice.made_for())
+    return replace(options, target=Target(data=choice.budget), made_for=choice.made_for()), sizes.prepared
 
 
 def dry_run_table(src: Path, recipe, mtp, profile: str, figures: dict, ctx: int | None,

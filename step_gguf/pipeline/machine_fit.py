@@ -26,6 +26,7 @@ class Sizes:
     facts_at: Callable[[int], ModelFacts]
     smallest: int
     largest: int
+    prepared: tuple | None = None   # budget mode's: what quantize() can write from without preparing again
 
 
 def _facts(source: Source, plans: list[OutputTensor]) -> ModelFacts:
@@ -39,7 +40,7 @@ def budget_sizes(src: str | os.PathLike, recipe: Recipe, options: QuantizeOption
                  on_stage: Callable[[str], None] = lambda what: None) -> Sizes:
     """The files budget mode makes of `src` (prepared as `quantize` with `options` prepares it:
     importance data, equalization), measuring every trunk tensor once."""
-    source, imat, _ = prepare(src, recipe, options, on_stage)
+    source, imat, report = prepare(src, recipe, options, on_stage)
     ready, errors = measured(source.plans, imat, source.top_k, cache_dir() / "sensitivity", source.n_layer,
                              source.routing_weight, on_tensor=lambda name: on_stage(f"measuring {name}"))
     base = _facts(source, ready)
@@ -47,7 +48,7 @@ def budget_sizes(src: str | os.PathLike, recipe: Recipe, options: QuantizeOption
     def facts_at(budget: int) -> ModelFacts:
         plans = retype(ready, allocate(ready, errors, budget, recipe.name, source.n_layer), source.n_layer)
         return replace(base, tensors=tuple(Tensor(p.name, p.nbytes, p.n_params) for p in plans))
-    return Sizes(facts_at, *span(ready, errors))
+    return Sizes(facts_at, *span(ready, errors), prepared=(source, imat, report))
 
 
 def even_sizes(src: str | os.PathLike, recipe: Recipe, *, mtp="keep", has_imatrix: bool = False) -> Sizes:

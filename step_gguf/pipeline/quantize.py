@@ -361,13 +361,14 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
              options: QuantizeOptions = QuantizeOptions(), *,
              on_stage: Callable[[str], None] = lambda what: None,
              on_start: Callable[[int], None] = lambda total: None,
-             on_bytes: Callable[[int], None] = lambda n: None) -> QuantizeResult:
+             on_bytes: Callable[[int], None] = lambda n: None,
+             prepared: tuple[Source, Imatrix | None, tuple[Equalized, ...]] | None = None) -> QuantizeResult:
     """Quantize `src` to `out` under `recipe` in one streaming pass, as `options` say. Nothing
     appears at `out` unless the whole file was written. `on_stage` names each preparatory step
     (measuring can take a while on a large model); `on_start` and `on_bytes` count source
-    bytes for a progress bar."""
+    bytes for a progress bar. `prepared`: what prepare() returned for the same arguments."""
     o = options
-    source, imat, report = prepare(src, recipe, o, on_stage)
+    source, imat, report = prepared or prepare(src, recipe, o, on_stage)
     plans = source.plans
     extra = [made_for_kv(o.made_for)] if o.made_for is not None else []
 
