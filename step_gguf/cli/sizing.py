@@ -61,11 +61,14 @@ def sized(src: Path, recipe, options, profile: str, figures: dict, ctx: int | No
     file marked with its machine; the source as prepared for it); says which size and why."""
     from dataclasses import replace
 
-    from ..pipeline.machine_fit import budget_sizes
+    from ..pipeline.machine_fit import budget_sizes, even_sizes
     from ..pipeline.quantize_options import Target
     from ..plan.sizing import Demand, largest
 
     demand = Demand(machine_for(profile, figures), default_ctx(src, ctx), parallel, min_decode)
+    # refused from shapes, before measuring, where not even the cheapest types fit
+    shapes = even_sizes(src, recipe, mtp=options.mtp, has_imatrix=options.imatrix is not None)
+    largest(shapes.facts_at, demand, shapes.smallest, shapes.smallest)
     sizes = budget_sizes(src, recipe, options, on_stage)
     choice = largest(sizes.facts_at, demand, sizes.smallest, sizes.largest)
     p = choice.plan

@@ -13,7 +13,7 @@ from ..core.model_facts import ModelFacts, Tensor
 from ..core.recipe import PINNED_1D, PINNED_ROUTER, Recipe, tensor_bytes
 from ..native.build import cache_dir
 from .budget import candidates, allocate, measured, span, trunk
-from .output_tensors import FLOAT_TYPES, OutputTensor
+from .output_tensors import OutputTensor
 from .quantize import Source, open_source, prepare, retype
 from .quantize_options import QuantizeOptions
 from .source_facts import planned_facts, read_facts
@@ -52,14 +52,13 @@ def budget_sizes(src: str | os.PathLike, recipe: Recipe, options: QuantizeOption
 
 
 def even_sizes(src: str | os.PathLike, recipe: Recipe, *, mtp="keep", has_imatrix: bool = False) -> Sizes:
-    """The files of `src` (a config is enough) whose every quantizable trunk tensor sits the same
+    """The files of `src` (a config is enough) whose every trunk tensor budget mode moves sits the same
     share of the way from its cheapest candidate type to its best, in bytes: a dry run's stand-in
     for budget mode, which spends more bits where they remove more error."""
     source = open_source(src, recipe, mtp=mtp)
     base = _facts(source, source.plans)
     moved = {p.name: [tensor_bytes(p.shape, t) for t in candidates(p, has_imatrix)]
-             for p in trunk(source.plans, source.n_layer)
-             if p.qtype not in FLOAT_TYPES and p.rule not in (PINNED_1D, PINNED_ROUTER)}
+             for p in trunk(source.plans, source.n_layer) if p.rule not in (PINNED_1D, PINNED_ROUTER)}
     fixed = sum(t.bytes for t in base.tensors if t.name not in moved)
     low = fixed + sum(b[0] for b in moved.values())
     high = fixed + sum(b[-1] for b in moved.values())
