@@ -24,12 +24,17 @@ CTX = 1024      # the small model's own context
 
 
 def _figures(args: list[str]) -> dict:
-    keys = {"--ram": "ram_gb", "--mem-bw": "mem_bw_gbs", "--vram": "vram_gb", "--gpu-bw": "gpu_bw_gbs"}
-    return {keys[a]: float(v) for a, v in zip(args[2::2], args[3::2])}
+    """The machine figures of `--for custom --ram R ...` as the command line hands them on."""
+    from step_gguf.cli.planning import FIGURES
+
+    return dict.fromkeys(FIGURES) | {a.removeprefix("--").replace("-", "_"): float(v)
+                                     for a, v in zip(args[2::2], args[3::2])}
 
 
 def _machine(args: list[str]) -> P.Profile:
-    return P.machine("custom", **_figures(args))
+    from step_gguf.cli.planning import profile_machine
+
+    return profile_machine("custom", _figures(args))
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +163,9 @@ def test_a_file_made_for_a_machine_fills_it_and_runs_at_its_context(small_src, t
 
 def _planned(model, args: list[str]):
     """The plan `run MODEL --profile custom FIGURES` starts its server with."""
-    from step_gguf.cli.planning import FIGURES, planned
+    from step_gguf.cli.planning import planned
 
-    keys = {"--ram": "ram", "--mem-bw": "mem_bw", "--vram": "vram", "--gpu-bw": "gpu_bw"}
-    figures = dict.fromkeys(FIGURES) | {keys[a]: float(v) for a, v in zip(args[2::2], args[3::2])}
-    return planned(model, "custom", None, True, say=False, parallel=None, figures=figures)
+    return planned(model, "custom", None, True, say=False, parallel=None, figures=_figures(args))
 
 
 def test_for_contradictions_are_usage_errors(small_src, tmp_path):

@@ -48,13 +48,6 @@ def machine_for(profile: str, figures: dict):
     return profile_machine(profile, figures)
 
 
-def default_ctx(src: Path, ctx: int | None) -> int:
-    from ..plan import SLOT_CTX
-    from ..pipeline.source_facts import read_facts
-
-    return ctx or min(SLOT_CTX, read_facts(src).n_ctx_train)
-
-
 def sized(src: Path, recipe, options, profile: str, figures: dict, ctx: int | None, parallel: int,
           min_decode: float | None, on_stage):
     """(`options` sized for the machine: budget mode at the tensor budget the planner chose, the
@@ -63,12 +56,14 @@ def sized(src: Path, recipe, options, profile: str, figures: dict, ctx: int | No
 
     from ..pipeline.machine_fit import budget_sizes, even_sizes
     from ..pipeline.quantize_options import Target
-    from ..plan.sizing import Demand, largest
+    from ..plan import SLOT_CTX
+    from ..plan.sizing import Demand, accepted, largest
 
-    demand = Demand(machine_for(profile, figures), default_ctx(src, ctx), parallel, min_decode)
-    # refused from shapes, before measuring, where not even the cheapest types fit
     shapes = even_sizes(src, recipe, mtp=options.mtp, has_imatrix=options.imatrix is not None)
-    largest(shapes.facts_at, demand, shapes.smallest, shapes.smallest)
+    cheapest = shapes.facts_at(shapes.smallest)
+    demand = Demand(machine_for(profile, figures), ctx or min(SLOT_CTX, cheapest.n_ctx_train), parallel,
+                    min_decode)
+    accepted(cheapest, demand)  # refused from shapes, before measuring, where the cheapest types do not fit
     sizes = budget_sizes(src, recipe, options, on_stage)
     choice = largest(sizes.facts_at, demand, sizes.smallest, sizes.largest)
     p = choice.plan
@@ -92,18 +87,22 @@ def dry_run_table(src: Path, recipe, mtp, profile: str, figures: dict, ctx: int 
     machines = [profile_machine(n, dict.fromkeys(FIGURES)) for n in PROFILES] if profile == ALL \
         else [machine_for(profile, figures)]
     n_params = sum(t.n_params for t in sizes.facts_at(sizes.smallest).tensors)
-    rows = [(machine, n) for machine in machines for n in ([ctx] if ctx else DRY_RUN_CONTEXTS)]
-    if len(rows) == 1:  # one question: a refusal is the answer, in one line
-        largest(sizes.facts_at, Demand(*rows[0], parallel, min_decode), sizes.smallest, sizes.largest)
+    rows = []
+    for machine in machines:
+        for n in [ctx] if ctx else DRY_RUN_CONTEXTS:
+            try:
+                rows.append((machine, n, largest(sizes.facts_at, Demand(machine, n, parallel, min_decode),
+                                                 sizes.smallest, sizes.largest)))
+            except StepGGUFError as exc:
+                if len(machines) == 1 and ctx:
+                    raise  # one question: the refusal is the answer, in one line
+                rows.append((machine, n, exc))
     click.echo("an estimate from shapes: every quantizable tensor the same share of the way from its "
                "cheapest to its best type (budget mode spends the same bytes where they remove most error)")
     click.echo(f"{'machine':<12} {'ctx':>7} {'size':>10} {'bpw':>5} {'tok/s':>6}  bound; published scale")
-    for machine, n in rows:
-        try:
-            choice = largest(sizes.facts_at, Demand(machine, n, parallel, min_decode),
-                             sizes.smallest, sizes.largest)
-        except StepGGUFError as exc:
-            click.echo(f"{machine.name:<12} {n:>7} {'-':>10} {'-':>5} {'-':>6}  {exc}")
+    for machine, n, choice in rows:
+        if isinstance(choice, StepGGUFError):
+            click.echo(f"{machine.name:<12} {n:>7} {'-':>10} {'-':>5} {'-':>6}  {choice}")
             continue
         size = sum(t.bytes for t in choice.plan.model.tensors)
         click.echo(f"{machine.name:<12} {n:>7} {human_size(size):>10} {size * 8 / n_params:>5.2f} "

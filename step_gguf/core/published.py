@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-GiB = 1 << 30
+from .units import GiB
+
 REAL_PARAMS = 199.28e9   # Step 3.5 Flash's weights, its 3 MTP heads included
 
 

@@ -27,6 +27,9 @@ def parse_size(text: str, option: str) -> int:
     return value
 
 
+GiB = 1 << 30
+
+
 def human_size(n: float) -> str:
     """Bytes in binary units, as people read sizes: 512 B, 1.5 KiB, 22.8 MiB, 135.9 GiB."""
     if n < 1024:

@@ -9,14 +9,14 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..core.model_facts import ModelFacts, Tensor
+from ..core.model_facts import ModelFacts
 from ..core.recipe import PINNED_1D, PINNED_ROUTER, Recipe, tensor_bytes
 from ..native.build import cache_dir
 from .budget import candidates, allocate, measured, span, trunk
 from .output_tensors import OutputTensor
-from .quantize import Source, open_source, prepare, retype
+from .quantize import Prepared, Source, open_source, prepare, retype
 from .quantize_options import QuantizeOptions
-from .source_facts import planned_facts, read_facts
+from .source_facts import planned_facts, planned_tensors, read_facts
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,14 @@ class Sizes:
     facts_at: Callable[[int], ModelFacts]
     smallest: int
     largest: int
-    prepared: tuple | None = None   # budget mode's: what quantize() can write from without preparing again
+    prepared: Prepared | None = None   # budget mode's: what quantize() writes from without preparing again
 
 
 def _facts(source: Source, plans: list[OutputTensor]) -> ModelFacts:
     name = source.path.name
     if source.cfg is not None:
         return planned_facts(name, source.cfg, plans)
-    return replace(read_facts(source.path), tensors=tuple(Tensor(p.name, p.nbytes, p.n_params) for p in plans))
+    return replace(read_facts(source.path), tensors=planned_tensors(plans))
 
 
 def budget_sizes(src: str | os.PathLike, recipe: Recipe, options: QuantizeOptions = QuantizeOptions(),
@@ -47,7 +47,7 @@ def budget_sizes(src: str | os.PathLike, recipe: Recipe, options: QuantizeOption
 
     def facts_at(budget: int) -> ModelFacts:
         plans = retype(ready, allocate(ready, errors, budget, recipe.name, source.n_layer), source.n_layer)
-        return replace(base, tensors=tuple(Tensor(p.name, p.nbytes, p.n_params) for p in plans))
+        return replace(base, tensors=planned_tensors(plans))
     return Sizes(facts_at, *span(ready, errors), prepared=(source, imat, report))
 
 

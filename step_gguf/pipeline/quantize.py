@@ -332,9 +332,12 @@ def _fit(source: Source, plans: list[OutputTensor], imat: Imatrix | None, base: 
     raise BudgetError(f"the output does not fit {budget} bytes with its header; raise --target-size")
 
 
+# a source ready to quantize: its importance data attached, its equalization applied
+Prepared = tuple[Source, Imatrix | None, tuple[Equalized, ...]]
+
+
 def prepare(src: str | os.PathLike, recipe: Recipe, options: QuantizeOptions = QuantizeOptions(),
-            on_stage: Callable[[str], None] = lambda what: None
-            ) -> tuple[Source, Imatrix | None, tuple[Equalized, ...]]:
+            on_stage: Callable[[str], None] = lambda what: None) -> Prepared:
     """The source `quantize` writes from, its importance data attached and its equalization
     applied: (source, importance data, what equalization did)."""
     o = options
@@ -362,7 +365,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
              on_stage: Callable[[str], None] = lambda what: None,
              on_start: Callable[[int], None] = lambda total: None,
              on_bytes: Callable[[int], None] = lambda n: None,
-             prepared: tuple[Source, Imatrix | None, tuple[Equalized, ...]] | None = None) -> QuantizeResult:
+             prepared: Prepared | None = None) -> QuantizeResult:
     """Quantize `src` to `out` under `recipe` in one streaming pass, as `options` say. Nothing
     appears at `out` unless the whole file was written. `on_stage` names each preparatory step
     (measuring can take a while on a large model); `on_start` and `on_bytes` count source

@@ -44,14 +44,18 @@ def read_facts(src: str | os.PathLike, scheme: str | None = None,
     return planned_facts(src.name, source.cfg, source.plans)
 
 
+def planned_tensors(plans: list[OutputTensor]) -> tuple[Tensor, ...]:
+    """The tensors of the file `plans` would write, as placement knows them."""
+    return tuple(Tensor(p.name, p.nbytes, p.n_params) for p in plans)
+
+
 def planned_facts(name: str, cfg: Step35Config, plans: list[OutputTensor]) -> ModelFacts:
     """The facts of the file `plans` would write for a model of `cfg`."""
-    tensors = tuple(Tensor(p.name, p.nbytes, p.n_params) for p in plans)
     return ModelFacts(name=name, n_layer=cfg.n_layer, n_nextn=cfg.n_nextn, is_swa=cfg.is_swa,
                       n_head_kv=cfg.n_head_kv, head_dim=cfg.head_dim, window=cfg.sliding_window,
                       n_vocab=cfg.vocab_size, n_embd=cfg.hidden_size, n_expert=cfg.n_expert,
                       n_expert_used=cfg.n_expert_used, expert_ff=cfg.expert_ff, max_heads=max(cfg.n_head),
-                      n_ctx_train=cfg.context_length, tensors=tensors)
+                      n_ctx_train=cfg.context_length, tensors=planned_tensors(plans))
 
 
 def _gguf_facts(path: Path) -> ModelFacts:

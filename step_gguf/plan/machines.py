@@ -8,9 +8,8 @@ from dataclasses import dataclass, replace
 
 from ..core.errors import StepGGUFError
 from ..core.model_facts import MadeFor
+from ..core.units import GiB
 
-
-GiB = 1 << 30
 
 
 GB = 1e9

@@ -68,13 +68,20 @@ def verdict(m: ModelFacts, d: Demand) -> Plan | Bound:
     return p
 
 
+def accepted(m: ModelFacts, d: Demand) -> Plan:
+    """The plan of file `m` on `d`'s machine; a one-line error naming what would fit where `d`
+    does not accept it."""
+    v = verdict(m, d)
+    if not isinstance(v, Plan):
+        raise StepGGUFError(_refusal(m, d, v))
+    return v
+
+
 def largest(facts_at: FactsAt, d: Demand, lo: int, hi: int) -> Sizing:
     """The largest tensor budget in [lo, hi] whose file `d` accepts (larger files are taken to
     need more memory and decode slower); a one-line error naming what would fit when not even
     `lo` is accepted."""
-    first = verdict(facts_at(lo), d)
-    if not isinstance(first, Plan):
-        raise StepGGUFError(_refusal(facts_at(lo), d, first))
+    first = accepted(facts_at(lo), d)
     top = verdict(facts_at(hi), d)
     if isinstance(top, Plan):
         return Sizing(hi, top, "nothing", "nothing binds: every tensor at its best candidate type fits")

@@ -58,7 +58,7 @@ def transform(name: str, shape: tuple[int, ...], cfg: Step35Config) -> Transform
     between = layer is not None and min(means) <= layer < max(means)
     if layer in means and tail.startswith(("self_attn.", "input_layernorm.")):
         return _mean_layer(tail, cfg.n_head[layer], means[layer], cfg)
-    if between and tail.endswith("down_proj.weight") or between and tail.endswith("o_proj.weight"):
+    if between and tail.endswith(("down_proj.weight", "o_proj.weight")):
         return lambda block, row0: block * 0
     if tail.endswith(("o_proj.weight", "down_proj.weight")):   # nobody else writes either set
         keep = np.setdiff1d(np.arange(cfg.hidden_size), np.concatenate([topic, context]))

@@ -140,12 +140,11 @@ class _Spec:
         return math.prod(self.shape) * {"BF16": 2, "F32": 4, "F8_E4M3": 1}[self.dtype]
 
 
-def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: str,
+def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool,
                   script: dict[int, int] | None = None, head_accuracy: float = 1.0,
                   routing_locality: bool = False) -> list[_Spec]:
     specs = []
     for idx, (name, shape) in enumerate(cfg.expected_shapes().items()):
-        stored = name.replace("model.", prefix, 1) if name.startswith("model.") else name
         std = _std(name, shape, p.hidden)
         rng_seed = (seed, idx)
         change = locality.transform(name, shape, cfg) if routing_locality else None
@@ -153,19 +152,19 @@ def _tensor_specs(cfg: Step35Config, p: Preset, seed: int, fp8: bool, prefix: st
         if script is not None and name.endswith("shared_head.output.weight"):
             follows = head_successors(script, head_accuracy, (seed, idx))
         if follows is not None and (fixed := scripted_weights(name, shape, follows)) is not None:
-            specs.append(_Spec(stored, "BF16", shape, fixed))
+            specs.append(_Spec(name, "BF16", shape, fixed))
         elif name.endswith("router_bias"):
-            specs.append(_Spec(stored, "F32", shape, _gen(rng_seed, shape, std, "F32", change)))
+            specs.append(_Spec(name, "F32", shape, _gen(rng_seed, shape, std, "F32", change)))
         elif p.outliers and name.endswith(_OUTLIER_NORMS):
-            specs.append(_Spec(stored, "BF16", shape, _outlier_norm(rng_seed, shape, std, p, seed)))
+            specs.append(_Spec(name, "BF16", shape, _outlier_norm(rng_seed, shape, std, p, seed)))
         elif fp8 and _fp8_candidate(name, shape):
             # each half recomputes the (small, FP8-test-only) quantisation: no shared state
             quantise = functools.partial(_fp8_quantise, rng_seed, shape, std, p.fp8_block)
-            specs.append(_Spec(stored, "F8_E4M3", shape, lambda q=quantise: iter([q()[0].tobytes()])))
-            specs.append(_Spec(stored + "_scale_inv", "F32", fp8_scale_shape(shape, (p.fp8_block,) * 2),
+            specs.append(_Spec(name, "F8_E4M3", shape, lambda q=quantise: iter([q()[0].tobytes()])))
+            specs.append(_Spec(name + "_scale_inv", "F32", fp8_scale_shape(shape, (p.fp8_block,) * 2),
                                lambda q=quantise: iter([q()[1].tobytes()])))
         else:
-            specs.append(_Spec(stored, "BF16", shape, _gen(rng_seed, shape, std, "BF16", change)))
+            specs.append(_Spec(name, "BF16", shape, _gen(rng_seed, shape, std, "BF16", change)))
     return specs
 
 
@@ -280,14 +279,14 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
                                          "activation_scheme": "dynamic",
                                          "weight_block_size": [p.fp8_block, p.fp8_block]}
     cfg = Step35Config.from_dict(config)
-    prefix = "model."  # Step 3.7 as transformers saves it too: the text decoder at model.layers.*
     tokenizer = tokenizer_files(p.vocab, script, chat_template)
     successor = None
     if script:
         ids = {t["content"]: t["id"] for t in tokenizer["tokenizer.json"]["added_tokens"]}
         chain = [ids[piece] for piece in script] + [ids["<|im_end|>"]]
         successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}
-    specs = _tensor_specs(cfg, p, seed, fp8, prefix, successor, head_accuracy, routing_locality)
+    # Step 3.7 as transformers saves it keeps the decoder's names (model.layers.*) too
+    specs = _tensor_specs(cfg, p, seed, fp8, successor, head_accuracy, routing_locality)
     if step3p7:
         specs += _vision_specs(p.hidden, seed)
         quant = config.pop("quantization_config", None)
