@@ -55,6 +55,24 @@ expert_cache_option = click.option(
          "expert on it, a link too slow for the copies); SIZE (4GiB, 500M) fixes it; off.")
 
 
+def prompt_cache_request(ctx, param, value: str) -> int | None:
+    """--prompt-cache's value: MiB (0: off), or None for the plan's size."""
+    if value == "auto":
+        return None
+    if value == "off":
+        return 0
+    from ..core.units import parse_size
+
+    return parse_size(value, "--prompt-cache") // 2**20
+
+
+prompt_cache_option = click.option(
+    "--prompt-cache", default="auto", show_default=True, callback=prompt_cache_request, metavar="off|auto|SIZE",
+    help="System memory for llama-server's cache of earlier prompts' state (--cache-ram), which "
+         "answers a request that comes back to a prompt without recomputing it: auto gives it half "
+         "of what the plan leaves free, up to 8 GiB; SIZE (2GiB, 500M) fixes it; off.")
+
+
 def with_draft_max(p, draft_max: int | None, no_mtp: bool):
     """`p` drafting a fixed `draft_max` tokens a round (one line when it cannot)."""
     if draft_max is not None and no_mtp:
@@ -133,12 +151,14 @@ def this_machine():
 
 def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: str | None = None,
              draft: Path | None = None, say: bool = True, parallel: int | None = 1,
-             draft_max: int | None = None, figures: dict | None = None, expert_cache="auto"):
+             draft_max: int | None = None, figures: dict | None = None, expert_cache="auto",
+             prompt_cache: int | None = None):
     """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile
     (its figures replaced by `figures`), or without one this machine as the runtime sees it
     (its memory, and the free memory of the GPU llama.cpp would use); drafting with `draft` or
     the draft found beside the model, checked before any server starts, `draft_max` tokens a
-    round or as many as pay. Without `ctx`, what a file made with `quantize --for` was sized for
+    round or as many as pay, and `prompt_cache` MiB for earlier prompts (None: the plan's
+    size). Without `ctx`, what a file made with `quantize --for` was sized for
     on this machine, or the longest context the machine holds with the model; without
     `parallel`, as many slots as fit (planner.serving)."""
     from .. import plan as planner
@@ -156,6 +176,7 @@ def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: s
     p = with_draft_max(planner.serving(facts, machine, ctx, parallel, mtp=mtp,
                                         rpc=rpc_hosts(rpc, machine), expert_cache=expert_cache),
                         draft_max, not mtp)
+    p.prompt_cache_cap = prompt_cache
     if say and (ctx is None or parallel is None):
         slots = f"{p.parallel} slots of " if p.parallel > 1 else ""
         made = planner.sized_for(facts.made_for, machine)
@@ -184,6 +205,7 @@ def model_options(f):
         draft_max_option,
         rpc_option,
         expert_cache_option,
+        prompt_cache_option,
     ]):
         f = option(f)
     return click.argument("model", type=click.Path(path_type=Path))(machine_options(f))

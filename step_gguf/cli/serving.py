@@ -12,8 +12,8 @@ import click
 from ..plan import MAX_SLOTS, SLOT_CTX
 from .foreground import hold_until_stopped, paused
 from .planning import (draft_max_option, draft_option, drafting, expert_cache_option, machine_options,
-                       model_options, planned, profile_machine, profiles_help, rpc_hosts, rpc_option,
-                       with_draft_max)
+                       model_options, planned, profile_machine, profiles_help, prompt_cache_option, rpc_hosts,
+                       rpc_option, with_draft_max)
 from ..core.units import human_size
 
 PLAN_CTX = 32768  # what `plan` prices without --ctx
@@ -38,10 +38,11 @@ PLAN_CTX = 32768  # what `plan` prices without --ctx
 @machine_options
 @rpc_option
 @expert_cache_option
+@prompt_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
          parallel: int, no_mtp: bool, draft: Path | None, draft_max: int | None, figures: dict,
-         rpc: str | None, expert_cache, as_json: bool) -> None:
+         rpc: str | None, expert_cache, prompt_cache: int | None, as_json: bool) -> None:
     """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
     predicted prompt and decode speed, and the llama-server command that runs it so.
 
@@ -63,6 +64,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
                      mtp=not no_mtp, parallel=parallel, rpc=rpc_hosts(rpc, machine),
                      expert_cache=expert_cache)
     p = with_draft_max(p, draft_max, no_mtp)
+    p.prompt_cache_cap = prompt_cache
     # a config or checkpoint is planned as the GGUF it would become; a split GGUF is loaded from
     # its first shard, whichever shard was named
     from ..files.gguf_source import first_shard
@@ -119,7 +121,8 @@ def _stream(kind: str, text: str) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
 def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-        draft_max: int | None, rpc: str | None, expert_cache, figures: dict, prompt: str, max_tokens: int,
+        draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, figures: dict, prompt: str,
+        max_tokens: int,
         seed: int, as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
@@ -128,7 +131,7 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
     from ..runtime import server
 
     p = planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json, draft_max=draft_max,
-                 figures=figures, expert_cache=expert_cache)
+                 figures=figures, expert_cache=expert_cache, prompt_cache=prompt_cache)
     with server.running(model, plan=p) as r:
         reply = server.chat(r.url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
                             seed=seed, on_text=None if as_json else _stream)
@@ -158,13 +161,13 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
               help="Most tokens to generate per answer (reasoning included).")
 @click.option("--system", default=None, help="System message.")
 def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-         draft_max: int | None, rpc: str | None, expert_cache, figures: dict, max_tokens: int,
-         system: str | None) -> None:
+         draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, figures: dict,
+         max_tokens: int, system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from ..runtime import server
 
     p = planned(model, profile, ctx, not no_mtp, rpc, draft, draft_max=draft_max, figures=figures,
-                 expert_cache=expert_cache)
+                 expert_cache=expert_cache, prompt_cache=prompt_cache)
     messages = [{"role": "system", "content": system}] if system else []
     with server.serve(model, plan=p) as url:
         while True:
@@ -193,8 +196,8 @@ def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft:
               help="Slots: requests served at once, each with its own --ctx [as many as fit, up "
                    f"to {MAX_SLOTS}, while each keeps {SLOT_CTX // 1024}K tokens].")
 def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-          draft_max: int | None, rpc: str | None, expert_cache, figures: dict, host: str, port: int,
-          api_key: str | None, parallel: int | None) -> None:
+          draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, figures: dict,
+          host: str, port: int, api_key: str | None, parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
     from ..native import page
@@ -206,7 +209,8 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
     def kept_up():
         with server.running(model, plan=planned(model, profile, ctx, not no_mtp, rpc, draft,
                                                  parallel=parallel, draft_max=draft_max,
-                                                 figures=figures, expert_cache=expert_cache),
+                                                 figures=figures, expert_cache=expert_cache,
+                                                 prompt_cache=prompt_cache),
                             host=host, port=port, api_key=api_key) as r:
             click.echo(f"llama-server log: {r.process.log_path}", err=True)
             click.echo(f"chat page: {r.url}/" if server.has_page(r.url) else f"no chat page: {page.NO_PAGE}",

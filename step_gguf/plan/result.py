@@ -84,6 +84,7 @@ class Plan:
     # acceptance and cost (patch 0013), so that drafting never makes decoding slower
     draft_max: int | None = None
     expert_cache: ExpertCache | None = None
+    prompt_cache_cap: int | None = None     # MiB the user gave the prompt cache (0: off); None: the plan's
 
     @property
     def draft_length(self) -> int | str | None:
@@ -138,9 +139,11 @@ class Plan:
     @property
     def prompt_cache_mib(self) -> int:
         """llama-server's cache of earlier prompts' state in system memory (--cache-ram), MiB: half
-        of what the plan leaves free there, at most llama-server's own default. Left to that
-        default (8 GiB), a server that holds the experts in system memory grows into the memory
-        the machine needs."""
+        of what the plan leaves free there, at most llama-server's own default, unless the user
+        gave a size (--prompt-cache). Left to that default (8 GiB), a server that holds the
+        experts in system memory grows into the memory the machine needs."""
+        if self.prompt_cache_cap is not None:
+            return self.prompt_cache_cap
         cpu = next((d for d in self.devices if d.name == "CPU"), None)
         return max(0, min(PROMPT_CACHE_MAX_MIB, cpu.free // 2 // 2**20)) if cpu else 0
 
