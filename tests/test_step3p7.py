@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cli_checks import cli
+from cli_checks import cli, cli_process, one_line_error, run_killed, uninterrupted
 
 TOKENS = 3 * 16 + 7   # past the tiny preset's sliding window, so both attention types matter
 
@@ -21,21 +21,28 @@ TOKENS = 3 * 16 + 7   # past the tiny preset's sliding window, so both attention
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny_src):
     """(the folder transformers saved, the model it saved): the tiny preset's text decoder with
-    a two-layer vision tower; the tokenizer copied in, as a fine-tune's folder has it."""
+    a two-layer vision tower; a tokenizer with the image's special tokens beside it, as a
+    fine-tune's folder has one."""
     import torch
     from transformers.models.step3p7.configuration_step3p7 import Step3p7Config
     from transformers.models.step3p7.modeling_step3p7 import Step3p7ForConditionalGeneration
 
+    from step_gguf.synth.tokenizer import tokenizer_files
+    from step_gguf.synth.vision import IMAGE_PLACEHOLDER, VISION_TOKENS
+
     hub = json.loads((tiny_src / "config.json").read_text())
     text = {k: v for k, v in hub.items() if k not in ("architectures", "model_type", "step_gguf_synthetic_seed")}
-    cfg = Step3p7Config(text_config=text, vision_config=dict(width=64, layers=2, heads=4, image_size=56,
-                                                              patch_size=14))
+    tokenizer = tokenizer_files(hub["vocab_size"], specials=VISION_TOKENS)
+    ids = {t["content"]: t["id"] for t in tokenizer["tokenizer.json"]["added_tokens"]}
+    cfg = Step3p7Config(text_config=text, vision_config=dict(width=64, layers=2, heads=4, image_size=112,
+                                                              patch_size=14),
+                        image_token_id=ids[IMAGE_PLACEHOLDER])
     torch.manual_seed(0)
     model = Step3p7ForConditionalGeneration(cfg).eval()
     out = tmp_path_factory.mktemp("step3p7") / "saved"
     model.save_pretrained(out)
-    for f in tiny_src.glob("tokenizer*"):
-        shutil.copy(f, out / f.name)
+    for name, content in tokenizer.items():
+        (out / name).write_text(json.dumps(content))
     return out, model
 
 
@@ -61,7 +68,8 @@ def test_it_converts_without_heads_and_says_what_it_left_out(saved, tmp_path):
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 2, result.output
-    assert "no weights for the 3 MTP heads" in notes[0] and "vision_model." in notes[1]
+    assert "no weights for the 3 MTP heads" in notes[0]
+    assert "vision_model." in notes[1] and "--mmproj" in notes[1]
     facts = read_facts(out)
     assert facts.n_nextn == 0 and not any(facts.kind(t) == "mtp" for t in facts.tensors)
     split = cli("convert", folder, "-o", tmp_path / "x.gguf", "--mtp", "split")
@@ -120,3 +128,122 @@ def test_synth_writes_step3p7_as_transformers_saves_it(saved, tmp_path):
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     assert all(".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= 8 for k in info["unexpected_keys"])
     assert loaded.config.vision_config.num_hidden_layers == raw["vision_config"]["num_hidden_layers"]
+
+
+def _fields(path) -> tuple[dict, dict]:
+    """(metadata, {tensor name: (type name, ggml shape)}) of a GGUF."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    meta = {f.name: f.contents() for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    return meta, {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in r.tensors}
+
+
+def test_mmproj_carries_what_mtmd_reads_typed_as_its_graph_runs(saved, tiny_src, tmp_path):
+    """`convert --mmproj` writes OUT-mmproj.gguf beside OUT: every vision tensor under mtmd's
+    names, with the keys its step3vl loader reads from vision_config; `quantize` types it by the
+    recipe's vision rule (Q8_0) except what mtmd's graph pins: the position table F32, the
+    convolution kernels F16, 1-D tensors F32."""
+    from step_gguf.core.vision import TENSOR_MAP
+    from step_gguf.files.checkpoint import Checkpoint
+
+    folder, model = saved
+    v = model.config.vision_config
+    result = cli("convert", folder, "-o", tmp_path / "s.gguf", "--mmproj")
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("note:")] == [result.output.splitlines()[0]]
+    meta, tensors = _fields(tmp_path / "s-mmproj.gguf")
+    assert meta["general.architecture"] == "clip" and meta["general.type"] == "mmproj"
+    assert meta["clip.projector_type"] == "step3vl" and meta["clip.has_vision_encoder"] is True
+    assert (meta["clip.vision.embedding_length"], meta["clip.vision.block_count"], meta["clip.vision.attention.head_count"],
+            meta["clip.vision.feed_forward_length"], meta["clip.vision.image_size"], meta["clip.vision.patch_size"]) == \
+        (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size, v.patch_size)
+    assert meta["clip.vision.projection_dim"] == model.config.text_config.hidden_size
+    assert np.allclose(meta["clip.vision.image_mean"], [0.48145466, 0.4578275, 0.40821073])
+    n_vision = sum(1 for k in TENSOR_MAP if "{bid}" not in k) + v.num_hidden_layers * sum(1 for k in TENSOR_MAP if "{bid}" in k)
+    assert len(tensors) == n_vision == len(Checkpoint(folder).outside)  # every tensor of the saved tower
+    assert tensors["v.patch_embd.weight"] == ("F16", (14, 14, 3, 64))
+    assert tensors["v.position_embd.weight"] == ("F32", (64, 64))
+    assert tensors["mm.1.weight"][0] == "F16" and tensors["v.blk.1.attn_qkv.weight"] == ("BF16", (64, 192))
+    assert tensors["mm.model.fc.weight"] == ("BF16", (256, model.config.text_config.hidden_size))
+
+    q = cli("quantize", folder, "-o", tmp_path / "q.gguf", "--scheme", "int4-mixed", "--mmproj", tmp_path / "v.gguf")
+    assert q.exit_code == 0, q.output
+    _, typed = _fields(tmp_path / "v.gguf")
+    for name, (kind, shape) in typed.items():  # rows of 373 (the tiny tower's FFN) fall back, as llama.cpp's do
+        if len(shape) == 2 and name != "v.position_embd.weight":
+            assert kind == ("Q8_0" if shape[0] % 32 == 0 else "F16"), (name, kind, shape)
+    assert (typed["v.position_embd.weight"][0], typed["mm.0.weight"][0], typed["v.blk.0.ls1.weight"][0]) == ("F32", "F16", "F32")
+
+
+def test_mmproj_refusals_leave_nothing(saved, tiny_src, tmp_path):
+    folder, _ = saved
+    one_line_error(cli("convert", tiny_src, "-o", tmp_path / "a.gguf", "--mmproj"), "no vision tower", "--mmproj")
+    assert cli("convert", folder, "-o", tmp_path / "b.gguf").exit_code == 0
+    one_line_error(cli("quantize", tmp_path / "b.gguf", "-o", tmp_path / "c.gguf", "--mmproj"),
+                   "no vision tower", "checkpoint folder")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    raw = json.loads((broken / "config.json").read_text())
+    raw["vision_config"]["num_hidden_layers"] = 3
+    (broken / "config.json").write_text(json.dumps(raw))
+    one_line_error(cli("convert", broken, "-o", tmp_path / "d.gguf", "--mmproj"), "resblocks.2", "missing")
+    raw["vision_config"] |= {"num_hidden_layers": 2, "hidden_act": "relu"}
+    (broken / "config.json").write_text(json.dumps(raw))
+    one_line_error(cli("convert", broken, "-o", tmp_path / "d.gguf", "--mmproj"), "hidden_act", "relu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf", "broken"]
+
+
+def test_a_killed_mmproj_write_resumes_to_the_same_bytes(saved, tmp_path):
+    import random
+
+    folder, _ = saved
+    want = uninterrupted(tmp_path / "whole", "convert", folder, "--mmproj")
+    assert [p.name for p in want] == ["m-mmproj.gguf", "m.gguf"]
+    out = tmp_path / "resumed"
+    out.mkdir()
+    args = ["convert", str(folder), "-o", str(out / "m.gguf"), "--mmproj"]
+    run_killed(args, out / ".m-mmproj.gguf.partial.json", 10, random.Random(3))
+    assert not (out / "m-mmproj.gguf").exists() and not (out / "m.gguf").exists()
+    assert cli_process(*args).returncode == 0
+    for ref in want:
+        assert (out / ref.name).read_bytes() == ref.read_bytes(), ref.name
+
+
+def _image(side: int) -> np.ndarray:
+    """An RGB image with a gradient, noise and saturated corners (0 and 255 after normalising)."""
+    rng = np.random.default_rng(1)
+    img = np.linspace(0, 127, side)[None, :, None] + rng.integers(0, 128, (side, side, 3))
+    img[:8, :8], img[-8:, -8:] = 255, 0
+    return img.clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.runtime
+def test_image_features_and_first_token_match_the_model_transformers_saved(saved, tmp_path, runtime):
+    """One image of vision_config.image_size square, through mtmd (our build, our F32 mmproj) and
+    through transformers' Step3p7 (pixels normalised as its image processor does, which resizes
+    nothing at that size): features within 1e-3 of the largest, and the same first token after
+    "look: <image> done"."""
+    import torch
+
+    from mtmd_embed import embed_and_decode
+
+    folder, model = saved
+    assert cli("convert", folder, "-o", tmp_path / "s.gguf", "--outtype", "f32", "--mmproj").exit_code == 0
+    side = model.config.vision_config.image_size
+    img = _image(side)
+    got, tokens, logits = embed_and_decode(tmp_path / "s.gguf", tmp_path / "s-mmproj.gguf", img, "look: ", " done")
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None] * 255
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None] * 255
+    pixels = ((torch.from_numpy(img).permute(2, 0, 1).float() - mean) / std)[None]
+    ids = [model.config.image_token_id if t is None else t for t in tokens]
+    with torch.no_grad():
+        want = model.get_image_features(pixel_values=pixels).pooler_output[0].double().numpy()
+        last, other = (model(input_ids=torch.tensor([ids]), pixel_values=p).logits[0, -1].double().numpy()
+                       for p in (pixels, -pixels))  # the other: the image's negative, whose answer differs
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    off, seen = np.abs(logits - last).max(), np.abs(other - last).max()
+    print(f"features {want.shape}: max rel err {rel:.2e}; first token {logits.argmax()} vs {last.argmax()}; "
+          f"logits off by {off:.2e}, {seen:.2e} for another image")
+    assert got.shape == want.shape and rel <= 1e-3, rel
+    assert logits.argmax() == last.argmax() and off * 20 < seen

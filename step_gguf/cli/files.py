@@ -15,50 +15,8 @@ from ..synth.presets import PRESETS
 from . import sizing
 from .planning import machine_options
 from .progress import ByteBar
+from .output_options import card, card_options, draft_out_for, mmproj_option, mmproj_out, split_limits, split_options
 from .sizing import for_options
-
-
-def _card_options(f):
-    """--name, --basename, --license: the model card's fields, over what the checkpoint says."""
-    for option in reversed([
-        click.option("--name", "card_name", default=None, metavar="TEXT", help="general.name "
-                     "[from README.md's front matter, config.json or the folder name]."),
-        click.option("--basename", "card_basename", default=None, metavar="TEXT",
-                     help="general.basename, the model family (e.g. Step-3.5-Flash)."),
-        click.option("--license", "card_license", default=None, metavar="ID",
-                     help="general.license (e.g. apache-2.0) [from README.md's front matter]."),
-    ]):
-        f = option(f)
-    return f
-
-
-def _card(name: str | None, basename: str | None, license_id: str | None):
-    from ..files.model_card import CardOverrides
-
-    return CardOverrides(name, basename, license_id)
-
-
-def _split_options(f):
-    """--split-max-size, --split-max-tensors: llama.cpp's gguf-split flags, for the output."""
-    for option in reversed([
-        click.option("--split-max-size", default=None, metavar="SIZE",
-                     help="Write OUT as shards OUT-00001-of-0000N.gguf ... (llama.cpp's gguf-split "
-                          "layout, loaded from the first shard), each file at most SIZE: "
-                          f"{SIZE_HELP}."),
-        click.option("--split-max-tensors", type=click.IntRange(1), default=None, metavar="N",
-                     help="Shards of at most N tensors each (with --split-max-size: whichever "
-                          "limit comes first)."),
-    ]):
-        f = option(f)
-    return f
-
-
-def _split(max_size: str | None, max_tensors: int | None):
-    from ..pipeline.output import SplitLimits
-
-    if max_size is None and max_tensors is None:
-        return None
-    return SplitLimits(parse_size(max_size, "--split-max-size") if max_size else 0, max_tensors or 0)
 
 
 @click.command()
@@ -75,37 +33,37 @@ def _split(max_size: str | None, max_tensors: int | None):
               help="Draft GGUF for --mtp split (default: OUT with a -mtp suffix).")
 @click.option("--tokenizer-pre", default=None, metavar="NAME",
               help="llama.cpp pre-tokenizer name, overriding detection from tokenizer.json.")
+@mmproj_option
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
               "output an interrupted run of the same conversion left.")
-@_card_options
-@_split_options
+@card_options
+@split_options
 def convert(src: Path, out: Path, outtype: OutType, mtp: MtpMode, draft_out: Path | None,
-            tokenizer_pre: str | None, no_resume: bool, card_name: str | None,
+            tokenizer_pre: str | None, mmproj: Path | None, no_resume: bool, card_name: str | None,
             card_basename: str | None, card_license: str | None, split_max_size: str | None,
             split_max_tensors: int | None) -> None:
     """Convert the Step 3.5 checkpoint folder SRC to a GGUF file.
 
     Reads config.json itself (Step 3.5 or the Step 3.7 text_config wrapper), accepts BF16, F16,
     F32 and FP8 (block-scaled) weights, validates every tensor shape before writing, and
-    streams tensor by tensor with bounded memory.
+    streams tensor by tensor with bounded memory. Step 3.7's vision tower goes to a second
+    file with --mmproj.
 
     \b
-    Example:
+    Examples:
       step-gguf convert ./Step-3.5-Flash -o step35-q8_0.gguf --outtype q8_0
+      step-gguf convert ./Step-3.7-Flash -o step37.gguf --mmproj
     """
     from ..pipeline.convert import convert as run_convert
-    from ..files.draft import draft_path
 
-    if mtp == "split" and draft_out is None:
-        draft_out = draft_path(out)  # where run/serve/plan look for it
     bar = ByteBar(f"converting {src.name}")
     start = time.perf_counter()
     try:
         result = run_convert(src, out, outtype=outtype, mtp=mtp,
-                             draft_out=draft_out if mtp == "split" else None,
+                             draft_out=draft_out_for(mtp, draft_out, out), mmproj_out=mmproj_out(mmproj, out),
                              tokenizer_pre=tokenizer_pre, resume=not no_resume,
-                             card=_card(card_name, card_basename, card_license),
-                             split=_split(split_max_size, split_max_tensors),
+                             card=card(card_name, card_basename, card_license),
+                             split=split_limits(split_max_size, split_max_tensors),
                              on_start=bar.start, on_bytes=bar.advance)
     finally:
         bar.close()
@@ -170,17 +128,19 @@ def _print_plan(pricing, stock=None) -> None:
               "(checkpoint sources).")
 @click.option("--draft-out", type=click.Path(path_type=Path), default=None,
               help="Draft GGUF for --mtp split (default: OUT with a -mtp suffix).")
+@mmproj_option
 @click.option("-t", "--threads", type=int, default=None, help="Quantizing threads [all cores].")
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing the partial "
               "output an interrupted run of the same command left.")
-@_card_options
-@_split_options
+@card_options
+@split_options
 @for_options
 @machine_options
 def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path | None,
              dry_run: bool, as_json: bool, compare_stock: str | None, imatrix_file: Path | None,
              equalization: bool | None, target_size: str | None, target_bpw: float | None,
-             allow_requantize: bool, mtp: MtpMode, draft_out: Path | None, threads: int | None,
+             allow_requantize: bool, mtp: MtpMode, draft_out: Path | None, mmproj: Path | None,
+             threads: int | None,
              no_resume: bool, card_name: str | None, card_basename: str | None,
              card_license: str | None, split_max_size: str | None,
              split_max_tensors: int | None, for_profile: str | None, ctx: int | None,
@@ -215,17 +175,13 @@ def quantize(src: Path, out: Path | None, scheme: str | None, recipe_file: Path 
         return _price(src, recipe, mtp, compare_stock, as_json)
     if out is None:
         raise click.UsageError("give -o OUT.gguf (or --dry-run to price the plan)")
-    if mtp == "split" and draft_out is None:
-        from ..files.draft import draft_path
-
-        draft_out = draft_path(out)  # where run/serve/plan look for it
     target = _target(target_size, target_bpw, imatrix_file)
-    options = q.QuantizeOptions(mtp=mtp, draft_out=draft_out if mtp == "split" else None,
+    options = q.QuantizeOptions(mtp=mtp, draft_out=draft_out_for(mtp, draft_out, out), mmproj_out=mmproj_out(mmproj, out),
                                 allow_requantize=allow_requantize, imatrix=imatrix_file,
                                 equalization=imatrix_file is not None if equalization is None else equalization,
                                 target=target, threads=threads, resume=not no_resume,
-                                card=_card(card_name, card_basename, card_license),
-                                split=_split(split_max_size, split_max_tensors))
+                                card=card(card_name, card_basename, card_license),
+                                split=split_limits(split_max_size, split_max_tensors))
     prepared = None
     if for_profile:
         options, prepared = sizing.sized(src, recipe, options, for_profile, figures, ctx, parallel, min_decode, _stage)

@@ -98,6 +98,20 @@ def normalise_name(name: str) -> str | None:
     return None
 
 
+def read_config(path: Path) -> dict:
+    """The checkpoint folder's config.json, parsed."""
+    cfg_path = checkpoint_file(path, "config.json")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} not found; point to a Step 3.5 checkpoint folder")
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({describe(exc)})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object")
+    return raw
+
+
 def routing_weight(scale: float, normalized: bool, top_k: int) -> float:
     """A chosen expert's typical weight in the MoE output: the top-k weights sum to `scale` when
     normalized; otherwise each is at most `scale`."""
@@ -146,14 +160,8 @@ class Step35Config:
 
     @classmethod
     def from_dir(cls, path: Path) -> "Step35Config":
-        cfg_path = checkpoint_file(path, "config.json")
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path} not found; point to a Step 3.5 checkpoint folder")
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({describe(exc)})") from None
-        with malformed(cfg_path, CheckpointError, "has a field of the wrong type or value"):
+        raw = read_config(path)
+        with malformed(checkpoint_file(path, "config.json"), CheckpointError, "has a field of the wrong type or value"):
             return cls.from_dict(raw)
 
     @classmethod

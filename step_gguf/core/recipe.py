@@ -4,9 +4,11 @@ Recipes are data (TOML files in the top-level `quant/` folder, or a user's own f
 module loads them and resolves a tensor's type from its GGUF name, layer and shape alone, so
 a plan can be priced without reading a weight. The first rule that matches wins.
 
-Two things no recipe decides: 1-D tensors (norms, biases, rope factors) and the MoE router stay
-F32, as llama.cpp's own quantizer keeps them. And a type whose block does not divide a row
-falls back to one that does, along the chain llama.cpp's quantizer uses (Q4_K -> Q5_0, ...).
+What no recipe decides: 1-D tensors (norms, biases, rope factors) and the MoE router stay
+F32, as llama.cpp's own quantizer keeps them; in an mmproj, the vision position table stays F32
+and convolution kernels F16 (or F32), all mtmd's graph runs. And a type whose block does not
+divide a row falls back to one that does, along the chain llama.cpp's quantizer uses (Q4_K ->
+Q5_0, ...).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gguf import GGMLQuantizationType as Q
 
 from .errors import StepGGUFError
 from .gguf_names import layer_of_gguf
+from .vision import POSITIONS
 
 RECIPES = "step_gguf.recipes"  # the top-level quant/ folder, as packaged
 
@@ -138,6 +141,8 @@ class Rule:
 PINNED_1D = Rule("", Q.F32, "1-D (norm, bias, rope factors): tiny, and precision matters")
 PINNED_ROUTER = Rule("", Q.F32, "router: picks top-k experts by small margins; llama.cpp never "
                      "quantizes it")
+PINNED_POSITIONS = Rule("", Q.F32, "vision positions: mtmd resizes the table to each image's grid, in F32 only")
+PINNED_CONV = Rule("", Q.F16, "convolution kernel: mtmd convolves by im2col, which takes F16 or F32 kernels only")
 
 
 @dataclass(frozen=True)
@@ -164,9 +169,13 @@ class Recipe:
             return Choice(Q.F32, PINNED_1D)
         if ".ffn_gate_inp." in name:
             return Choice(Q.F32, PINNED_ROUTER)
+        if name == POSITIONS:
+            return Choice(Q.F32, PINNED_POSITIONS)
         layer = layer_of_gguf(name)
         for rule in self.rules:
             if rule.matches(name, layer, n_layer):
+                if len(shape) == 4 and rule.qtype != Q.F32:
+                    return Choice(Q.F16, PINNED_CONV)
                 return Choice(fallback(rule.qtype, shape[-1]), rule)
         raise RecipeError(f"recipe {self.name!r} has no rule for tensor {name}; end it with a "
                           "catch-all rule (match = \".\")")

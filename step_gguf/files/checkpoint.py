@@ -131,7 +131,7 @@ class Checkpoint:
         self.path = Path(path)
         self.tensors: dict[str, TensorRef] = {}
         self.scales: dict[str, TensorRef] = {}
-        self.outside: list[str] = []    # names outside the text decoder (vision tower, projector)
+        self.outside: dict[str, TensorRef] = {}    # by stored name: the vision tower and projector
         for shard in self._shards():
             self._index_shard(shard)
 
@@ -157,16 +157,15 @@ class Checkpoint:
             if raw_name == "__metadata__":
                 continue
             name = normalise_name(raw_name)
-            if name is None:  # vision tower, projector: not part of the text decoder
-                self.outside.append(raw_name)
-                continue
-            ref = _tensor_ref(shard, raw_name, name, info, data_start)
+            ref = _tensor_ref(shard, raw_name, name or raw_name, info, data_start)
             if ref.offset + ref.nbytes > size:
                 raise CheckpointError(
                     f"{shard.name} is truncated: {raw_name} ends at byte {ref.offset + ref.nbytes}, "
                     f"file has {size}; re-download the shard"
                 )
-            if name.endswith(SCALE_SUFFIX):
+            if name is None:  # vision tower, projector: not part of the text decoder
+                self.outside[raw_name] = ref
+            elif name.endswith(SCALE_SUFFIX):
                 self.scales[name.removesuffix(SCALE_SUFFIX)] = ref
             else:
                 self.tensors[name] = ref

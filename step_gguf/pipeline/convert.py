@@ -17,11 +17,13 @@ from gguf.metadata import Metadata
 
 from ..core.choices import MTP_MODES, OUTTYPES, MtpMode, OutType
 from ..core.errors import CheckpointError, StepGGUFError
-from ..core.model import Step35Config, layer_of
+from ..core.model import Step35Config, layer_of, read_config
+from ..core.vision import VisionConfig, read_vision
 from ..core.recipe import Recipe
 from ..files.checkpoint import Checkpoint
 from ..files.model_card import CardOverrides, load_card
 from ..files.vocab import Vocab, load_vocab
+from .mmproj import mmproj_job, mmproj_plans
 from .output import OutputJob, SplitLimits, write_outputs
 from .output_tensors import OutputTensor, output_tensors, split_mtp
 
@@ -95,12 +97,15 @@ class OpenedCheckpoint:
     card: Metadata
     heads: bool = True              # the MTP heads are among the plans
     notes: tuple[str, ...] = ()     # what of the source was left out, and why
+    vision: VisionConfig | None = None      # with `mmproj`: the vision tower and its plans
+    vision_plans: tuple[OutputTensor, ...] = ()
 
 
 def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep",
-                    tokenizer_pre: str | None = None,
-                    card: CardOverrides | None = None) -> OpenedCheckpoint:
-    """Read and validate a checkpoint folder and plan its tensors under `recipe` (no weight read)."""
+                    tokenizer_pre: str | None = None, card: CardOverrides | None = None,
+                    mmproj: bool = False) -> OpenedCheckpoint:
+    """Read and validate a checkpoint folder and plan its tensors under `recipe` (no weight read);
+    with `mmproj`, its vision tower's too."""
     src = Path(src)
     if mtp not in MTP_MODES:
         raise StepGGUFError(f"unknown MTP mode {mtp!r}; choose one of {', '.join(MTP_MODES)}")
@@ -117,20 +122,33 @@ def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "k
                      "(transformers' save_pretrained leaves them out): converted without heads, so "
                      "there is no MTP drafting")
         mtp = "drop"
-    if ckpt.outside:
-        notes.append(f"left out {len(ckpt.outside)} tensors outside the text decoder ({ckpt.outside[0]} ...): "
-                     "the vision tower and projector of Step 3.7, which step-gguf does not convert yet")
+    vision, vision_plans = None, []
+    if mmproj:
+        vision = read_vision(src, read_config(src), cfg.hidden_size)
+        if vision is None:
+            raise CheckpointError(f"{src} is Step 3.5, which has no vision tower: leave out --mmproj")
+        vision_plans = mmproj_plans(vision, ckpt.outside, recipe)
+    elif ckpt.outside:
+        notes.append(f"left out the vision tower and projector ({len(ckpt.outside)} tensors, "
+                     f"{next(iter(ckpt.outside))} ...): add --mmproj OUT-mmproj.gguf to write them "
+                     "as the file llama.cpp's mtmd loads beside the model")
     plans = output_tensors(cfg, ckpt, recipe, with_mtp=mtp != "drop")
     return OpenedCheckpoint(cfg, plans, load_vocab(src, cfg.vocab_size, tokenizer_pre),
-                            load_card(src, cfg, card), heads=mtp != "drop", notes=tuple(notes))
+                            load_card(src, cfg, card), heads=mtp != "drop", notes=tuple(notes),
+                            vision=vision, vision_plans=tuple(vision_plans))
 
 
 def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: MtpMode = "keep",
-                    draft_out: Path | None = None,
+                    draft_out: str | os.PathLike | None = None, mmproj_out: str | os.PathLike | None = None,
                     extra_kv: Callable[[gguf.GGUFWriter], None] = lambda w: None) -> list[OutputJob]:
-    """The output files of a checkpoint conversion: one GGUF, or trunk + draft for mtp="split"."""
+    """The output files of a checkpoint conversion: one GGUF, or trunk + draft for mtp="split";
+    and the mmproj at `mmproj_out` for a checkpoint opened with its vision tower."""
     if (mtp == "split") != (draft_out is not None):
         raise StepGGUFError("a separate draft GGUF needs both mtp='split' and a draft output path")
+    if (mmproj_out is not None) != (opened.vision is not None):
+        raise StepGGUFError("an mmproj GGUF needs both a checkpoint opened with its vision tower and a path")
+    vision = [] if mmproj_out is None else [
+        mmproj_job(opened.vision, list(opened.vision_plans), opened.card.name, Path(mmproj_out))]
     cfg, plans = opened.cfg, opened.plans
 
     def job(path: Path, ps: list[OutputTensor], with_nextn: bool) -> OutputJob:
@@ -140,16 +158,16 @@ def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: MtpMode = "keep
         return OutputJob(path, ps, write_kv)
 
     if not opened.heads:
-        return [job(out, plans, False)]
+        return [job(out, plans, False), *vision]
     if mtp == "keep" or not cfg.n_nextn:
-        return [job(out, plans, True)]
+        return [job(out, plans, True), *vision]
     trunk, draft = split_mtp(plans, cfg)
-    return [job(out, trunk, True), job(Path(draft_out), draft, True)]
+    return [job(out, trunk, True), job(Path(draft_out), draft, True), *vision]
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: OutType = "bf16",
             mtp: MtpMode = "keep", draft_out: str | os.PathLike | None = None,
-            tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
+            mmproj_out: str | os.PathLike | None = None, tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
             card: CardOverrides | None = None, split: SplitLimits | None = None,
             on_start: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> ConvertResult:
@@ -161,14 +179,16 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: OutType 
     on_start(total_source_bytes) is called once validation passed, then on_bytes(n) as
     source bytes are consumed: enough for a byte-counting progress bar. An interrupted run of
     the same conversion is continued unless `resume` is false. `card` overrides the model
-    card's name, basename or license.
+    card's name, basename or license. With `mmproj_out`, Step 3.7's vision tower is written
+    there too, as the mmproj GGUF llama.cpp's mtmd loads beside the model.
     """
     if outtype not in OUTTYPES:
         raise StepGGUFError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     opened = open_checkpoint(src, Recipe.single(Q[outtype.upper()]), mtp=mtp, tokenizer_pre=tokenizer_pre,
-                             card=card)
+                             card=card, mmproj=mmproj_out is not None)
     jobs = checkpoint_jobs(opened, Path(out), mtp=mtp,
-                           draft_out=Path(draft_out) if draft_out is not None else None)
+                           draft_out=Path(draft_out) if draft_out is not None else None,
+                           mmproj_out=Path(mmproj_out) if mmproj_out is not None else None)
     jobs[0] = replace(jobs[0], split=split)
     written = write_outputs(jobs, on_start, on_bytes, threads=threads, resume=resume)
     return ConvertResult(written.paths, sum(len(j.plans) for j in jobs), written.source_bytes, opened.notes)

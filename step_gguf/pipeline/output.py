@@ -60,14 +60,14 @@ def write_file_type(w: gguf.GGUFWriter, plans: list[OutputTensor]) -> None:
 
 def _header(plans: list[OutputTensor], write_kv: Callable[[gguf.GGUFWriter], None] | None,
             scratch: Path, *, model_plans: list[OutputTensor] | None = None,
-            split: tuple[int, int, int] | None = None, pad: bool = True) -> bytes:
+            split: tuple[int, int, int] | None = None, pad: bool = True, arch: str = ARCH) -> bytes:
     """The file's bytes before its first tensor (metadata, tensor infos, alignment padding).
 
     A shard of a split output (`split`: its number from 0, the shard count, the tensors of all
     shards) gets llama.cpp's split keys after the metadata, and its file type is that of
     `model_plans`, the whole model. Only the first shard has metadata: the others (`write_kv`
     None) hold the three split keys alone, as llama.cpp's gguf-split writes them."""
-    w = gguf.GGUFWriter(None, ARCH)
+    w = gguf.GGUFWriter(None, arch)
     if write_kv is None:
         w.kv_data[0].clear()  # not even general.architecture
     else:
@@ -183,6 +183,7 @@ class OutputJob:
     write_kv: Callable[[gguf.GGUFWriter], None]
     # write PATH-00001-of-0000N.gguf ... (llama.cpp's gguf-split layout) within these limits
     split: SplitLimits | None = None
+    arch: str = ARCH            # general.architecture: the model's, or "clip" for an mmproj
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class _File:
 def _job_files(job: OutputJob, scratch: Path) -> list[_File]:
     """The files of `job`: its GGUF, or its shards under its split limits."""
     def whole() -> list[_File]:
-        return [_File(job.path, job.plans, _header(job.plans, job.write_kv, scratch))]
+        return [_File(job.path, job.plans, _header(job.plans, job.write_kv, scratch, arch=job.arch))]
 
     if not job.split:
         return whole()

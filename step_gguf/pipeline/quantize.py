@@ -20,7 +20,6 @@ from gguf import GGMLQuantizationType as Q
 from ..core.choices import MtpMode
 from ..core.errors import SourceError, StepGGUFError, describe, malformed
 from ..core.model import Step35Config, routing_weight
-from ..core.model_facts import MadeFor
 from ..core.recipe import NEEDS_IMATRIX, Recipe, tensor_bytes
 from ..files.gguf_source import add_kv_fields, kv_fields, open_gguf
 from ..files.imatrix import Imatrix, load_imatrix
@@ -33,7 +32,7 @@ from .convert import OpenedCheckpoint, checkpoint_jobs, open_checkpoint, write_m
 from .equalize import Equalized, equalize
 from .output import OutputJob, file_bytes, write_outputs, write_shape_only
 from .output_tensors import FLOAT_TYPES, OutputTensor, output_shapes
-from .quantize_options import QuantizeOptions, Target
+from .quantize_options import QuantizeOptions, Target, made_for_kv
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,14 @@ def _placeholder_vocab(n: int) -> Vocab:
 
 
 def open_source(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "keep",
-                tokenizer_pre: str | None = None, card: CardOverrides | None = None) -> Source:
-    """Plan `src` under `recipe`, reading headers only. `card` applies to checkpoint sources."""
+                tokenizer_pre: str | None = None, card: CardOverrides | None = None, mmproj: bool = False) -> Source:
+    """Plan `src` under `recipe`, reading headers only. `card` and `mmproj` (the vision tower
+    planned too) apply to checkpoint sources."""
     kind, src = locate(src)
+    if mmproj and kind != "checkpoint":
+        raise SourceError(f"{src} holds no vision tower: --mmproj takes it from a Step 3.7 checkpoint folder")
     if kind == "checkpoint":
-        opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card)
+        opened = open_checkpoint(src, recipe, mtp=mtp, tokenizer_pre=tokenizer_pre, card=card, mmproj=mmproj)
         return Source(kind="checkpoint", path=src, n_layer=opened.cfg.n_layer, plans=opened.plans,
                       write_kv=lambda w: write_metadata(w, opened.cfg, opened.vocab, opened.heads, opened.card),
                       top_k=opened.cfg.n_expert_used, opened=opened, cfg=opened.cfg,
@@ -291,7 +293,7 @@ class QuantizeResult:
     notes: tuple[str, ...] = ()     # what of the source was left out, and why
 
 
-def _jobs(source: Source, out: Path, mtp: MtpMode, draft_out: Path | None, card: CardOverrides | None,
+def _jobs(source: Source, out: Path, o: QuantizeOptions,
           extra: list[Callable[[gguf.GGUFWriter], None]]) -> list[OutputJob]:
     """The files quantizing `source` writes: its metadata (a GGUF's own keys, with the card's
     overrides) and the `extra` keys after it."""
@@ -300,12 +302,13 @@ def _jobs(source: Source, out: Path, mtp: MtpMode, draft_out: Path | None, card:
             write(w)
 
     if source.opened is not None:
-        return checkpoint_jobs(source.opened_with_plans(), out, mtp=mtp, extra_kv=kv, draft_out=draft_out)
+        return checkpoint_jobs(source.opened_with_plans(), out, mtp=o.mtp, extra_kv=kv, draft_out=o.draft_out,
+                               mmproj_out=o.mmproj_out)
 
     def write_kv(w: gguf.GGUFWriter) -> None:
         source.write_kv(w)
-        if card is not None:
-            card.write(w)
+        if o.card is not None:
+            o.card.write(w)
         kv(w)
     return [OutputJob(out, source.plans, write_kv)]
 
@@ -341,7 +344,8 @@ def prepare(src: str | os.PathLike, recipe: Recipe, options: QuantizeOptions = Q
     """The source `quantize` writes from, its importance data attached and its equalization
     applied: (source, importance data, what equalization did)."""
     o = options
-    source = open_source(src, recipe, mtp=o.mtp, tokenizer_pre=o.tokenizer_pre, card=o.card)
+    source = open_source(src, recipe, mtp=o.mtp, tokenizer_pre=o.tokenizer_pre, card=o.card,
+                         mmproj=o.mmproj_out is not None)
     if not source.readable:
         raise SourceError(f"{source.path} is a config without weights: it can be priced "
                           "(--dry-run), not quantized")
@@ -376,8 +380,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     extra = [made_for_kv(o.made_for)] if o.made_for is not None else []
 
     def jobs_for(r: Recipe) -> list[OutputJob]:
-        made = _jobs(source, Path(out), o.mtp, Path(o.draft_out) if o.draft_out is not None else None, o.card,
-                     [recipe_kv(r)] + ([imatrix_kv(imat)] if imat is not None else []) + extra)
+        made = _jobs(source, Path(out), o, [recipe_kv(r)] + ([imatrix_kv(imat)] if imat is not None else []) + extra)
         return [replace(made[0], split=o.split), *made[1:]]
 
     if o.target is not None:
@@ -388,13 +391,3 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     written = write_outputs(jobs, on_start, on_bytes, threads=o.threads, resume=o.resume)
     return QuantizeResult(written.paths, price(plans, recipe.name), written.source_bytes, recipe, report,
                           source.opened.notes if source.opened is not None else ())
-
-
-def made_for_kv(made: MadeFor) -> Callable[[gguf.GGUFWriter], None]:
-    def write(w: gguf.GGUFWriter) -> None:
-        for key, value in zip(MadeFor.KEYS, made.values()):
-            if isinstance(value, str):
-                w.add_string(key, value)
-            else:
-                w.add_uint64(key, value)
-    return write

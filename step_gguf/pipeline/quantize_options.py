@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
+
+import gguf
 
 from ..core.choices import MtpMode
 from ..core.model_facts import MadeFor
@@ -36,10 +39,12 @@ class QuantizeOptions:
     overrides the model card's name, basename or license (a GGUF source keeps its card
     otherwise); with `split` limits the output is written as llama.cpp's gguf-split shards
     OUT-00001-of-0000N.gguf ... (a draft GGUF of mtp="split", at `draft_out`, stays one file);
-    `made_for` is stored in the file (`quantize --for`)."""
+    `made_for` is stored in the file (`quantize --for`); `mmproj_out` receives a Step 3.7
+    checkpoint's vision tower, typed by the recipe's rules for `v.` and `mm.` tensors."""
 
     mtp: MtpMode = "keep"
     draft_out: str | os.PathLike | None = None
+    mmproj_out: str | os.PathLike | None = None     # Step 3.7's vision tower, from a checkpoint
     imatrix: str | os.PathLike | None = None
     equalization: bool = False
     target: Target | None = None
@@ -50,3 +55,14 @@ class QuantizeOptions:
     card: CardOverrides | None = None
     split: SplitLimits | None = None
     made_for: MadeFor | None = None     # the machine and context the size was chosen for
+
+
+def made_for_kv(made: MadeFor) -> Callable[[gguf.GGUFWriter], None]:
+    """The keys `quantize --for` stores: the machine and context the file was made for."""
+    def write(w: gguf.GGUFWriter) -> None:
+        for key, value in zip(MadeFor.KEYS, made.values()):
+            if isinstance(value, str):
+                w.add_string(key, value)
+            else:
+                w.add_uint64(key, value)
+    return write

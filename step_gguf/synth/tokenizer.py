@@ -113,16 +113,17 @@ by `step-gguf synth` for tests: it has every architectural feature and no knowle
 
 
 def tokenizer_files(vocab_rows: int, script: Sequence[str] = (),
-                    chat_template: str | None = None) -> dict[str, dict]:
-    """tokenizer.json and tokenizer_config.json. Each `script` piece becomes one added token
-    that detokenizes as written (not special), so a scripted model emits it whole."""
+                    chat_template: str | None = None, specials: Sequence[str] = ()) -> dict[str, dict]:
+    """tokenizer.json and tokenizer_config.json, with `specials` among the special tokens. Each
+    `script` piece becomes one added token that detokenizes as written (not special), so a
+    scripted model emits it whole."""
     merges = learn_merges(CORPUS, n_merges=min(400, vocab_rows // 2))
     vocab = {s: i for i, s in enumerate(byte_symbols())}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     added = [{"id": len(vocab) + i, "content": t, "single_word": False, "lstrip": False,
               "rstrip": False, "normalized": False, "special": True}
-             for i, t in enumerate(SPECIAL_TOKENS)]
+             for i, t in enumerate((*SPECIAL_TOKENS, *specials))]
     added += [{"id": len(vocab) + len(added) + i, "content": t, "single_word": False,
                "lstrip": False, "rstrip": False, "normalized": False, "special": False}
               for i, t in enumerate(script)]

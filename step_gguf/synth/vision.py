@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # every key transformers writes for the vision tower, so that nothing is read from a default
 VISION_CONFIG = {
-    "attention_dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 56,
+    "attention_dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 112,
     "layer_norm_eps": 1e-5, "layer_scale_init_value": 0.1, "max_position_embeddings": 2704,
     "mlp_ratio": 8960 / 1536, "model_type": "step3p5_vision", "num_attention_heads": 4,
     "num_channels": 3, "num_hidden_layers": 2, "patch_size": 14,
@@ -15,8 +15,16 @@ VISION_CONFIG = {
 }
 VISION_CONFIG["intermediate_size"] = int(VISION_CONFIG["hidden_size"] * VISION_CONFIG["mlp_ratio"])
 
-# beside vision_config in the top-level config
-PROJECTOR = {"projector_bias": False, "image_token_id": 151679}
+# the image's text around its features, as Step 3.7's processor and llama.cpp's mtmd write it:
+# <im_start> features <im_end> (crops between <patch_start> and <patch_end>, rows ended by
+# <patch_newline>); <im_patch> holds a feature's place in the text transformers reads
+IMAGE_PLACEHOLDER = "<im_patch>"
+VISION_TOKENS = (IMAGE_PLACEHOLDER, "<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>")
+
+
+def projector_config(image_token_id: int) -> dict:
+    """The keys beside vision_config in the top-level config."""
+    return {"projector_bias": False, "image_token_id": image_token_id}
 
 
 def vision_tensors(v: dict, text_hidden: int) -> dict[str, tuple[tuple[int, ...], float, float]]:

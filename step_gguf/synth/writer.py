@@ -28,7 +28,7 @@ from ..files.checkpoint import FP8_E4M3_VALUES, INDEX, fp8_scale_shape
 from . import locality
 from .presets import PRESETS, Preset
 from .script import head_successors, scripted_weights
-from .vision import PROJECTOR, VISION_CONFIG, vision_tensors
+from .vision import IMAGE_PLACEHOLDER, VISION_CONFIG, VISION_TOKENS, projector_config, vision_tensors
 from .tokenizer import model_card, tokenizer_files
 
 
@@ -279,10 +279,10 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
                                          "activation_scheme": "dynamic",
                                          "weight_block_size": [p.fp8_block, p.fp8_block]}
     cfg = Step35Config.from_dict(config)
-    tokenizer = tokenizer_files(p.vocab, script, chat_template)
+    tokenizer = tokenizer_files(p.vocab, script, chat_template, VISION_TOKENS if step3p7 else ())
+    ids = {t["content"]: t["id"] for t in tokenizer["tokenizer.json"]["added_tokens"]}
     successor = None
     if script:
-        ids = {t["content"]: t["id"] for t in tokenizer["tokenizer.json"]["added_tokens"]}
         chain = [ids[piece] for piece in script] + [ids["<|im_end|>"]]
         successor = {-1: chain[0], **dict(zip(chain[:-1], chain[1:]))}
     # Step 3.7 as transformers saves it keeps the decoder's names (model.layers.*) too
@@ -292,7 +292,7 @@ def synth(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, fp8: bool
         quant = config.pop("quantization_config", None)
         config = {"architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7",
                   "text_config": {k: v for k, v in config.items() if k != "architectures"},
-                  "vision_config": dict(VISION_CONFIG), **PROJECTOR}
+                  "vision_config": dict(VISION_CONFIG), **projector_config(ids[IMAGE_PLACEHOLDER])}
         if quant:
             config["quantization_config"] = quant
 
