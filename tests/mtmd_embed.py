@@ -53,3 +53,29 @@ def embed_and_decode(model: Path, mmproj: Path, rgb: np.ndarray, before: str, af
             mtmd.mtmd_input_chunks_free(chunks)
             mtmd.mtmd_bitmap_free(bitmap)
             mtmd.mtmd_free(ctx)
+
+
+def png(rgb: np.ndarray) -> bytes:
+    """`rgb` (height x width x 3, uint8) as a PNG file: what a client uploads."""
+    return _png(rgb.shape[1], (np.ascontiguousarray(row, dtype=np.uint8).tobytes() for row in rgb))
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A black PNG of any size, compressed row by row (20000 x 20000 is 1 MB, 1.2 GB decoded)."""
+    return _png(width, (bytes(3 * width) for _ in range(height)), height)
+
+
+def _png(width: int, rows, height: int | None = None) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, n, data = zlib.compressobj(), 0, []
+    for row in rows:
+        data.append(packer.compress(b"\x00" + row))  # filter type 0 per row
+        n += 1
+    header = struct.pack(">IIBBBBB", width, height or n, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(data) + packer.flush())
+            + chunk(b"IEND", b""))

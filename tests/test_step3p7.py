@@ -210,6 +210,36 @@ def test_a_killed_mmproj_write_resumes_to_the_same_bytes(saved, tmp_path):
         assert (out / ref.name).read_bytes() == ref.read_bytes(), ref.name
 
 
+def test_the_plan_counts_the_projector_where_mtmd_encodes(saved, tmp_path):
+    """The mmproj beside the model is found and loaded by the plan's command, its weights and one
+    image's graph counted on the device mtmd encodes on: the GPU when there is one, else the CPU
+    (--no-mmproj-offload). The image's tokens take context positions, which the KV already
+    counts. --no-mmproj plans text only."""
+    import gguf
+
+    folder, _ = saved
+    out = tmp_path / "s.gguf"
+    assert cli("convert", folder, "-o", out, "--mmproj").exit_code == 0
+    weights = sum(int(t.n_bytes) for t in gguf.GGUFReader(tmp_path / "s-mmproj.gguf").tensors)
+
+    def plan(*args) -> dict:
+        r = cli("plan", out, "-c", "256", "--json", *args)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    gpu_figures = ("--profile", "custom", "--ram", "1", "--mem-bw", "10", "--vram", "0.5", "--gpu-bw", "100")
+    for figures, device, flags in ((("--profile", "cpu"), "CPU", ["--no-mmproj-offload"]), (gpu_figures, "GPU", [])):
+        seeing, text = plan(*figures), plan(*figures, "--no-mmproj")
+        assert seeing["mmproj"] == str(tmp_path / "s-mmproj.gguf") and text["mmproj"] is None
+        at = seeing["server_args"].index("--mmproj")
+        assert seeing["server_args"][at:at + 2 + len(flags)] == ["--mmproj", seeing["mmproj"], *flags]
+        assert "--mmproj" not in text["server_args"]
+        vision = {d["name"]: d["buffers"].get("vision", 0) for d in seeing["devices"]}
+        assert vision.pop(device) > weights and not any(vision.values()), vision
+        assert sum(d["bytes"] for d in seeing["devices"]) - sum(d["bytes"] for d in text["devices"]) \
+            == sum(d["buffers"].get("vision", 0) for d in seeing["devices"])
+
+
 def _image(side: int) -> np.ndarray:
     """An RGB image with a gradient, noise and saturated corners (0 and 255 after normalising)."""
     rng = np.random.default_rng(1)
@@ -247,3 +277,105 @@ def test_image_features_and_first_token_match_the_model_transformers_saved(saved
           f"logits off by {off:.2e}, {seen:.2e} for another image")
     assert got.shape == want.shape and rel <= 1e-3, rel
     assert logits.argmax() == last.argmax() and off * 20 < seen
+
+
+@pytest.fixture(scope="module")
+def vision_served(saved, tmp_path_factory, runtime):
+    """`serve` on the transformers-saved model converted with --mmproj: it finds the mmproj
+    beside the model. (the process, its base URL, the model, its GGUF)"""
+    import signal
+
+    from scripted import start_serve
+
+    folder, model = saved
+    out = tmp_path_factory.mktemp("served") / "s.gguf"
+    assert cli("convert", folder, "-o", out, "--mmproj").exit_code == 0
+    proc, api, said = start_serve(out, "-c", "256", "--parallel", "1")
+    assert any(line.startswith("images: with") and "s-mmproj.gguf" in line for line in said), said
+    try:
+        yield proc, api.removesuffix("/v1"), model, out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+ASK_IMAGE = "What is in this picture?"
+
+
+def _openai_turn(api: str, image: bytes | None):
+    import base64
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{api}/v1", api_key="none", max_retries=0, timeout=120)
+    parts = [{"type": "text", "text": ASK_IMAGE}]
+    if image is not None:
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        parts.insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return client.chat.completions.create(model="step", messages=[{"role": "user", "content": parts}],
+                                          max_tokens=8, temperature=0)
+
+
+def test_official_clients_send_images_that_reach_the_decoder(vision_served):
+    """OpenAI image_url parts (data URLs) and Anthropic base64 image blocks: the prompt grows by
+    the image's tokens (4 features between <im_start> and <im_end>), two images get two answers,
+    and both clients get the same answer for the same image."""
+    import base64
+
+    import anthropic
+
+    from mtmd_embed import png
+
+    _, api, model, _ = vision_served
+    side = model.config.vision_config.image_size
+    img = _image(side)
+    a, b = png(img), png(255 - img)
+    text_only, seen_a, seen_b = _openai_turn(api, None), _openai_turn(api, a), _openai_turn(api, b)
+    n_features = (side // 14 // 4) ** 2
+    assert seen_a.usage.prompt_tokens == text_only.usage.prompt_tokens + n_features + 2
+    assert seen_a.choices[0].message.content != seen_b.choices[0].message.content
+    client = anthropic.Anthropic(base_url=api, api_key="none", max_retries=0, timeout=120)
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(a).decode()}}
+    reply = client.messages.create(model="step", max_tokens=8, extra_body={"temperature": 0}, messages=[
+        {"role": "user", "content": [image, {"type": "text", "text": ASK_IMAGE}]}])
+    assert reply.content[0].text == seen_a.choices[0].message.content
+
+
+def test_bad_images_are_refused_in_one_line_and_the_server_stays(vision_served):
+    """Not an image, a truncated one, 1x1 pixels, 20000x20000 (a 1 MB PNG that decodes to 1.2 GB):
+    each a 400 whose message says what is wrong; llama-server is the same process after."""
+    import openai
+
+    from mtmd_embed import blank_png, png
+    from scripted import children
+
+    proc, api, _, _ = vision_served
+    pid = children(proc.pid)
+    whole = png(_image(112))
+    for what, data, says in (("not an image", b"GIF89a? no, a text file" * 4, "could not be decoded"),
+                             ("truncated", whole[: len(whole) // 2], "truncated"),
+                             ("1x1", png(np.zeros((1, 1, 3), np.uint8)), "1x1 pixels"),
+                             ("20000x20000", blank_png(20000, 20000), "too large")):
+        with pytest.raises(openai.BadRequestError) as err:
+            _openai_turn(api, data)
+        message = err.value.body["message"] if isinstance(err.value.body, dict) else str(err.value)
+        assert says in message and "\n" not in message, (what, message)
+    assert children(proc.pid) == pid and _openai_turn(api, whole).choices[0].message.content
+
+
+def test_run_sends_an_image_file(vision_served, tmp_path):
+    """run --image FILE: the image's tokens are in the prompt, as through serve; a missing file,
+    or a model without its mmproj, is one line before anything loads."""
+    from mtmd_embed import png
+
+    _, _, model, gguf_path = vision_served
+    side = model.config.vision_config.image_size
+    image = tmp_path / "a.png"
+    image.write_bytes(png(_image(side)))
+    seen, text = (json.loads(cli("run", gguf_path, "-p", ASK_IMAGE, "-n", "4", "-c", "256", "--json", *more).stdout)
+                  for more in (("--image", image), ()))
+    assert seen["prompt_tokens"] == text["prompt_tokens"] + (side // 14 // 4) ** 2 + 2
+    one_line_error(cli("run", gguf_path, "-p", "x", "--image", tmp_path / "none.png"), "none.png", "does not exist")
+    one_line_error(cli("run", gguf_path, "-c", "256", "-p", "x", "--no-mmproj", "--image", image), "--image needs",
+                   "--mmproj")

@@ -91,6 +91,28 @@ def drafting(model: Path, draft: Path | None, mtp: bool, say: bool = True) -> Pa
     return found
 
 
+def seeing(model: Path, mmproj: Path | None, say: bool = True) -> Path | None:
+    """The mmproj to load for images (given, or found beside the model; none with
+    --no-mmproj); says on stderr which was found unless the output is JSON."""
+    from ..files.mmproj import resolve_mmproj
+
+    if mmproj == Path():  # --no-mmproj
+        return None
+    found = resolve_mmproj(model, mmproj)
+    if say and mmproj is None and found is not None:
+        click.echo(f"images: with {found}, found beside {model.name}", err=True)
+    return found
+
+
+mmproj_options = [
+    click.option("--mmproj", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                 help="Step 3.7's vision tower (convert --mmproj), for images [NAME-mmproj.gguf "
+                      "beside the model, when there is one]."),
+    click.option("--no-mmproj", "mmproj", flag_value=Path(), help="Text only: do not load an mmproj found "
+                 "beside the model."),
+]
+
+
 FIGURES = ("vram", "ram", "mem_bw", "gpu_bw", "unified", "link_bw")
 
 
@@ -152,15 +174,15 @@ def this_machine():
 def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: str | None = None,
              draft: Path | None = None, say: bool = True, parallel: int | None = 1,
              draft_max: int | None = None, figures: dict | None = None, expert_cache="auto",
-             prompt_cache: int | None = None):
+             prompt_cache: int | None = None, mmproj: Path | None = None):
     """The placement plan `run`, `chat` and `serve` start llama-server with: the named profile
     (its figures replaced by `figures`), or without one this machine as the runtime sees it
     (its memory, and the free memory of the GPU llama.cpp would use); drafting with `draft` or
     the draft found beside the model, checked before any server starts, `draft_max` tokens a
-    round or as many as pay, and `prompt_cache` MiB for earlier prompts (None: the plan's
-    size). Without `ctx`, what a file made with `quantize --for` was sized for
-    on this machine, or the longest context the machine holds with the model; without
-    `parallel`, as many slots as fit (planner.serving)."""
+    round or as many as pay, `prompt_cache` MiB for earlier prompts (None: the plan's
+    size), and images with `mmproj` or the one beside the model. Without `ctx`, what a file
+    made with `quantize --for` was sized for on this machine, or the longest context the
+    machine holds with the model; without `parallel`, as many slots as fit (planner.serving)."""
     from .. import plan as planner
     from ..pipeline.source_facts import read_facts
 
@@ -172,7 +194,7 @@ def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: s
     else:
         machine = profile_machine(profile, figures or dict.fromkeys(FIGURES))
     draft = drafting(model, draft, mtp, say)
-    facts = read_facts(model, draft=draft)
+    facts = read_facts(model, draft=draft, mmproj=seeing(model, mmproj, say))
     p = with_draft_max(planner.serving(facts, machine, ctx, parallel, mtp=mtp,
                                         rpc=rpc_hosts(rpc, machine), expert_cache=expert_cache),
                         draft_max, not mtp)
@@ -206,6 +228,7 @@ def model_options(f):
         rpc_option,
         expert_cache_option,
         prompt_cache_option,
+        *mmproj_options,
     ]):
         f = option(f)
     return click.argument("model", type=click.Path(path_type=Path))(machine_options(f))

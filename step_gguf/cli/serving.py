@@ -9,12 +9,13 @@ from pathlib import Path
 
 import click
 
+from ..core.errors import StepGGUFError
+from ..core.units import human_size
 from ..plan import MAX_SLOTS, SLOT_CTX
 from .foreground import hold_until_stopped, paused
 from .planning import (draft_max_option, draft_option, drafting, expert_cache_option, machine_options,
-                       model_options, planned, profile_machine, profiles_help, prompt_cache_option, rpc_hosts,
-                       rpc_option, with_draft_max)
-from ..core.units import human_size
+                       mmproj_options, model_options, planned, profile_machine, profiles_help, prompt_cache_option,
+                       rpc_hosts, rpc_option, seeing, with_draft_max)
 
 PLAN_CTX = 32768  # what `plan` prices without --ctx
 
@@ -39,10 +40,12 @@ PLAN_CTX = 32768  # what `plan` prices without --ctx
 @rpc_option
 @expert_cache_option
 @prompt_cache_option
+@mmproj_options[0]
+@mmproj_options[1]
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
          parallel: int, no_mtp: bool, draft: Path | None, draft_max: int | None, figures: dict,
-         rpc: str | None, expert_cache, prompt_cache: int | None, as_json: bool) -> None:
+         rpc: str | None, expert_cache, prompt_cache: int | None, mmproj: Path | None, as_json: bool) -> None:
     """Where MODEL's tensors go on a machine, what the KV cache and buffers take, the
     predicted prompt and decode speed, and the llama-server command that runs it so.
 
@@ -58,7 +61,7 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
 
     machine = profile_machine(profile, figures)
     draft = drafting(model, draft, not no_mtp, say=not as_json)
-    facts = read_facts(model, scheme, draft)
+    facts = read_facts(model, scheme, draft, seeing(model, mmproj, say=not as_json))
     made = planner.sized_for(facts.made_for, machine)
     p = planner.plan(facts, machine, ctx or (made.ctx if made is not None else PLAN_CTX), kv_type=kv_type,
                      mtp=not no_mtp, parallel=parallel, rpc=rpc_hosts(rpc, machine),
@@ -116,24 +119,31 @@ def _stream(kind: str, text: str) -> None:
               help="User message, sent through the GGUF's chat template.")
 @click.option("-n", "--max-tokens", type=click.IntRange(1), default=256, show_default=True,
               help="Most tokens to generate (reasoning included).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="An image the prompt is about (Step 3.7 with its mmproj; repeat for more).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the server's sampler (answers are greedy: temperature 0).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print text, reasoning, tool calls, token counts, tok/s and MTP acceptance as JSON.")
 def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-        draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, figures: dict, prompt: str,
-        max_tokens: int,
-        seed: int, as_json: bool) -> None:
+        draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, mmproj: Path | None,
+        figures: dict, prompt: str, max_tokens: int, images: tuple[Path, ...], seed: int, as_json: bool) -> None:
     """Answer one PROMPT with the GGUF MODEL, placed by the plan for your machine, drafting
     with its MTP heads. The answer streams to stdout, the reasoning to stderr."""
     import json
 
     from ..runtime import server
+    from ..runtime.images import user_message
+
+    message = user_message(prompt, images)  # a missing image is said before anything loads
 
     p = planned(model, profile, ctx, not no_mtp, rpc, draft, say=not as_json, draft_max=draft_max,
-                 figures=figures, expert_cache=expert_cache, prompt_cache=prompt_cache)
+                 figures=figures, expert_cache=expert_cache, prompt_cache=prompt_cache, mmproj=mmproj)
+    if images and p.model.vision is None:
+        raise StepGGUFError(f"--image needs {model.name}'s vision tower: convert a Step 3.7 checkpoint "
+                            "with --mmproj, and give that file with --mmproj FILE or put it beside the model")
     with server.running(model, plan=p) as r:
-        reply = server.chat(r.url, [{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        reply = server.chat(r.url, [message], max_tokens=max_tokens,
                             seed=seed, on_text=None if as_json else _stream)
         cache = r.expert_cache() if p.expert_cache else None
     if as_json:
@@ -161,13 +171,13 @@ def run(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: 
               help="Most tokens to generate per answer (reasoning included).")
 @click.option("--system", default=None, help="System message.")
 def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-         draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, figures: dict,
-         max_tokens: int, system: str | None) -> None:
+         draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, mmproj: Path | None,
+         figures: dict, max_tokens: int, system: str | None) -> None:
     """Talk with the GGUF MODEL in the terminal (end with Ctrl-D or /exit)."""
     from ..runtime import server
 
     p = planned(model, profile, ctx, not no_mtp, rpc, draft, draft_max=draft_max, figures=figures,
-                 expert_cache=expert_cache, prompt_cache=prompt_cache)
+                 expert_cache=expert_cache, prompt_cache=prompt_cache, mmproj=mmproj)
     messages = [{"role": "system", "content": system}] if system else []
     with server.serve(model, plan=p) as url:
         while True:
@@ -196,8 +206,8 @@ def chat(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft:
               help="Slots: requests served at once, each with its own --ctx [as many as fit, up "
                    f"to {MAX_SLOTS}, while each keeps {SLOT_CTX // 1024}K tokens].")
 def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft: Path | None,
-          draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, figures: dict,
-          host: str, port: int, api_key: str | None, parallel: int | None) -> None:
+          draft_max: int | None, rpc: str | None, expert_cache, prompt_cache: int | None, mmproj: Path | None,
+          figures: dict, host: str, port: int, api_key: str | None, parallel: int | None) -> None:
     """Serve MODEL with an OpenAI-compatible API (our llama-server, with the plan's placement,
     MTP drafting, the GGUF's chat template, reasoning and tool-call parsing) until Ctrl-C."""
     from ..native import page
@@ -210,7 +220,7 @@ def serve(model: Path, ctx: int | None, profile: str | None, no_mtp: bool, draft
         with server.running(model, plan=planned(model, profile, ctx, not no_mtp, rpc, draft,
                                                  parallel=parallel, draft_max=draft_max,
                                                  figures=figures, expert_cache=expert_cache,
-                                                 prompt_cache=prompt_cache),
+                                                 prompt_cache=prompt_cache, mmproj=mmproj),
                             host=host, port=port, api_key=api_key) as r:
             click.echo(f"llama-server log: {r.process.log_path}", err=True)
             click.echo(f"chat page: {r.url}/" if server.has_page(r.url) else f"no chat page: {page.NO_PAGE}",

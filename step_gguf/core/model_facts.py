@@ -40,6 +40,18 @@ class MadeFor:
         return self.profile, self.ram, self.vram, self.ctx, self.parallel
 
 
+@dataclass(frozen=True)
+class VisionFacts:
+    """An mmproj GGUF beside the model (Step 3.7's vision tower): what its weights take and the
+    shapes that size the graph encoding one image."""
+
+    path: str
+    weights: int            # bytes
+    patches: int            # of the largest image one graph encodes (image_size / patch_size)^2
+    width: int
+    ff: int
+
+
 # the class a tensor is reported and placed under (ModelFacts.kind)
 TensorKind = Literal["mtp", "draft_shared", "experts", "embeddings", "output", "shared", "attention", "router",
                      "norms", "dense"]
@@ -66,6 +78,7 @@ class ModelFacts:
     tensors: tuple[Tensor, ...]
     draft: str | None = None        # the separate draft GGUF whose tensors are among `tensors`
     made_for: MadeFor | None = None
+    vision: VisionFacts | None = None   # images, with the mmproj llama-server loads beside the model
 
     def kind(self, t: Tensor) -> TensorKind:
         """The class a tensor is reported and placed under."""

@@ -15,6 +15,7 @@ from ..core.model import Step35Config
 from ..core.model_facts import MadeFor, ModelFacts, Tensor
 from ..core.recipe import load_recipe
 from ..files.draft import check
+from ..files.mmproj import read_mmproj
 from ..files.gguf_source import first_shard, open_gguf
 from ..files.source_path import locate
 from .output_tensors import OutputTensor
@@ -22,11 +23,14 @@ from .quantize import open_source
 
 
 def read_facts(src: str | os.PathLike, scheme: str | None = None,
-               draft: str | os.PathLike | None = None) -> ModelFacts:
+               draft: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None) -> ModelFacts:
     """Sizes and shapes of a GGUF as it is, or of a checkpoint folder / config.json under a
     quantization scheme (default int4-mixed), priced by the quantizer's dry run. `draft`: a
-    separate MTP draft GGUF for the GGUF `src` (checked against it), loaded beside it."""
+    separate MTP draft GGUF for the GGUF `src` (checked against it), loaded beside it;
+    `mmproj`: Step 3.7's vision tower, loaded beside it for images."""
     src = Path(src)
+    if mmproj is not None:
+        return replace(read_facts(src, scheme, draft), vision=read_mmproj(mmproj))
     if locate(src)[0] == "gguf":
         if scheme:
             raise StepGGUFError(f"{src} is already a GGUF; --scheme prices a checkpoint or config")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from ..core.model_facts import ModelFacts
+from ..core.model_facts import ModelFacts, VisionFacts
 
 # the KV cache types llama.cpp takes (--cache-type-k/-v), and their bytes per value
 KvType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
@@ -64,6 +64,13 @@ def compute_buffer(m: ModelFacts, ctx: int, n_ubatch: int) -> int:
     most 100%, but 125% where the dense FFN (not in ModelFacts) was 16x the expert width."""
     per_token = 3 * m.n_expert_used * m.expert_ff + 3 * m.max_heads * m.head_dim + 9 * m.n_embd
     return mask_bytes(m, ctx, n_ubatch) + 4 * n_ubatch * per_token
+
+
+def vision_bytes(v: VisionFacts) -> int:
+    """The mmproj's weights and the graph that encodes one image (its largest: image_size
+    square) on the device mtmd runs it on: each patch's q, k, v and FFN activations, twice over
+    for the residual copies and the convolutions' im2col."""
+    return v.weights + 2 * 4 * v.patches * (3 * v.width + v.ff)
 
 
 def checkpoint_bytes(m: ModelFacts, kv_type: KvType, n_ubatch: int) -> int:

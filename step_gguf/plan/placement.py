@@ -11,7 +11,8 @@ from ..core.errors import StepGGUFError
 from ..core.gguf_names import is_routed, mtp_required
 from ..core.model_facts import ModelFacts, Tensor
 from .machines import GiB, Profile, RpcHost, sized_for, usable
-from .memory import KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes
+from .memory import (KV_TYPES, KvType, checkpoint_bytes, compute_buffer, input_buffer, kv_bytes, mask_bytes,
+                     vision_bytes)
 from .expert_cache import CacheRequest, Locality, with_cache
 from .result import Device, Plan
 from .speed import CPU_EFFICIENCY, decode_tps, prompt_tps
@@ -225,6 +226,18 @@ def _refusal(s: _Setup, needed: int, room: int, where: str = "") -> StepGGUFErro
         "use a smaller scheme or context, or a larger machine")
 
 
+def _buffers(s: _Setup, layers: range, heads: range) -> dict[str, int]:
+    """What the machine running trunk `layers` and drafting with MTP `heads` holds beside
+    weights: the KV caches and compute graphs, and the image encoder's when there is one."""
+    out = {"kv": s.kv(layers), "compute": compute_buffer(s.m, s.ctx, s.n_ubatch)}
+    if s.m.vision is not None:  # mtmd encodes images on this machine: on its GPU when one is used
+        out["vision"] = vision_bytes(s.m.vision)
+    if heads:  # the draft context: its heads' cache and its own graph
+        out["kv_mtp"] = s.kv(heads)
+        out["compute_mtp"] = compute_buffer(s.m, s.ctx, s.n_ubatch)
+    return out
+
+
 def _local(s: _Setup, lo: int, hi: int, output: bool,
            notes: list[str]) -> tuple[list[Device], list[Tensor], bool]:
     """Layers [lo, hi) (and the output layer when `output`) on this machine: (devices,
@@ -238,12 +251,9 @@ def _local(s: _Setup, lo: int, hi: int, output: bool,
         return output or m.kind(t) != "output"  # embeddings and shared tables stay here
 
     used = [t for t in m.tensors if s.used(t) and here(t)]
-    buffers = {"kv": s.kv(range(lo, min(hi, m.n_layer))), "compute": compute_buffer(m, s.ctx, s.n_ubatch)}
     heads = range(max(lo, m.n_layer), hi)
     drafting = s.mtp and bool(heads)
-    if drafting:  # the draft context: its heads' cache and its own graph
-        buffers["kv_mtp"] = s.kv(heads)
-        buffers["compute_mtp"] = compute_buffer(m, s.ctx, s.n_ubatch)
+    buffers = _buffers(s, range(lo, min(hi, m.n_layer)), heads if drafting else range(0))
     embd = [t for t in used if s.on_cpu(t)]
     # MTP experts before the trunk's: a draft step runs one head alone, so a head in system
     # memory pays a GPU->CPU round trip for every drafted token

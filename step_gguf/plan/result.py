@@ -176,6 +176,8 @@ class Plan:
                 args += ["--spec-draft-model", self.model.draft, "-ngld", str(self.gpu_layers)]
                 if self.gpu_layers and (patterns := self.draft_cpu_patterns()):
                     args += ["-otd", _to_cpu(patterns)]
+        if self.model.vision is not None:  # on the GPU the plan counted it on, if any
+            args += ["--mmproj", self.model.vision.path, *([] if self.gpu_layers else ["--no-mmproj-offload"])]
         return args + ["--jinja", "--reasoning-format", "deepseek"]
 
     def server_env(self) -> dict[str, str]:
@@ -207,6 +209,7 @@ class Plan:
             "ctx_checkpoints": self.checkpoints, "prompt_cache_mib": self.prompt_cache_mib, "mtp": self.mtp,
             "draft_max": self.draft_length, "gpu_layers": self.gpu_layers,
             "draft": self.model.draft if self.mtp else None,
+            "mmproj": self.model.vision.path if self.model.vision is not None else None,
             "rpc": self.rpc, "tensor_split": self.tensor_split,
             # a draft file's tensors apart: its copies share names with the model's
             "devices": [{"name": d.name, "endpoint": d.endpoint, "capacity": d.capacity,
