@@ -70,11 +70,12 @@ def compare(work: Path, preset: str, seed: int, threads: int) -> dict[str, float
     print(f"\n{preset} seed {seed}: target {target} bytes (stock Q4_K_M's file); KLD from F32, ctx {CTX}")
     print(f"  {'imatrix':<8} {'mix':<22} {'bytes':>10} {'x target':>8} {'KLD':>8} {'top-1':>6}")
     kld = {}
-    for tag, name, path in rows:
-        stats = tools.kld(path, f32, held_out, ctx=CTX, threads=threads)
-        kld[tag, name] = (path.stat().st_size, stats["kld_mean"])
-        print(f"  {tag:<8} {name:<22} {path.stat().st_size:>10} {path.stat().st_size / target:8.4f} "
-              f"{stats['kld_mean']:8.5f} {stats['top1_pct']:5.1f}%")
+    with tools.reference_scores(f32, held_out, ctx=CTX, threads=threads) as scores:
+        for tag, name, path in rows:
+            stats = tools.kld_against(path, scores, threads=threads)
+            kld[tag, name] = (path.stat().st_size, stats["kld_mean"])
+            print(f"  {tag:<8} {name:<22} {path.stat().st_size:>10} {path.stat().st_size / target:8.4f} "
+                  f"{stats['kld_mean']:8.5f} {stats['top1_pct']:5.1f}%")
     ratios = {}
     for tag in ("plain", "imatrix"):
         name, (_, best) = min(((k, v) for (t, k), v in kld.items() if t == tag and k != "budget mode"

@@ -163,8 +163,8 @@ def kld(runs: dict[str, Contender], text: Path, a: argparse.Namespace) -> dict[s
     reference = runs["(b)"].steps[0].out
     print(f"\nKLD vs {reference.name} on the first {a.kld_chars} characters of {a.kld_text}, "
           f"ctx {a.kld_ctx} ...", flush=True)
-    quality = {name: tools.kld(c.out, reference, text, ctx=a.kld_ctx, threads=a.threads)
-               for name, c in runs.items()}
+    with tools.reference_scores(reference, text, ctx=a.kld_ctx, threads=a.threads) as scores:
+        quality = {name: tools.kld_against(c.out, scores, threads=a.threads) for name, c in runs.items()}
     print(f"scored the second halves of {quality['(b)']['chunks']} chunks of {a.kld_ctx} tokens")
     return quality
 

@@ -324,11 +324,10 @@ def test_kl_on_the_device_is_stock_vulkans(models, gguf_file, tmp_path):
     for name, (reference, quant) in pairs.items():
         # 2 chunks of 128 tokens (126 scored): llvmpipe takes ~60 ms a token
         cpu_only = ["-dev", "none", "--chunks", "2"]
-        with _device(True):
-            ours = tools.kld(quant, reference, ctx=128, quant_args=on_device, reference_args=cpu_only)
-            theirs = tools.kld(quant, reference, ctx=128, perplexity=stock, quant_args=on_device,
-                               reference_args=cpu_only)
-            cpu = tools.kld(quant, reference, ctx=128, quant_args=cpu_only[:2], reference_args=cpu_only)
+        with _device(True), tools.reference_scores(reference, ctx=128, reference_args=cpu_only) as scores:
+            ours = tools.kld_against(quant, scores, quant_args=on_device)
+            theirs = tools.kld_against(quant, scores, perplexity=stock, quant_args=on_device)
+            cpu = tools.kld_against(quant, scores, quant_args=cpu_only[:2])
         assert ours["kld_mean"] <= theirs["kld_mean"] + 1e-4, (name, ours, theirs)
         # the device computes what the CPU does, to its rounding
         assert ours["kld_mean"] == pytest.approx(cpu["kld_mean"], abs=2e-3), (name, ours, cpu)

@@ -279,6 +279,21 @@ def test_q8_0_diverges_a_little_from_f32(runtime, gguf_file, short_text, workdir
 
 
 @pytest.mark.runtime
+def test_a_reference_scored_once_compares_as_each_time(runtime, gguf_file, short_text):
+    """reference_scores + kld_against (many quantizations against one reference, scored once)
+    give kld's figures, and the scores are gone after."""
+    from step_gguf.native import tools
+
+    f32, q8, bf16 = gguf_file("tiny", "f32"), gguf_file("tiny", "q8_0"), gguf_file("tiny", "bf16")
+    with tools.reference_scores(f32, short_text, ctx=CTX) as scores:
+        once = [tools.kld_against(q, scores) for q in (q8, bf16)]
+        assert scores.logits.is_file()
+    assert not scores.logits.exists()
+    for q, got in zip((q8, bf16), once):
+        assert got == tools.kld(q, f32, short_text, ctx=CTX)
+
+
+@pytest.mark.runtime
 def test_eval_on_too_little_text_says_why(runtime, gguf_file, tmp_path):
     from step_gguf.native import tools
 

@@ -45,13 +45,14 @@ def lab(workdir, runtime):
 def kld(lab):
     from step_gguf.native import tools
 
-    @functools.cache
-    def measure(path) -> float:
-        stats = tools.kld(path, lab["f32"], lab["text"], ctx=CTX)
-        print(f"{path.name}: {path.stat().st_size} bytes, mean KLD {stats['kld_mean']:.4f}, "
-              f"top-1 {stats['top1_pct']:.1f}%")
-        return stats["kld_mean"]
-    return measure
+    with tools.reference_scores(lab["f32"], lab["text"], ctx=CTX) as scores:  # scored once for all
+        @functools.cache
+        def measure(path) -> float:
+            stats = tools.kld_against(path, scores)
+            print(f"{path.name}: {path.stat().st_size} bytes, mean KLD {stats['kld_mean']:.4f}, "
+                  f"top-1 {stats['top1_pct']:.1f}%")
+            return stats["kld_mean"]
+        yield measure
 
 
 @pytest.fixture(scope="module")

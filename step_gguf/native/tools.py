@@ -4,14 +4,16 @@ the stock quantizer's dry run (`llama-quantize`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import secrets
 import struct
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..core.errors import StepGGUFError
 from ..files.gguf_source import resolve
@@ -120,39 +122,69 @@ _STATS = {
 _MIN_SCORED = 100  # llama-perplexity prints no statistics over fewer scored tokens
 
 
+@dataclass(frozen=True)
+class ReferenceScores:
+    """A reference model's log-probabilities on a text, as llama-perplexity writes them: scored
+    once, then compared with any number of quantizations (`kld_against`)."""
+
+    reference: Path
+    text: Path
+    ctx: int
+    logits: Path    # large (n_vocab 16-bit steps per scored token): on disk, removed after
+
+
+@contextlib.contextmanager
+def reference_scores(reference_gguf: str | os.PathLike, text_file: str | os.PathLike | None = None, *,
+                     ctx: int = 512, threads: int | None = None, reference_args: Sequence[str] = (),
+                     beside: Path | None = None) -> Iterator[ReferenceScores]:
+    """`reference_gguf` scored on `text_file` (default: the bundled calibration text) in
+    `ctx`-token chunks by the runtime's llama-perplexity, with `reference_args` (e.g. `-dev
+    none` for the CPU alone); the scores live in a hidden file beside `beside` (default: the
+    reference) until the block ends."""
+    reference = resolve(_existing(Path(reference_gguf), "reference model"))
+    text = _existing(Path(text_file) if text_file else default_text(), "text")
+    logits = _hidden_beside(beside or reference, ".kld-base")
+    try:
+        _tool("llama-perplexity", ["-m", reference, "-f", text, "--kl-divergence-base", logits, "-c", str(ctx),
+                                   *_threads(threads), *reference_args], f"scoring the reference {reference}")
+        if problem := _logits_problem(logits):
+            raise StepGGUFError(f"scoring the reference {reference} failed: {problem}")
+        yield ReferenceScores(reference, text, ctx, logits)
+    finally:
+        logits.unlink(missing_ok=True)
+
+
 def kld(quant_gguf: str | os.PathLike, reference_gguf: str | os.PathLike,
         text_file: str | os.PathLike | None = None, *, ctx: int = 512,
         threads: int | None = None, perplexity: Path | None = None,
         quant_args: Sequence[str] = (), reference_args: Sequence[str] = ()) -> dict:
     """How far `quant_gguf`'s next-token distributions are from `reference_gguf`'s on `text_file`
-    (default: the bundled calibration text), as llama-perplexity measures it.
+    (default: the bundled calibration text), as llama-perplexity measures it: `kld_against`
+    the reference's `reference_scores`, made for this one comparison."""
+    quant = resolve(_existing(Path(quant_gguf), "quantized model"))
+    with reference_scores(reference_gguf, text_file, ctx=ctx, threads=threads, reference_args=reference_args,
+                          beside=quant) as scores:
+        return kld_against(quant, scores, threads=threads, perplexity=perplexity, quant_args=quant_args)
+
+
+def kld_against(quant_gguf: str | os.PathLike, scores: ReferenceScores, *, threads: int | None = None,
+                perplexity: Path | None = None, quant_args: Sequence[str] = ()) -> dict:
+    """How far `quant_gguf`'s next-token distributions are from the reference's `scores`.
 
     Scored are the second halves of consecutive `ctx`-token chunks. Returns kld_mean (mean
     KL divergence, nats), kld_p99 (its 99th percentile over tokens), top1_pct (how often both
     models rank the same token first, percent), ppl and ppl_reference (perplexities), chunks
-    and ctx. The reference is scored by the runtime's llama-perplexity; the quantized
-    model by `perplexity` (another build's, e.g. stock llama.cpp's) when given, with
-    `quant_args` (e.g. `-ngl 99` to run it on a GPU), the reference with `reference_args`
-    (e.g. `-dev none` for the CPU alone).
+    and ctx. The quantized model is scored by the runtime's llama-perplexity, or by
+    `perplexity` (another build's, e.g. stock llama.cpp's) when given, with `quant_args` (e.g.
+    `-ngl 99` to run it on a GPU).
     """
     quant = resolve(_existing(Path(quant_gguf), "quantized model"))
-    reference = resolve(_existing(Path(reference_gguf), "reference model"))
-    text = _existing(Path(text_file) if text_file else default_text(), "text")
-    logits = _hidden_beside(quant, ".kld-base")  # the reference's log-probs: large, so on disk
-    common = ["-c", str(ctx), *_threads(threads)]
+    ctx, reference = scores.ctx, scores.reference
     what = f"comparing {quant} with {reference}"
-    try:
-        lines: list[str] = []
-        _tool("llama-perplexity", ["-m", reference, "-f", text, "--kl-divergence-base", logits, *common,
-                                   *reference_args],
-              f"scoring the reference {reference}", on_line=lines.append)
-        if problem := _logits_problem(logits):
-            raise StepGGUFError(f"scoring the reference {reference} failed: {problem}")
-        lines = []
-        _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", logits, "--kl-divergence",
-                                   *common, *quant_args], what, binary=perplexity, on_line=lines.append)
-    finally:
-        logits.unlink(missing_ok=True)
+    lines: list[str] = []
+    _tool("llama-perplexity", ["-m", quant, "--kl-divergence-base", scores.logits, "--kl-divergence",
+                               "-c", str(ctx), *_threads(threads), *quant_args], what, binary=perplexity,
+          on_line=lines.append)
     stats = {key: float(m.group(1)) for line in lines for key, rx in _STATS.items()
              if (m := rx.match(line))}
     chunks = next((int(m.group(1)) for line in lines if (m := _CHUNKS.search(line))), 0)
