@@ -40,7 +40,7 @@ def runtime_build(backend: str, cuda_arch: str | None, cmake_args: tuple[str, ..
     Downloads the pinned llama-cpp-python source from PyPI, applies patches/ in series order,
     compiles the library plus llama-server, llama-bench and ggml-rpc-server (ccache is used
     when installed), and caches the result: a second call with the same options is instant.
-    A cold Vulkan build took 11.6 minutes on 2 cores. Each backend's build is cached apart:
+    A cold Vulkan build took 11.6 to 13.5 minutes on 2 cores. Each backend's build is cached apart:
     switching the installed runtime back to a build made before is a lookup and a reinstall.
     On x86-64 it carries a CPU backend for each level from AVX2 to AVX-512 VNNI/BF16 (`runtime
     status` lists them) and loads the best this CPU runs, so the cache serves any x86-64
