@@ -104,13 +104,17 @@ def seeing(model: Path, mmproj: Path | None, say: bool = True) -> Path | None:
     return found
 
 
-mmproj_options = [
-    click.option("--mmproj", type=click.Path(path_type=Path), default=None, metavar="FILE",
-                 help="Step 3.7's vision tower (convert --mmproj), for images [NAME-mmproj.gguf "
-                      "beside the model, when there is one]."),
-    click.option("--no-mmproj", "mmproj", flag_value=Path(), help="Text only: do not load an mmproj found "
-                 "beside the model."),
-]
+def mmproj_options(f):
+    """--mmproj FILE, --no-mmproj (Path(), which seeing() reads as none): the images' tower."""
+    for option in reversed([
+        click.option("--mmproj", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="Step 3.7's vision tower (convert --mmproj), for images [NAME-mmproj.gguf "
+                          "beside the model, when there is one]."),
+        click.option("--no-mmproj", "mmproj", flag_value=Path(), help="Text only: do not load an mmproj "
+                     "found beside the model."),
+    ]):
+        f = option(f)
+    return f
 
 
 FIGURES = ("vram", "ram", "mem_bw", "gpu_bw", "unified", "link_bw")
@@ -195,10 +199,9 @@ def planned(model: Path, profile: str | None, ctx: int | None, mtp: bool, rpc: s
         machine = profile_machine(profile, figures or dict.fromkeys(FIGURES))
     draft = drafting(model, draft, mtp, say)
     facts = read_facts(model, draft=draft, mmproj=seeing(model, mmproj, say))
-    p = with_draft_max(planner.serving(facts, machine, ctx, parallel, mtp=mtp,
-                                        rpc=rpc_hosts(rpc, machine), expert_cache=expert_cache),
+    p = with_draft_max(planner.serving(facts, machine, ctx, parallel, mtp=mtp, rpc=rpc_hosts(rpc, machine),
+                                        expert_cache=expert_cache, prompt_cache=prompt_cache),
                         draft_max, not mtp)
-    p.prompt_cache_cap = prompt_cache
     if say and (ctx is None or parallel is None):
         slots = f"{p.parallel} slots of " if p.parallel > 1 else ""
         made = planner.sized_for(facts.made_for, machine)
@@ -228,7 +231,7 @@ def model_options(f):
         rpc_option,
         expert_cache_option,
         prompt_cache_option,
-        *mmproj_options,
+        mmproj_options,
     ]):
         f = option(f)
     return click.argument("model", type=click.Path(path_type=Path))(machine_options(f))

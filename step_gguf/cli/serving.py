@@ -40,8 +40,7 @@ PLAN_CTX = 32768  # what `plan` prices without --ctx
 @rpc_option
 @expert_cache_option
 @prompt_cache_option
-@mmproj_options[0]
-@mmproj_options[1]
+@mmproj_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str | None,
          parallel: int, no_mtp: bool, draft: Path | None, draft_max: int | None, figures: dict,
@@ -65,9 +64,8 @@ def plan(model: Path, profile: str, ctx: int, scheme: str | None, kv_type: str |
     made = planner.sized_for(facts.made_for, machine)
     p = planner.plan(facts, machine, ctx or (made.ctx if made is not None else PLAN_CTX), kv_type=kv_type,
                      mtp=not no_mtp, parallel=parallel, rpc=rpc_hosts(rpc, machine),
-                     expert_cache=expert_cache)
+                     expert_cache=expert_cache, prompt_cache=prompt_cache)
     p = with_draft_max(p, draft_max, no_mtp)
-    p.prompt_cache_cap = prompt_cache
     # a config or checkpoint is planned as the GGUF it would become; a split GGUF is loaded from
     # its first shard, whichever shard was named
     from ..files.gguf_source import first_shard

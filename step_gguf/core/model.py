@@ -159,8 +159,9 @@ class Step35Config:
         return min(self.moe_layers, default=self.n_layer)
 
     @classmethod
-    def from_dir(cls, path: Path) -> "Step35Config":
-        raw = read_config(path)
+    def from_dir(cls, path: Path, raw: dict | None = None) -> "Step35Config":
+        """The config of the checkpoint folder `path` (`raw`: its config.json, when read already)."""
+        raw = read_config(path) if raw is None else raw
         with malformed(checkpoint_file(path, "config.json"), CheckpointError, "has a field of the wrong type or value"):
             return cls.from_dict(raw)
 

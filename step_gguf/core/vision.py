@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, TENSOR_NAMES, VisionProjectorType
 from gguf import MODEL_TENSOR as T
-from gguf import TENSOR_NAMES
 
 from .errors import CheckpointError, describe
 from .hub_layout import checkpoint_file
@@ -66,6 +66,8 @@ DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_IMAGE = 3024    # the processor's cap on an image's longest edge
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+MMPROJ_ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]     # general.architecture of every mmproj ("clip")
+PROJECTOR = VisionProjectorType.STEP3VL               # the projector mtmd runs Step's tower as
 MMPROJ_SUFFIX = "-mmproj"   # NAME.gguf's vision tower is NAME-mmproj.gguf, where llama.cpp's tools put it
 
 
@@ -95,11 +97,6 @@ class VisionConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
-
-    def image_tokens(self) -> int:
-        """Tokens of one image the size of `image_size` (no crops)."""
-        side = -(-self.grid // MERGE)
-        return side * side
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Source name -> PyTorch shape of every vision tensor."""
@@ -155,10 +152,9 @@ class VisionConfig:
         if len(mean) != self.channels or len(std) != self.channels or min(map(float, std)) <= 0:
             raise CheckpointError(f"{file}: image_mean and image_std need {self.channels} values each, "
                                   "the deviations above 0")
-        return VisionConfig(**{**self.__dict__, "image_mean": tuple(map(float, mean)),
-                               "image_std": tuple(map(float, std)),
-                               "max_image": _whole("max_image_size", p.get("max_image_size", DEFAULT_MAX_IMAGE)),
-                               "processor": file if "image_mean" in p else None})
+        return replace(self, image_mean=tuple(map(float, mean)), image_std=tuple(map(float, std)),
+                       max_image=_whole("max_image_size", p.get("max_image_size", DEFAULT_MAX_IMAGE)),
+                       processor=file if "image_mean" in p else None)
 
 
 def _whole(name: str, value) -> int:

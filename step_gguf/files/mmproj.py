@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -11,13 +10,8 @@ import gguf
 
 from ..core.errors import SourceError, malformed
 from ..core.model_facts import VisionFacts
-from ..core.vision import mmproj_path
+from ..core.vision import MMPROJ_ARCH, PROJECTOR, mmproj_path
 from .gguf_source import open_gguf, parse_shard_name
-
-log = logging.getLogger(__name__)
-
-ARCH = "clip"
-PROJECTOR = gguf.VisionProjectorType.STEP3VL
 
 
 def read_mmproj(path: str | os.PathLike) -> VisionFacts:
@@ -25,9 +19,9 @@ def read_mmproj(path: str | os.PathLike) -> VisionFacts:
     source = open_gguf(path, arch=None)
     with malformed(path, SourceError, "is not a readable mmproj GGUF"):
         kind = source.kv(gguf.Keys.Clip.PROJECTOR_TYPE, None) or source.kv(gguf.Keys.ClipVision.PROJECTOR_TYPE, None)
-        if source.arch != ARCH or kind != PROJECTOR:
+        if source.arch != MMPROJ_ARCH or kind != PROJECTOR:
             raise SourceError(f"{path} is not a Step vision mmproj (architecture {source.arch or 'missing'}, "
-                              f"projector {kind or 'missing'}; expected {ARCH}, {PROJECTOR}): give the file "
+                              f"projector {kind or 'missing'}; expected {MMPROJ_ARCH}, {PROJECTOR}): give the file "
                               "convert --mmproj wrote")
         v = gguf.Keys.ClipVision
         side = int(source.kv(v.IMAGE_SIZE)) // int(source.kv(v.PATCH_SIZE))

@@ -128,7 +128,6 @@ class ReferenceScores:
     once, then compared with any number of quantizations (`kld_against`)."""
 
     reference: Path
-    text: Path
     ctx: int
     logits: Path    # large (n_vocab 16-bit steps per scored token): on disk, removed after
 
@@ -149,7 +148,7 @@ def reference_scores(reference_gguf: str | os.PathLike, text_file: str | os.Path
                                    *_threads(threads), *reference_args], f"scoring the reference {reference}")
         if problem := _logits_problem(logits):
             raise StepGGUFError(f"scoring the reference {reference} failed: {problem}")
-        yield ReferenceScores(reference, text, ctx, logits)
+        yield ReferenceScores(reference, ctx, logits)
     finally:
         logits.unlink(missing_ok=True)
 

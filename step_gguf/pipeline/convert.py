@@ -111,7 +111,8 @@ def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "k
         raise StepGGUFError(f"unknown MTP mode {mtp!r}; choose one of {', '.join(MTP_MODES)}")
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; point to the checkpoint directory")
-    cfg = Step35Config.from_dir(src)
+    raw = read_config(src)
+    cfg = Step35Config.from_dir(src, raw)
     ckpt = Checkpoint(src)
     notes = []
     if cfg.n_nextn and not any((layer_of(n) or 0) >= cfg.n_layer for n in ckpt.tensors):
@@ -124,7 +125,7 @@ def open_checkpoint(src: str | os.PathLike, recipe: Recipe, *, mtp: MtpMode = "k
         mtp = "drop"
     vision, vision_plans = None, []
     if mmproj:
-        vision = read_vision(src, read_config(src), cfg.hidden_size)
+        vision = read_vision(src, raw, cfg.hidden_size)
         if vision is None:
             raise CheckpointError(f"{src} is Step 3.5, which has no vision tower: leave out --mmproj")
         vision_plans = mmproj_plans(vision, ckpt.outside, recipe)
@@ -167,7 +168,8 @@ def checkpoint_jobs(opened: OpenedCheckpoint, out: Path, *, mtp: MtpMode = "keep
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: OutType = "bf16",
             mtp: MtpMode = "keep", draft_out: str | os.PathLike | None = None,
-            mmproj_out: str | os.PathLike | None = None, tokenizer_pre: str | None = None, threads: int | None = None, resume: bool = True,
+            mmproj_out: str | os.PathLike | None = None, tokenizer_pre: str | None = None,
+            threads: int | None = None, resume: bool = True,
             card: CardOverrides | None = None, split: SplitLimits | None = None,
             on_start: Callable[[int], None] = lambda total: None,
             on_bytes: Callable[[int], None] = lambda n: None) -> ConvertResult:
@@ -186,9 +188,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, outtype: OutType 
         raise StepGGUFError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     opened = open_checkpoint(src, Recipe.single(Q[outtype.upper()]), mtp=mtp, tokenizer_pre=tokenizer_pre,
                              card=card, mmproj=mmproj_out is not None)
-    jobs = checkpoint_jobs(opened, Path(out), mtp=mtp,
-                           draft_out=Path(draft_out) if draft_out is not None else None,
-                           mmproj_out=Path(mmproj_out) if mmproj_out is not None else None)
+    jobs = checkpoint_jobs(opened, Path(out), mtp=mtp, draft_out=draft_out, mmproj_out=mmproj_out)
     jobs[0] = replace(jobs[0], split=split)
     written = write_outputs(jobs, on_start, on_bytes, threads=threads, resume=resume)
     return ConvertResult(written.paths, sum(len(j.plans) for j in jobs), written.source_bytes, opened.notes)

@@ -10,12 +10,10 @@ import gguf
 
 from ..core.errors import CheckpointError
 from ..core.recipe import Recipe
-from ..core.vision import MERGE, TENSOR_MAP, VisionConfig
+from ..core.vision import MERGE, MMPROJ_ARCH, PROJECTOR, TENSOR_MAP, VisionConfig
 from ..files.checkpoint import TensorRef
 from .output import OutputJob
 from .output_tensors import SOURCE_QTYPE, OutputTensor
-
-ARCH = "clip"   # general.architecture of every mmproj file
 
 
 def _gguf_name(source: str) -> str:
@@ -60,7 +58,7 @@ def mmproj_job(vision: VisionConfig, plans: list[OutputTensor], name: str | None
         if name:
             w.add_name(name)
         w.add_clip_has_vision_encoder(True)
-        w.add_clip_projector_type(gguf.VisionProjectorType.STEP3VL)
+        w.add_clip_projector_type(PROJECTOR)
         w.add_vision_projection_dim(vision.text_hidden)
         w.add_vision_embedding_length(vision.width)
         w.add_vision_feed_forward_length(vision.ff)
@@ -77,4 +75,4 @@ def mmproj_job(vision: VisionConfig, plans: list[OutputTensor], name: str | None
             w.add_vision_use_gelu(True)
         elif vision.act == "silu":
             w.add_vision_use_silu(True)
-    return OutputJob(out, plans, write_kv, arch=ARCH)
+    return OutputJob(out, plans, write_kv, arch=MMPROJ_ARCH)

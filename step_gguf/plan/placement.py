@@ -25,16 +25,18 @@ KV_SHARE = 1 / 6
 def plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: KvType | None = None,
          mtp: bool = True, parallel: int = 1, n_ubatch: int = 512, checkpoints: int = 8,
          rpc: tuple[RpcHost, ...] = (), expert_cache: CacheRequest = "auto",
-         locality: Locality = Locality()) -> Plan:
+         locality: Locality = Locality(), prompt_cache: int | None = None) -> Plan:
     """Place `m` on `profile` for a context of `ctx` tokens; raises when it cannot fit.
 
     Without `kv_type` the cache is f16, or q8_0 where f16 would take more than KV_SHARE of a
     discrete GPU or would not fit at all. `rpc` hosts take whole layers, only what this machine
     cannot hold. `expert_cache` ("off", "auto" or bytes) gives GPU memory to patch 0021's cache
-    of the routed experts left in system memory, predicted with `locality`.
+    of the routed experts left in system memory, predicted with `locality`. `prompt_cache`
+    (MiB, 0: off) fixes llama-server's cache of earlier prompts instead of the plan's size.
     """
-    return with_cache(_plan(m, profile, ctx, kv_type=kv_type, mtp=mtp, parallel=parallel,
-                            n_ubatch=n_ubatch, checkpoints=checkpoints, rpc=rpc), expert_cache, locality)
+    p = with_cache(_plan(m, profile, ctx, kv_type=kv_type, mtp=mtp, parallel=parallel,
+                         n_ubatch=n_ubatch, checkpoints=checkpoints, rpc=rpc), expert_cache, locality)
+    return replace(p, prompt_cache_cap=prompt_cache)
 
 
 def _plan(m: ModelFacts, profile: Profile, ctx: int, *, kv_type: KvType | None, mtp: bool,
