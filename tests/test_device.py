@@ -305,31 +305,28 @@ def test_an_rpc_host_beside_the_device(models, tmp_path):
         d for d in loaded.model}, (loaded.layers, loaded.model)
 
 
-def test_kl_on_the_device_is_stock_vulkans(models, gguf_file, tmp_path):
+def test_kl_on_the_device_is_stock_vulkans(llvmpipe, gguf_file, tmp_path):
     """int4-mixed on the device, ours against stock llama.cpp's Vulkan build from the same
     sdist, both scored against the BF16 model on the same text: ours is no further from it
-    than stock's + 1e-4 (mean KL), on the tiny model and on the scripted MTP model."""
+    than stock's + 1e-4 (mean KL). The tiny random model: its spread-out distributions show a
+    numeric difference that the scripted model's certain ones would hide."""
     from native_build import stock_build
     from step_gguf.pipeline.quantize import QuantizeOptions, quantize
     from step_gguf.core.recipe import load_recipe
     from step_gguf.native import tools
 
     stock = stock_build().tool("llama-perplexity")
-    pairs = {"tiny": (gguf_file("tiny", "bf16"), tmp_path / "tiny-int4.gguf")}
-    quantize(pairs["tiny"][0], pairs["tiny"][1], load_recipe("int4-mixed"), QuantizeOptions(allow_requantize=True))
-    scripted_bf16 = tmp_path / "scripted-bf16.gguf"
-    from step_gguf.pipeline.convert import convert
-
-    convert(scripted_checkpoint(tmp_path / "scripted"), scripted_bf16, outtype="bf16")
-    pairs["scripted"] = (scripted_bf16, models["embedded"])
+    reference, quant = gguf_file("tiny", "bf16"), tmp_path / "tiny-int4.gguf"
+    quantize(reference, quant, load_recipe("int4-mixed"), QuantizeOptions(allow_requantize=True))
     on_device = ["-ngl", "99"]
-    for name, (reference, quant) in pairs.items():
-        # 2 chunks of 128 tokens (126 scored): llvmpipe takes ~60 ms a token
-        cpu_only = ["-dev", "none", "--chunks", "2"]
-        with _device(True), tools.reference_scores(reference, ctx=128, reference_args=cpu_only) as scores:
-            ours = tools.kld_against(quant, scores, quant_args=on_device)
-            theirs = tools.kld_against(quant, scores, perplexity=stock, quant_args=on_device)
-            cpu = tools.kld_against(quant, scores, quant_args=cpu_only[:2])
-        assert ours["kld_mean"] <= theirs["kld_mean"] + 1e-4, (name, ours, theirs)
-        # the device computes what the CPU does, to its rounding
-        assert ours["kld_mean"] == pytest.approx(cpu["kld_mean"], abs=2e-3), (name, ours, cpu)
+    # 2 chunks of 128 tokens (126 scored): llvmpipe takes ~60 ms a token
+    cpu_only = ["-dev", "none", "--chunks", "2"]
+    with _device(True), tools.reference_scores(reference, ctx=128, reference_args=cpu_only) as scores:
+        ours = tools.kld_against(quant, scores, quant_args=on_device)
+        theirs = tools.kld_against(quant, scores, perplexity=stock, quant_args=on_device)
+        cpu = tools.kld_against(quant, scores, quant_args=cpu_only[:2])
+    print(f"mean KL from BF16 on the device: ours {ours['kld_mean']:.5f}, stock {theirs['kld_mean']:.5f}; "
+          f"ours on the CPU {cpu['kld_mean']:.5f}")
+    assert ours["kld_mean"] <= theirs["kld_mean"] + 1e-4, (ours, theirs)
+    # the device computes what the CPU does, to its rounding
+    assert ours["kld_mean"] == pytest.approx(cpu["kld_mean"], abs=2e-3), (ours, cpu)
