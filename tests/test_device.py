@@ -330,3 +330,24 @@ def test_kl_on_the_device_is_stock_vulkans(llvmpipe, gguf_file, tmp_path):
     assert ours["kld_mean"] <= theirs["kld_mean"] + 1e-4, (ours, theirs)
     # the device computes what the CPU does, to its rounding
     assert ours["kld_mean"] == pytest.approx(cpu["kld_mean"], abs=2e-3), (ours, cpu)
+
+
+def test_rms_norms_on_the_device_are_the_cpus(llvmpipe, runtime):
+    """Patch 0023's 32-wide RMS norm (rows of up to 256 columns) and the 512-wide one above it,
+    alone and fused with the norm's weight, on random rows, rows with one channel 10^4 times
+    the rest, rows whose squares are near epsilon, and constant rows (tests/native/
+    rms_norm_check.cpp): the device's output within 1e-5 of the CPU's largest value (the same
+    sums in another order)."""
+    from native_build import compile_native
+    from step_gguf.native import build as b
+
+    exe = compile_native("rms_norm_check", b.RuntimeBuild(runtime.bin_dir.parent.parent))
+    with _device(True):
+        out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    device, *lines = out.stdout.splitlines()
+    assert device.startswith("device Vulkan"), device
+    cases = {" ".join(line.split()[1:-1]): float(line.split()[-1]) for line in lines}
+    assert len(cases) == 13 * 4 * 2  # widths x inputs x (alone, fused)
+    bad = {case: rel for case, rel in cases.items() if not rel <= 1e-5}
+    assert not bad, bad
