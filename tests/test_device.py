@@ -102,10 +102,10 @@ def _partial(m: P.ModelFacts, share: float, **kw) -> P.Plan:
 
 
 # A prompt of more than one micro-batch, the first a whole one: what op offload copies experts
-# for. llvmpipe takes ~60 ms a prompt token on these models (~130 with experts offloaded from
-# system memory; a decode step ~70 ms), so the other tests ask ASK alone (~34 tokens with the
-# template), not with its tool list (~700: 40 s a server), and this one adds two sentences of
-# 22 tokens: 78 tokens, one micro-batch of 64 and part of another.
+# for. llvmpipe takes ~7 ms a prompt token on these models with every layer on it (patch 0023;
+# ~60 before) and ~30 ms a decode step, so the other tests ask ASK alone (~34 tokens with the
+# template), not with its tool list (~700), and this one adds two sentences of 22 tokens: 78
+# tokens, one micro-batch of 64 and part of another.
 LONG_ASK = [{"role": "user", "content": "What is the weather in Paris? " + " ".join(
     f"Consider point {i} of the forecast." for i in range(2))}]
 
@@ -319,7 +319,7 @@ def test_kl_on_the_device_is_stock_vulkans(llvmpipe, gguf_file, tmp_path):
     reference, quant = gguf_file("tiny", "bf16"), tmp_path / "tiny-int4.gguf"
     quantize(reference, quant, load_recipe("int4-mixed"), QuantizeOptions(allow_requantize=True))
     on_device = ["-ngl", "99"]
-    # 2 chunks of 128 tokens (126 scored): llvmpipe takes ~60 ms a token
+    # 2 chunks of 128 tokens (126 scored): the least llama-perplexity prints statistics for
     cpu_only = ["-dev", "none", "--chunks", "2"]
     with _device(True), tools.reference_scores(reference, ctx=128, reference_args=cpu_only) as scores:
         ours = tools.kld_against(quant, scores, quant_args=on_device)
