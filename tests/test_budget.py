@@ -26,7 +26,7 @@ def test_fp8_blocks_other_than_128_measure_as_their_dequantized_twins(workdir, r
     from step_gguf.synth.writer import synth
 
     recipe = load_recipe("int4-mixed")
-    fp8 = open_source(synth(workdir / "fp8-64", "small", seed=7, fp8=True, fp8_block=64), recipe)
+    fp8 = open_source(synth(workdir / "fp8-64", "small", seed=7, fp8=True, fp8_block=64, n_layer=5, n_dense=1), recipe)
     scaled = {p.name for p in fp8.plans if p.scale is not None}
     assert scaled and all(p.fp8_block == (64, 64) for p in fp8.plans if p.scale is not None)
 

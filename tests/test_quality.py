@@ -24,13 +24,14 @@ IMATRIX_CHUNKS = 24  # from the start of the calibration text; the eval text is 
 
 @pytest.fixture(scope="module")
 def lab(workdir, runtime):
-    """The quant-preset model as F32 and BF16 GGUFs, its imatrix, and a held-out text. Four
-    layers of the preset's eight (three MoE): the same proportions, half the minutes."""
+    """The quant-preset model as F32 and BF16 GGUFs, its imatrix, and a held-out text. Three
+    layers of the preset's eight (two MoE, and the MTP block): the same proportions, a third
+    of the minutes."""
     from step_gguf.pipeline.convert import convert
     from step_gguf.native import tools
     from step_gguf.synth.writer import synth
 
-    src = synth(workdir / "quality", "quant", seed=11, n_layer=4)
+    src = synth(workdir / "quality", "quant", seed=11, n_layer=3)
     f32, bf16 = workdir / "quality-f32.gguf", workdir / "quality-bf16.gguf"
     convert(src, f32, outtype="f32")
     convert(src, bf16, outtype="bf16")
