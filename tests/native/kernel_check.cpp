@@ -22,6 +22,7 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "graph.h"
 
 #include <dlfcn.h>
 
@@ -278,20 +279,7 @@ static std::vector<float> run_op(ggml_backend_t be, ggml_type type, int64_t k, i
         xt  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, tokens);
         out = ggml_mul_mat(ctx, w.t, xt);
     }
-    ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, out);
-    ggml_gallocr_t ga = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
-    ggml_gallocr_alloc_graph(ga, gf);
-    ggml_backend_tensor_set(xt, x.data(), 0, ggml_nbytes(xt));
-    if (it) {
-        ggml_backend_tensor_set(it, ids.data(), 0, ggml_nbytes(it));
-    }
-    ggml_backend_graph_compute(be, gf);
-    std::vector<float> y(ggml_nelements(out));
-    ggml_backend_tensor_get(out, y.data(), 0, ggml_nbytes(out));
-    ggml_gallocr_free(ga);
-    ggml_free(ctx);
-    return y;
+    return compute(be, ctx, out, { { xt, x.data() }, { it, ids.data() } });
 }
 
 static void check_ops(ggml_backend_t be, ggml_type type, const std::string & wpat, const std::string & xpat,

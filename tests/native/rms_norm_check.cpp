@@ -5,8 +5,8 @@
 // the largest difference over the largest magnitude of the CPU's output.
 
 #include "ggml.h"
-#include "ggml-alloc.h"
 #include "ggml-backend.h"
+#include "graph.h"
 
 #include <algorithm>
 #include <cmath>
@@ -43,20 +43,7 @@ static std::vector<float> run(ggml_backend_t be, int64_t cols, int64_t rows, boo
     if (mul) {
         out = ggml_mul(ctx, out, wt);  // the norm's weight: fused into one dispatch on Vulkan
     }
-    ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, out);
-    ggml_gallocr_t ga = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
-    ggml_gallocr_alloc_graph(ga, gf);
-    ggml_backend_tensor_set(xt, x.data(), 0, ggml_nbytes(xt));
-    if (mul) {
-        ggml_backend_tensor_set(wt, w.data(), 0, ggml_nbytes(wt));
-    }
-    ggml_backend_graph_compute(be, gf);
-    std::vector<float> y(ggml_nelements(out));
-    ggml_backend_tensor_get(out, y.data(), 0, ggml_nbytes(out));
-    ggml_gallocr_free(ga);
-    ggml_free(ctx);
-    return y;
+    return compute(be, ctx, out, { { xt, x.data() }, { mul ? wt : nullptr, w.data() } });
 }
 
 int main() {
