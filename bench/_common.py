@@ -85,6 +85,17 @@ def pin_variant(tag: str | None) -> str:
     return f"CPU level {tag} ({cpu.BY_TAG[tag].isa})"
 
 
+def vulkan_device() -> bool:
+    """Where no NVIDIA GPU answers (`nvidia-smi`), name Mesa's llvmpipe as the Vulkan device the
+    children use (GGML_VK_VISIBLE_DEVICES=0: llama.cpp skips a CPU-type device unless named)
+    and say so; True when it did."""
+    if shutil.which("nvidia-smi"):
+        return False
+    os.environ["GGML_VK_VISIBLE_DEVICES"] = "0"
+    print("no NVIDIA GPU here: Vulkan on Mesa's llvmpipe")
+    return True
+
+
 def work_dir(work: Path | None, prefix: str) -> Path:
     """`work`, or a new temporary folder named `prefix`..., made if missing."""
     work = work or Path(tempfile.mkdtemp(prefix=prefix))

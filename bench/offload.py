@@ -26,7 +26,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from _common import description, work_dir
+from _common import description, vulkan_device, work_dir
 
 from step_gguf import plan as P
 from step_gguf.core.errors import StepGGUFError
@@ -104,9 +104,8 @@ def main() -> None:
     model = scripted_model(work)
     m = read_facts(model)
     gpu_name = "Vulkan0"
-    if not shutil.which("nvidia-smi"):
-        os.environ["GGML_VK_VISIBLE_DEVICES"] = "0"
-        print("no NVIDIA GPU here: Vulkan on Mesa's llvmpipe (bytes only; its speed means nothing)")
+    if vulkan_device():
+        print("(bytes only: llvmpipe's speed means nothing)")
     print(f"{model.name}, ctx {CTX}, micro-batch {UBATCH}; MiB planned, measured, ratio")
     for name, p in placements(m).items():
         log = work / f"{name}.log"

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import description, work_dir
+from _common import description, vulkan_device, work_dir
 from offload import scripted_model
 
 from step_gguf.native import build as b
@@ -46,9 +44,7 @@ def main() -> None:
     runtime = installed.check()
     if runtime.backend != "vulkan":
         sys.exit("needs the Vulkan runtime: step-gguf runtime build --backend vulkan")
-    if not shutil.which("nvidia-smi"):
-        os.environ["GGML_VK_VISIBLE_DEVICES"] = "0"
-        print("no NVIDIA GPU here: Vulkan on Mesa's llvmpipe")
+    vulkan_device()
     model = scripted_model(work_dir(a.work, "step-gguf-vulkan-norm-"))
     stock = b.build(b.BuildSpec(runtime.backend, series=0))  # minutes the first time
     theirs = speeds(stock.tool("llama-bench"), model, a.repetitions)
